@@ -1,0 +1,319 @@
+"""KV cache layouts: what one block of an engine's KV memory looks like, and the
+byte segments that move a request's blocks from P's memory into D's.
+
+A `KVCacheSpec` is read off the engine's own tensors (shapes *and* strides), so
+it follows whatever layout the engine chose; `plan_segments` turns block ids into
+as few (region, src offset, dst offset, length) segments as the runs allow.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from p2pkv.segments import Segments
+
+__all__ = ["KVCacheSpec", "RegionSpec", "PRESETS", "make_kv_caches", "plan_segments", "dtype_from_name"]
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "uint8": torch.uint8, "int8": torch.int8,
+}
+if hasattr(torch, "float8_e4m3fn"):
+    _DTYPES.update({"float8_e4m3fn": torch.float8_e4m3fn, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn})
+
+
+def dtype_from_name(name: str | torch.dtype) -> torch.dtype:
+    """Map 'bf16', 'float16', 'fp8', ... to a torch dtype, or raise a ValueError listing the choices."""
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return _DTYPES[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(set(_DTYPES))}") from None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class RegionSpec:
+    """One registered tensor: `num_blocks` blocks `block_stride` bytes apart, each
+    block owning the byte spans `(offset, length)` listed in memory order."""
+
+    nbytes: int
+    num_blocks: int
+    block_stride: int
+    spans: tuple[tuple[int, int], ...]
+    content: tuple[Any, ...]
+
+    @property
+    def bytes_per_block(self) -> int:
+        return sum(length for _, length in self.spans)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"nbytes": self.nbytes, "num_blocks": self.num_blocks, "block_stride": self.block_stride,
+                "spans": [list(s) for s in self.spans], "content": [list(c) if isinstance(c, tuple) else c for c in self.content]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "RegionSpec":
+        return cls(int(d["nbytes"]), int(d["num_blocks"]), int(d["block_stride"]),
+                   tuple((int(o), int(n)) for o, n in d["spans"]),
+                   tuple(tuple(c) if isinstance(c, list) else c for c in d["content"]))
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """What a set of registered KV tensors looks like, in bytes, plus the model
+    fields the handshake compares (dtype, block size, heads, head size, layers)."""
+
+    regions: tuple[RegionSpec, ...]
+    dtype: str
+    block_size: int = 0
+    num_kv_heads: int = 0
+    head_size: int = 0
+    num_layers: int = 0
+    layout: str = "custom"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_blocks(self) -> int:
+        return min(r.num_blocks for r in self.regions)
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Payload bytes one block holds across every region (all layers, K and V)."""
+        return sum(r.bytes_per_block for r in self.regions)
+
+    @classmethod
+    def from_tensors(cls, tensors: Sequence[torch.Tensor] | torch.Tensor, *, num_blocks: int | None = None,
+                     block_dim: int | None = None, dim_names: Sequence[str] | None = None, block_size: int = 0,
+                     num_kv_heads: int = 0, head_size: int = 0, num_layers: int | None = None,
+                     layout: str = "custom") -> "KVCacheSpec":
+        """Describe the engine's tensors as they are (never a reshaped copy).
+
+        `block_dim` is the dim that indexes blocks; without it, the one dim of size
+        `num_blocks` is used. `dim_names` names every dim (including the block dim)
+        so that two layouts are compared by meaning, not only by sizes.
+        """
+        if isinstance(tensors, torch.Tensor):
+            tensors = [tensors]
+        tensors = list(tensors)
+        if not tensors:
+            raise ValueError("no KV tensors given")
+        dtypes = {t.dtype for t in tensors}
+        if len(dtypes) != 1:
+            raise ValueError(f"KV tensors have mixed dtypes {sorted(map(str, dtypes))}; register one dtype per spec")
+        devices = {str(t.device) for t in tensors}
+        if len(devices) != 1:
+            raise ValueError(f"KV tensors live on several devices {sorted(devices)}; register one device per transport")
+        regions = tuple(_region_of(t, i, num_blocks, block_dim, dim_names) for i, t in enumerate(tensors))
+        if len({r.num_blocks for r in regions}) != 1:
+            raise ValueError(f"KV tensors disagree on the number of blocks: {[r.num_blocks for r in regions]}")
+        return cls(regions, _dtype_name(tensors[0].dtype), block_size, num_kv_heads, head_size,
+                   len(tensors) if num_layers is None else num_layers, layout)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"regions": [r.to_dict() for r in self.regions], "dtype": self.dtype, "block_size": self.block_size,
+                "num_kv_heads": self.num_kv_heads, "head_size": self.head_size, "num_layers": self.num_layers,
+                "layout": self.layout}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "KVCacheSpec":
+        try:
+            return cls(tuple(RegionSpec.from_dict(r) for r in d["regions"]), str(d["dtype"]), int(d["block_size"]),
+                       int(d["num_kv_heads"]), int(d["head_size"]), int(d["num_layers"]), str(d["layout"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"malformed KV cache spec: {e!r}") from None
+
+    def check_compatible(self, other: "KVCacheSpec") -> None:
+        """Raise a ValueError naming the first field where a plain byte copy from
+        `self` into `other` (or back) would not be correct."""
+        for name in ("dtype", "block_size", "num_kv_heads", "head_size", "num_layers"):
+            a, b = getattr(self, name), getattr(other, name)
+            if a != b and a and b:
+                raise ValueError(f"KV cache mismatch in {name}: local {a!r} vs peer {b!r}")
+        if len(self.regions) != len(other.regions):
+            raise ValueError(f"KV cache mismatch in number of registered tensors: local {len(self.regions)} "
+                             f"vs peer {len(other.regions)}")
+        for i, (a, b) in enumerate(zip(self.regions, other.regions)):
+            if a.bytes_per_block != b.bytes_per_block:
+                raise ValueError(f"KV cache mismatch in bytes per block of tensor {i}: local {a.bytes_per_block} "
+                                 f"vs peer {b.bytes_per_block}")
+            if _strip_names(a.content) != _strip_names(b.content) or (_names(a.content) and _names(b.content) and a.content != b.content):
+                raise ValueError(f"KV cache mismatch in the byte order of one block of tensor {i}: local layout "
+                                 f"{self.layout!r} {list(a.content)} vs peer {other.layout!r} {list(b.content)}; "
+                                 "a byte copy between them would scramble heads/tokens")
+
+
+def _names(content: tuple[Any, ...]) -> bool:
+    return all(isinstance(c, tuple) and c[0] for c in content)
+
+
+def _strip_names(content: tuple[Any, ...]) -> tuple[int, ...]:
+    return tuple(int(c[1]) if isinstance(c, tuple) else int(c) for c in content)
+
+
+def _region_of(t: torch.Tensor, index: int, num_blocks: int | None, block_dim: int | None,
+               dim_names: Sequence[str] | None) -> RegionSpec:
+    where = f"KV tensor {index} (shape {list(t.shape)}, strides {list(t.stride())})"
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"KV tensor {index} is a {type(t).__name__}, not a torch.Tensor")
+    if t.is_sparse or t.layout != torch.strided:
+        raise ValueError(f"{where} is not a strided dense tensor")
+    if t.dim() == 0:
+        raise ValueError(f"{where} has no block dim")
+    if dim_names is not None and len(dim_names) != t.dim():
+        raise ValueError(f"{where}: dim_names {list(dim_names)} must name all {t.dim()} dims")
+    if block_dim is None:
+        if num_blocks is None:
+            raise ValueError(f"{where}: pass block_dim= or num_blocks= so the block dim can be found")
+        cands = [d for d, s in enumerate(t.shape) if s == num_blocks]
+        if len(cands) != 1:
+            raise ValueError(f"{where}: cannot tell the block dim: {len(cands)} dims have size {num_blocks}; pass block_dim=")
+        block_dim = cands[0]
+    block_dim = block_dim % t.dim()
+    if num_blocks is not None and t.shape[block_dim] != num_blocks:
+        raise ValueError(f"{where}: dim {block_dim} has {t.shape[block_dim]} blocks, expected {num_blocks}")
+    if any(s < 0 for s in t.stride()):
+        raise ValueError(f"{where} has a negative stride")
+    esz = t.element_size()
+    nb = t.shape[block_dim]
+    bstride = t.stride(block_dim) * esz
+    inner = [(t.shape[d], t.stride(d) * esz, dim_names[d] if dim_names else "") for d in range(t.dim())
+             if d != block_dim and t.shape[d] != 1]
+    inner.sort(key=lambda x: -x[1])
+    # Fold the innermost dims into one contiguous run; what stays outside enumerates the spans.
+    run, k = esz, len(inner)
+    while k > 0 and inner[k - 1][1] == run:
+        run *= inner[k - 1][0]
+        k -= 1
+    outer = inner[:k]
+    if any(s == 0 for s, _, _ in outer):
+        raise ValueError(f"{where} is empty")
+    offsets = np.zeros(1, dtype=np.int64)
+    for size, stride, _ in outer:
+        offsets = (offsets[:, None] + np.arange(size, dtype=np.int64)[None, :] * stride).reshape(-1)
+    offsets.sort()
+    if len(offsets) > 1 and np.any(np.diff(offsets) < run):
+        raise ValueError(f"{where} is not contiguous within a block: its elements overlap or interleave "
+                         "(a transposed or expanded view); register the engine's own storage instead")
+    if nb > 1 and bstride == 0:
+        raise ValueError(f"{where}: blocks share memory (block stride 0, an expanded tensor)")
+    extent = int(offsets[-1]) + run if nb == 1 else int(offsets[-1]) + run + (nb - 1) * bstride
+    if nb > 1:
+        within_block = int(offsets[-1]) + run <= bstride
+        planes = run <= bstride and (len(offsets) == 1 or np.all(np.diff(offsets) >= (nb - 1) * bstride + run))
+        if not (within_block or planes):
+            raise ValueError(f"{where}: blocks overlap each other in memory (block stride {bstride} bytes is "
+                             f"smaller than what one block owns); this is not a paged KV cache layout")
+    content = tuple((n, s) if n else s for s, _, n in inner)
+    spans = tuple((int(o), run) for o in offsets)
+    return RegionSpec(extent, nb, bstride, spans, content)
+
+
+def _pieces(a: RegionSpec, b: RegionSpec) -> np.ndarray:
+    """Split one block's logical byte stream at every span boundary of either side:
+    rows of (offset in a's block, offset in b's block, length)."""
+    def bounds(r: RegionSpec) -> tuple[np.ndarray, np.ndarray]:
+        lens = np.array([n for _, n in r.spans], dtype=np.int64)
+        return np.concatenate([[0], np.cumsum(lens)]), np.array([o for o, _ in r.spans], dtype=np.int64)
+    ca, oa = bounds(a)
+    cb, ob = bounds(b)
+    cuts = np.union1d(ca, cb)
+    starts, lens = cuts[:-1], np.diff(cuts)
+    ia = np.searchsorted(ca, starts, side="right") - 1
+    ib = np.searchsorted(cb, starts, side="right") - 1
+    return np.stack([oa[ia] + starts - ca[ia], ob[ib] + starts - cb[ib], lens], axis=1)
+
+
+def plan_segments(src: KVCacheSpec, dst: KVCacheSpec, src_blocks: Sequence[int] | np.ndarray,
+                  dst_blocks: Sequence[int] | np.ndarray, *, check: bool = True) -> Segments:
+    """The byte segments that copy `src_blocks` of `src` into `dst_blocks` of `dst`.
+
+    Vectorised over blocks, spans and regions; runs contiguous on both sides are
+    merged, so consecutive blocks cost one segment per region and span.
+    """
+    s = np.asarray(src_blocks, dtype=np.int64).reshape(-1)
+    d = np.asarray(dst_blocks, dtype=np.int64).reshape(-1)
+    if check:
+        src.check_compatible(dst)
+    if len(s) != len(d):
+        raise ValueError(f"block id lists differ in length: {len(s)} source ids vs {len(d)} destination ids")
+    if len(s) == 0:
+        return Segments.empty()
+    for name, ids, spec in (("source", s, src), ("destination", d, dst)):
+        bad = ids[(ids < 0) | (ids >= spec.num_blocks)]
+        if len(bad):
+            raise ValueError(f"{name} block id {int(bad[0])} out of range [0, {spec.num_blocks})")
+    if len(np.unique(d)) != len(d):
+        u, c = np.unique(d, return_counts=True)
+        raise ValueError(f"duplicate destination block id {int(u[c > 1][0])}: two blocks cannot land in one")
+    parts = []
+    for ri, (ra, rb) in enumerate(zip(src.regions, dst.regions)):
+        pc = _pieces(ra, rb)
+        so = (s[None, :] * ra.block_stride + pc[:, 0:1]).reshape(-1)
+        do = (d[None, :] * rb.block_stride + pc[:, 1:2]).reshape(-1)
+        ln = np.repeat(pc[:, 2], len(s))
+        parts.append((np.full(len(so), ri, dtype=np.int64), so, do, ln))
+    region = np.concatenate([p[0] for p in parts])
+    so = np.concatenate([p[1] for p in parts])
+    do = np.concatenate([p[2] for p in parts])
+    ln = np.concatenate([p[3] for p in parts])
+    order = np.lexsort((so, region))
+    region, so, do, ln = region[order], so[order], do[order], ln[order]
+    joins = (region[1:] == region[:-1]) & (so[:-1] + ln[:-1] == so[1:]) & (do[:-1] + ln[:-1] == do[1:])
+    starts = np.concatenate([[True], ~joins])
+    idx = np.flatnonzero(starts)
+    total = np.add.reduceat(ln, idx)
+    return Segments(region[idx].astype(np.int32), so[idx], do[idx], total)
+
+
+# ----------------------------------------------------------------------------------------------- presets
+
+PRESETS = ("vllm", "vllm_cpu", "block_first", "mla", "cross_layer")
+
+
+def make_kv_caches(layout: str, *, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                   head_size: int, dtype: str | torch.dtype = "bf16", device: str | torch.device = "cpu",
+                   fill: str = "empty", generator: torch.Generator | None = None) -> tuple[list[torch.Tensor], KVCacheSpec]:
+    """Allocate a paged KV cache in one of the named layouts (as one buffer split
+    per layer, like engines do) and return the tensors with their spec."""
+    dt = dtype_from_name(dtype)
+    L, N, B, H, D = num_layers, num_blocks, block_size, num_kv_heads, head_size
+    if min(L, N, B, H, D) <= 0:
+        raise ValueError(f"every cache dim must be positive: layers={L} blocks={N} block_size={B} heads={H} head_size={D}")
+    if layout == "vllm":
+        shape, names, bdim = (2, N, B, H, D), ("kv", "block", "token", "head", "dim"), 1
+    elif layout == "vllm_cpu":
+        shape, names, bdim = (N, H, B, 2 * D), ("block", "head", "token", "kvdim"), 0
+    elif layout == "block_first":
+        shape, names, bdim = (N, 2, B, H, D), ("block", "kv", "token", "head", "dim"), 0
+    elif layout == "mla":
+        shape, names, bdim = (N, B, D), ("block", "token", "dim"), 0
+    elif layout == "cross_layer":
+        shape, names, bdim = (N, L, 2, B, H, D), ("block", "layer", "kv", "token", "head", "dim"), 0
+    else:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {list(PRESETS)}")
+    per = math.prod(shape)
+    n = 1 if layout == "cross_layer" else L
+    flat = torch.empty(per * n, dtype=dt, device=device)
+    if fill == "random":
+        _fill_random(flat, generator)
+    elif fill == "zeros":
+        flat.view(torch.uint8).zero_()
+    tensors = [flat[i * per:(i + 1) * per].view(shape) for i in range(n)]
+    spec = KVCacheSpec.from_tensors(tensors, block_dim=bdim, dim_names=names, block_size=B,
+                                    num_kv_heads=0 if layout == "mla" else H, head_size=D, num_layers=L, layout=layout)
+    return tensors, spec
+
+
+def _fill_random(t: torch.Tensor, generator: torch.Generator | None) -> None:
+    b = t.view(torch.uint8)
+    b.copy_(torch.randint(0, 256, b.shape, dtype=torch.uint8, generator=generator, device="cpu").to(b.device))

@@ -1,0 +1,189 @@
+"""The transport ABC: register KV memory once, connect to peers, then move lists
+of byte segments between registered regions (write: local → peer, read: peer →
+local) asynchronously. Transports know nothing of layers, heads or requests
+beyond the id they carry for error messages."""
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Sequence
+
+import torch
+
+from p2pkv.layout import KVCacheSpec
+from p2pkv.segments import Segments
+
+__all__ = ["Transport", "TransferHandle", "Peer", "Notif", "TransferError", "PeerClosedError", "TransferTimeout",
+           "byte_regions"]
+
+
+class TransferError(RuntimeError):
+    """A transfer failed; says which peer, which request and why."""
+
+    def __init__(self, reason: str, *, peer: str = "?", request_id: str | None = None):
+        self.peer, self.request_id, self.reason = peer, request_id, reason
+        req = f" request {request_id!r}" if request_id is not None else ""
+        super().__init__(f"transfer{req} with peer {peer} failed: {reason}")
+
+
+class PeerClosedError(TransferError):
+    """The peer closed, reset or died; every pending transfer to it fails with this."""
+
+
+class TransferTimeout(TransferError, TimeoutError):
+    """The peer did not answer within the configured timeout."""
+
+
+class TransferHandle:
+    """An asynchronous transfer: `wait(timeout)` returns or raises a TransferError; `done()` polls."""
+
+    def __init__(self, peer: str, request_id: str | None, nbytes: int):
+        self.peer, self.request_id, self.nbytes = peer, request_id, nbytes
+        self._event = threading.Event()
+        self._error: BaseException | None = None
+        self._callbacks: list[Callable[["TransferHandle"], None]] = []
+        self._lock = threading.Lock()
+
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
+
+    def wait(self, timeout: float | None = None) -> None:
+        if not self._event.wait(timeout):
+            raise TransferTimeout(f"not finished after {timeout:.3g} s", peer=self.peer, request_id=self.request_id)
+        if self._error is not None:
+            raise self._error
+
+    def add_done_callback(self, fn: Callable[["TransferHandle"], None]) -> None:
+        with self._lock:
+            if not self._event.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def _finish(self, error: BaseException | None = None) -> None:
+        with self._lock:
+            if self._event.is_set():
+                return
+            if error is not None and not isinstance(error, TransferError):
+                error = TransferError(f"{type(error).__name__}: {error}", peer=self.peer, request_id=self.request_id)
+            self._error = error
+            self._event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn(self)
+
+
+@dataclass
+class Peer:
+    """A connected peer: its name, the address we dialled, and its KV spec."""
+
+    name: str
+    address: str
+    spec: KVCacheSpec | None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Notif:
+    """A small message from a peer (msgpack-able dict), e.g. 'done with request R'."""
+
+    peer: str
+    message: dict[str, Any]
+
+
+def byte_regions(tensors: Sequence[torch.Tensor], spec: KVCacheSpec) -> list[torch.Tensor]:
+    """Flat uint8 views of the memory each registered tensor spans (no copy)."""
+    out = []
+    for t, r in zip(tensors, spec.regions):
+        storage = torch.empty(0, dtype=torch.uint8, device=t.device)
+        storage.set_(t.untyped_storage())
+        start = t.storage_offset() * t.element_size()
+        out.append(storage[start:start + r.nbytes])
+    return out
+
+
+class Transport(ABC):
+    """Moves byte segments between registered KV regions of two processes.
+
+    Lifecycle: `register(tensors, spec)` once, `connect(address)` per peer (the
+    handshake checks versions, KV specs and the auth token), then any number of
+    `write`/`read` calls, each returning a `TransferHandle`. `close()` frees all.
+    """
+
+    name: ClassVar[str] = "?"
+
+    def __init__(self, *, timeout: float = 30.0, auth_token: str | bytes | None = None, name: str | None = None):
+        if timeout <= 0:
+            raise ValueError(f"timeout must be positive, got {timeout}")
+        self.timeout = float(timeout)
+        self.auth_token = auth_token.encode() if isinstance(auth_token, str) else auth_token
+        self.local_name = name or f"{self.name}-{id(self):x}"
+        self.spec: KVCacheSpec | None = None
+        self.tensors: list[torch.Tensor] = []
+        self.regions: list[torch.Tensor] = []
+
+    def register(self, tensors: Sequence[torch.Tensor], spec: KVCacheSpec | None = None) -> KVCacheSpec:
+        """Register the KV tensors (as the engine holds them) that transfers read and write."""
+        tensors = list(tensors)
+        if spec is None:
+            raise ValueError("register() needs the KVCacheSpec of the tensors (KVCacheSpec.from_tensors(...))")
+        if len(tensors) != len(spec.regions):
+            raise ValueError(f"{len(tensors)} tensors given for a spec of {len(spec.regions)} regions")
+        self.tensors, self.spec = tensors, spec
+        self.regions = byte_regions(tensors, spec)
+        return spec
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensors[0].device if self.tensors else torch.device("cpu")
+
+    def _require_registered(self) -> KVCacheSpec:
+        if self.spec is None:
+            raise RuntimeError(f"{self.name} transport: register() the KV tensors before connecting or transferring")
+        return self.spec
+
+    @property
+    @abstractmethod
+    def address(self) -> str:
+        """Where peers connect to this transport."""
+
+    @abstractmethod
+    def connect(self, address: str) -> Peer:
+        """Connect (or return the live connection) to the peer listening at `address`."""
+
+    @abstractmethod
+    def write(self, peer: Peer | str, segments: Segments, request_id: str | None = None,
+              notify: dict[str, Any] | None = None) -> TransferHandle:
+        """Copy local `segments.src` into the peer's `segments.dst`; with `notify`, the
+        peer gets that message as a Notif once the bytes have landed."""
+
+    @abstractmethod
+    def read(self, peer: Peer | str, segments: Segments, request_id: str | None = None) -> TransferHandle:
+        """Copy the peer's `segments.src` into local `segments.dst`."""
+
+    @abstractmethod
+    def send_notif(self, peer: Peer | str, message: dict[str, Any]) -> None:
+        """Send a small msgpack-able message to the peer (ordered after earlier writes)."""
+
+    @abstractmethod
+    def get_notifs(self) -> list[Notif]:
+        """Messages received since the last call."""
+
+    def baseline(self, peer: Peer | str, nbytes: int, iters: int = 1) -> float:
+        """Seconds per move of `nbytes` as one contiguous buffer over this link's cheapest raw path."""
+        raise NotImplementedError(f"{self.name} has no raw baseline")
+
+    @abstractmethod
+    def close(self) -> None:
+        """Fail pending transfers, close connections and free registrations."""
+
+    def __enter__(self) -> "Transport":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

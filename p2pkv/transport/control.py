@@ -1,0 +1,403 @@
+"""The control plane every socket-dialled backend shares: a listener, the
+handshake, one connection per peer with an ordered op queue, and the serving
+loop that validates every request against the registered regions before a
+single byte moves. Backends supply only how payload bytes travel."""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import queue
+import select
+import socket
+import threading
+from abc import abstractmethod
+from typing import Any, Callable
+
+import numpy as np
+
+from p2pkv.layout import KVCacheSpec
+from p2pkv.segments import Segments
+from p2pkv.transport.base import (Notif, Peer, PeerClosedError, TransferError, TransferHandle, TransferTimeout,
+                                  Transport)
+from p2pkv.wire import FrameType, HandshakeError, ProtocolError, client_handshake, recv_frame, send_frame, server_handshake
+
+__all__ = ["ControlPlaneTransport", "Conn", "parse_address"]
+
+log = logging.getLogger("p2pkv.transport")
+
+MAX_SEGMENTS = 1 << 21
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """'host:port', '[v6]:port' or 'scheme://host:port' → (host, port), or a ValueError that says what is wrong."""
+    if not isinstance(address, str):
+        raise ValueError(f"peer address must be a 'host:port' string, got {type(address).__name__}")
+    rest = address.split("://", 1)[-1]
+    host, sep, port = rest.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"peer address {address!r} is not 'host:port' (for example '127.0.0.1:5555')")
+    return host, int(port)
+
+
+class Conn:
+    """One control connection to a peer; the dialling side owns an op queue and worker."""
+
+    def __init__(self, sock: socket.socket, peer: Peer, initiator: bool):
+        self.sock, self.peer, self.initiator = sock, peer, initiator
+        self.dead: BaseException | None = None
+        self.ops: queue.Queue = queue.Queue()
+        self.thread: threading.Thread | None = None
+        self.extra: dict[str, Any] = {}
+
+    def close(self) -> None:
+        for fn in (lambda: self.sock.shutdown(socket.SHUT_RDWR), self.sock.close):
+            try:
+                fn()
+            except OSError:
+                pass
+
+
+class ControlPlaneTransport(Transport):
+    """A transport dialled by 'host:port': listens on loopback unless told otherwise."""
+
+    def __init__(self, *, listen: str = "127.0.0.1:0", timeout: float = 30.0, auth_token: str | bytes | None = None,
+                 name: str | None = None):
+        if auth_token is None:
+            auth_token = os.environ.get("P2PKV_AUTH_TOKEN") or None
+        super().__init__(timeout=timeout, auth_token=auth_token, name=name)
+        host, port = parse_address(listen)
+        try:
+            self._listener = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                                  backlog=64, reuse_port=False)
+        except OSError as e:
+            raise OSError(e.errno, f"{self.name} transport cannot listen on {listen}: {e.strerror or e}") from None
+        self._host = host
+        self._closed = threading.Event()
+        self._lock = threading.Lock()
+        self._out: dict[str, Conn] = {}
+        self._in: set[Conn] = set()
+        self._notifs: collections.deque[Notif] = collections.deque()
+        self._accept_thread = threading.Thread(target=self._accept_loop, name=f"p2pkv-{self.name}-accept", daemon=True)
+        self._accept_thread.start()
+
+    # -------------------------------------------------------------- backend hooks
+    @abstractmethod
+    def _send_data(self, conn: Conn, region: np.ndarray, off: np.ndarray, length: np.ndarray, request_id: Any) -> None:
+        """Send the bytes of these local segments to the peer of `conn`."""
+
+    @abstractmethod
+    def _recv_data(self, conn: Conn, region: np.ndarray, off: np.ndarray, length: np.ndarray, request_id: Any) -> None:
+        """Receive the peer's bytes into these local segments."""
+
+    def _hello_extra(self) -> dict[str, Any]:
+        """Backend fields for the handshake (e.g. a rendezvous address)."""
+        return {}
+
+    def _on_connect(self, conn: Conn) -> None:
+        """Set up the data path to a peer once the handshake passed."""
+
+    def _on_disconnect(self, conn: Conn) -> None:
+        """Free what the data path held for this peer."""
+
+    def _baseline_send(self, conn: Conn, nbytes: int) -> None:
+        raise NotImplementedError
+
+    def _baseline_recv(self, conn: Conn, nbytes: int) -> None:
+        raise NotImplementedError
+
+    # -------------------------------------------------------------- public API
+    @property
+    def address(self) -> str:
+        host, port = self._listener.getsockname()[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def _info(self) -> dict[str, Any]:
+        return {"name": self.local_name, "backend": self.name, "spec": self._require_registered().to_dict(),
+                **self._hello_extra()}
+
+    def _check_peer(self, info: dict[str, Any]) -> None:
+        if info.get("backend") != self.name:
+            raise ValueError(f"backend mismatch: local {self.name!r} vs peer {info.get('backend')!r}")
+        self._require_registered().check_compatible(KVCacheSpec.from_dict(info.get("spec") or {}))
+
+    def connect(self, address: str) -> Peer:
+        self._require_registered()
+        if self._closed.is_set():
+            raise RuntimeError(f"{self.name} transport is closed")
+        host, port = parse_address(address)
+        with self._lock:
+            conn = self._out.get(address)
+            if conn is not None and conn.dead is None:
+                return conn.peer
+        try:
+            sock = socket.create_connection((host, port), timeout=self.timeout)
+        except OSError as e:
+            raise PeerClosedError(f"cannot connect: {e}", peer=address) from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            info = client_handshake(sock, self._info(), self.auth_token, self._check_peer)
+        except (OSError, ProtocolError) as e:
+            sock.close()
+            if isinstance(e, HandshakeError):
+                raise type(e)(f"handshake with {address} failed: {e}") from None
+            if isinstance(e, socket.timeout):
+                raise TransferTimeout("no handshake answer within the timeout", peer=address) from None
+            raise PeerClosedError(f"handshake failed: {e}", peer=address) from None
+        peer = Peer(f"{info.get('name', '?')}@{address}", address, KVCacheSpec.from_dict(info["spec"]), info)
+        conn = Conn(sock, peer, initiator=True)
+        self._on_connect(conn)
+        conn.thread = threading.Thread(target=self._op_loop, args=(conn,), name=f"p2pkv-{self.name}-op", daemon=True)
+        with self._lock:
+            old = self._out.get(address)
+            self._out[address] = conn
+        if old is not None:
+            self._drop(old, PeerClosedError("replaced by a new connection", peer=old.peer.name))
+        conn.thread.start()
+        return peer
+
+    def write(self, peer: Peer | str, segments: Segments, request_id: str | None = None,
+              notify: dict[str, Any] | None = None) -> TransferHandle:
+        conn = self._conn(peer)
+
+        def run(c: Conn) -> None:
+            meta = {"req": request_id, "segs": segments.pack("dst"), "notify": notify}
+            send_frame(c.sock, FrameType.WRITE, meta, payload_len=segments.nbytes)
+            self._send_data(c, segments.region, segments.src, segments.length, request_id)
+            self._expect_ack(c)
+        return self._submit(conn, run, request_id, segments.nbytes)
+
+    def read(self, peer: Peer | str, segments: Segments, request_id: str | None = None) -> TransferHandle:
+        conn = self._conn(peer)
+        local = [r.nbytes for r in self._require_registered().regions]
+        Segments.check_bounds(segments.region.astype(np.int64), segments.dst, segments.length, local)
+
+        def run(c: Conn) -> None:
+            send_frame(c.sock, FrameType.READ, {"req": request_id, "segs": segments.pack("src")},
+                       payload_len=segments.nbytes)
+            self._expect_ack(c)
+            self._recv_data(c, segments.region, segments.dst, segments.length, request_id)
+        return self._submit(conn, run, request_id, segments.nbytes)
+
+    def send_notif(self, peer: Peer | str, message: dict[str, Any]) -> None:
+        conn = self._conn(peer)
+        h = self._submit(conn, lambda c: send_frame(c.sock, FrameType.NOTIF, {"msg": message}), None, 0)
+        h.wait(self.timeout)
+
+    def get_notifs(self) -> list[Notif]:
+        out = []
+        while self._notifs:
+            out.append(self._notifs.popleft())
+        return out
+
+    def baseline(self, peer: Peer | str, nbytes: int, iters: int = 1) -> float:
+        import time
+        conn = self._conn(peer)
+        times: list[float] = []
+
+        def run(c: Conn) -> None:
+            t0 = time.perf_counter()
+            send_frame(c.sock, FrameType.BASELINE, {"nbytes": int(nbytes)})
+            self._expect_ack(c)
+            self._baseline_recv(c, int(nbytes))
+            times.append(time.perf_counter() - t0)
+        for _ in range(iters):
+            self._submit(conn, run, "baseline", nbytes).wait(self.timeout * 4)
+        return min(times)
+
+    def peers(self) -> list[Peer]:
+        with self._lock:
+            return [c.peer for c in self._out.values() if c.dead is None]
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        try:
+            self._listener.close()
+        except OSError:
+            pass
+        with self._lock:
+            conns = list(self._out.values()) + list(self._in)
+            self._out.clear()
+            self._in.clear()
+        for c in conns:
+            if c.initiator and c.dead is None:
+                try:
+                    c.sock.settimeout(0.2)
+                    send_frame(c.sock, FrameType.CLOSE, {})
+                except OSError:
+                    pass
+            self._drop(c, PeerClosedError("transport closed locally", peer=c.peer.name))
+        self._accept_thread.join(timeout=2)
+
+    # -------------------------------------------------------------- internals
+    def _conn(self, peer: Peer | str) -> Conn:
+        address = peer.address if isinstance(peer, Peer) else peer
+        with self._lock:
+            conn = self._out.get(address)
+        if conn is None:
+            if isinstance(peer, str):
+                parse_address(peer)
+            raise ValueError(f"not connected to {address!r}: call connect({address!r}) first")
+        return conn
+
+    def _expect_ack(self, c: Conn) -> None:
+        f = recv_frame(c.sock)
+        if f.type != FrameType.ACK:
+            raise ProtocolError(f"expected ACK, got {f.type.name}")
+
+    def _submit(self, conn: Conn, fn: Callable[[Conn], None], request_id: Any, nbytes: int) -> TransferHandle:
+        h = TransferHandle(conn.peer.name, request_id, nbytes)
+        if conn.dead is not None:
+            h._finish(PeerClosedError(f"connection is down ({conn.dead})", peer=conn.peer.name, request_id=request_id))
+            return h
+        conn.ops.put((fn, h))
+        if conn.dead is not None:
+            self._fail_queued(conn)
+        return h
+
+    def _op_loop(self, conn: Conn) -> None:
+        conn.sock.settimeout(self.timeout)
+        while True:
+            item = conn.ops.get()
+            if item is None:
+                return
+            fn, h = item
+            if conn.dead is not None:
+                h._finish(PeerClosedError(f"connection is down ({conn.dead})", peer=conn.peer.name, request_id=h.request_id))
+                continue
+            try:
+                fn(conn)
+            except BaseException as e:  # noqa: BLE001 - every failure is reported on the handle
+                err = self._as_transfer_error(e, conn, h.request_id)
+                h._finish(err)
+                self._drop(conn, err)
+                continue
+            h._finish()
+
+    def _as_transfer_error(self, e: BaseException, conn: Conn, request_id: Any) -> TransferError:
+        if isinstance(e, TransferError):
+            return e
+        if isinstance(e, (socket.timeout, TimeoutError)):
+            return TransferTimeout(f"no progress within the {self.timeout:g} s timeout", peer=conn.peer.name,
+                                   request_id=request_id)
+        if isinstance(e, ProtocolError):
+            return TransferError(str(e), peer=conn.peer.name, request_id=request_id)
+        if isinstance(e, OSError):
+            return PeerClosedError(f"connection lost: {e}", peer=conn.peer.name, request_id=request_id)
+        return TransferError(f"{type(e).__name__}: {e}", peer=conn.peer.name, request_id=request_id)
+
+    def _fail_queued(self, conn: Conn) -> None:
+        while True:
+            try:
+                item = conn.ops.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                item[1]._finish(PeerClosedError(f"connection is down ({conn.dead})", peer=conn.peer.name,
+                                                request_id=item[1].request_id))
+
+    def _drop(self, conn: Conn, reason: BaseException) -> None:
+        if conn.dead is None:
+            conn.dead = reason
+            conn.close()
+            try:
+                self._on_disconnect(conn)
+            except Exception:  # noqa: BLE001
+                log.exception("freeing the data path of %s failed", conn.peer.name)
+        self._fail_queued(conn)
+        if conn.initiator:
+            conn.ops.put(None)
+        with self._lock:
+            self._in.discard(conn)
+
+    def _accept_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                sock, addr = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(sock, addr), name=f"p2pkv-{self.name}-serve", daemon=True).start()
+
+    def _serve(self, sock: socket.socket, addr: Any) -> None:
+        where = f"{addr[0]}:{addr[1]}"
+        sock.settimeout(self.timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            if self.spec is None:
+                raise HandshakeError("no KV memory registered here yet")
+            info = server_handshake(sock, self._info(), self.auth_token, self._check_peer)
+        except (OSError, ProtocolError, ValueError) as e:
+            log.warning("%s: refused connection from %s: %s", self.name, where, e)
+            sock.close()
+            return
+        conn = Conn(sock, Peer(f"{info.get('name', '?')}@{where}", where, KVCacheSpec.from_dict(info["spec"]), info),
+                    initiator=False)
+        try:
+            self._on_connect(conn)
+        except Exception as e:  # noqa: BLE001
+            log.warning("%s: data path to %s failed to start: %s", self.name, conn.peer.name, e)
+            conn.close()
+            return
+        with self._lock:
+            self._in.add(conn)
+        try:
+            while not self._closed.is_set() and conn.dead is None:
+                if not select.select([sock], [], [], 0.5)[0]:
+                    continue
+                if not self._serve_one(conn):
+                    break
+        except BaseException as e:  # noqa: BLE001 - a bad peer must never take the process down
+            if not self._closed.is_set():
+                log.warning("%s: closing connection from %s: %s", self.name, conn.peer.name, e)
+            self._drop(conn, e)
+            return
+        self._drop(conn, PeerClosedError("peer closed", peer=conn.peer.name))
+
+    def _serve_one(self, conn: Conn) -> bool:
+        sock = conn.sock
+        try:
+            f = recv_frame(sock)
+        except ConnectionResetError:
+            return False
+        if f.type == FrameType.CLOSE:
+            return False
+        if f.type == FrameType.NOTIF:
+            msg = f.meta.get("msg")
+            if not isinstance(msg, dict):
+                raise ProtocolError("NOTIF without a message map")
+            self._notifs.append(Notif(conn.peer.name, msg))
+            return True
+        if f.type == FrameType.BASELINE:
+            n = f.meta.get("nbytes")
+            if not isinstance(n, int) or not 0 < n <= 1 << 34:
+                raise ProtocolError(f"bad baseline size {n!r}")
+            send_frame(sock, FrameType.ACK, {})
+            self._baseline_send(conn, n)
+            return True
+        if f.type not in (FrameType.WRITE, FrameType.READ):
+            raise ProtocolError(f"unexpected {f.type.name} frame from a connected peer")
+        req = f.meta.get("req")
+        raw = f.meta.get("segs")
+        try:
+            if not isinstance(raw, bytes):
+                raise ValueError("segment table missing")
+            region, off, length = Segments.unpack(raw, MAX_SEGMENTS)
+            Segments.check_bounds(region, off, length, [r.nbytes for r in self.spec.regions])  # type: ignore[union-attr]
+            if int(length.sum()) != f.payload_len:
+                raise ValueError(f"segments add up to {int(length.sum())} bytes but the frame announces {f.payload_len}")
+        except ValueError as e:
+            send_frame(sock, FrameType.ERROR, {"kind": "request", "message": f"request {req!r} refused: {e}"})
+            raise ProtocolError(f"refused request {req!r}: {e}") from None
+        if f.type == FrameType.WRITE:
+            self._recv_data(conn, region, off, length, req)
+            send_frame(sock, FrameType.ACK, {})
+            notify = f.meta.get("notify")
+            if isinstance(notify, dict):
+                self._notifs.append(Notif(conn.peer.name, notify))
+        else:
+            send_frame(sock, FrameType.ACK, {})
+            self._send_data(conn, region, off, length, req)
+        return True

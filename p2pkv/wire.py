@@ -1,0 +1,219 @@
+"""Control-plane frames and the connection handshake.
+
+A frame is a fixed little-endian header (magic, version, type, metadata length,
+payload length) followed by msgpack metadata; limits are checked before anything
+is allocated, and nothing is ever unpickled. The handshake checks the protocol
+version, the two KV specs and, with a shared token, a mutual HMAC challenge.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import socket
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any, Callable, Mapping
+
+import msgpack
+
+__all__ = ["MAGIC", "VERSION", "HEADER", "FrameType", "Frame", "ProtocolError", "HandshakeError", "AuthError",
+           "encode_frame", "decode_header", "decode_meta", "send_frame", "recv_frame", "recv_exact",
+           "client_handshake", "server_handshake", "MAX_META", "MAX_PAYLOAD"]
+
+MAGIC = b"P2KV"
+VERSION = 1
+HEADER = struct.Struct("<4sHHIQ")
+MAX_META = 32 << 20
+MAX_PAYLOAD = 1 << 40
+NONCE_BYTES = 32
+
+
+class FrameType(IntEnum):
+    HELLO = 1
+    AUTH = 2
+    READY = 3
+    ERROR = 4
+    WRITE = 5
+    READ = 6
+    ACK = 7
+    NOTIF = 8
+    BASELINE = 9
+    CLOSE = 10
+
+
+class ProtocolError(ConnectionError):
+    """A peer sent something that is not a valid p2pkv frame; the connection is closed."""
+
+
+class HandshakeError(ProtocolError):
+    """The two sides cannot talk: protocol version or KV layout differ (the message names the field)."""
+
+
+class AuthError(HandshakeError):
+    """The peer could not prove it holds the shared auth token (or we could not)."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    type: FrameType
+    meta: dict[str, Any]
+    payload_len: int
+
+
+def encode_frame(ftype: FrameType, meta: Mapping[str, Any] | None = None, payload_len: int = 0) -> bytes:
+    body = msgpack.packb(dict(meta or {}), use_bin_type=True)
+    if len(body) > MAX_META:
+        raise ProtocolError(f"metadata of {len(body)} bytes exceeds the frame limit of {MAX_META}")
+    return HEADER.pack(MAGIC, VERSION, int(ftype), len(body), payload_len) + body
+
+
+def decode_header(raw: bytes, max_meta: int = MAX_META, max_payload: int = MAX_PAYLOAD) -> tuple[FrameType, int, int]:
+    """Validate a header; returns (type, meta length, payload length)."""
+    if len(raw) != HEADER.size:
+        raise ProtocolError(f"truncated frame header: {len(raw)} of {HEADER.size} bytes")
+    magic, version, ftype, mlen, plen = HEADER.unpack(raw)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic {magic!r}: the peer does not speak p2pkv (expected {MAGIC!r})")
+    if version != VERSION:
+        raise HandshakeError(f"protocol version mismatch: peer speaks {version}, this side {VERSION}; "
+                             "upgrade both sides to the same p2pkv release")
+    try:
+        ft = FrameType(ftype)
+    except ValueError:
+        raise ProtocolError(f"unknown frame type {ftype}") from None
+    if mlen > max_meta:
+        raise ProtocolError(f"metadata length {mlen} exceeds the limit of {max_meta}")
+    if plen > max_payload:
+        raise ProtocolError(f"payload length {plen} exceeds the limit of {max_payload}")
+    return ft, mlen, plen
+
+
+def decode_meta(body: bytes) -> dict[str, Any]:
+    try:
+        meta = msgpack.unpackb(body, raw=False, strict_map_key=True,
+                               use_list=True)
+    except Exception as e:  # msgpack raises several types for malformed input
+        raise ProtocolError(f"malformed frame metadata: {type(e).__name__}: {e}") from None
+    if not isinstance(meta, dict):
+        raise ProtocolError(f"frame metadata must be a map, got {type(meta).__name__}")
+    return meta
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise ConnectionResetError(f"peer closed the connection after {got} of {n} bytes")
+        got += k
+    return bytes(buf)
+
+
+def send_frame(sock: socket.socket, ftype: FrameType, meta: Mapping[str, Any] | None = None, payload_len: int = 0) -> None:
+    sock.sendall(encode_frame(ftype, meta, payload_len))
+
+
+def recv_frame(sock: socket.socket, max_meta: int = MAX_META, max_payload: int = MAX_PAYLOAD) -> Frame:
+    ft, mlen, plen = decode_header(recv_exact(sock, HEADER.size), max_meta, max_payload)
+    meta = decode_meta(recv_exact(sock, mlen)) if mlen else {}
+    if ft == FrameType.ERROR:
+        raise _remote_error(meta)
+    return Frame(ft, meta, plen)
+
+
+def _remote_error(meta: Mapping[str, Any]) -> ProtocolError:
+    kind, msg = str(meta.get("kind", "")), str(meta.get("message", "peer reported an error"))[:2000]
+    cls = {"auth": AuthError, "handshake": HandshakeError}.get(kind, ProtocolError)
+    return cls(f"peer refused: {msg}")
+
+
+def _mac(token: bytes, label: bytes, a: bytes, b: bytes) -> bytes:
+    return hmac.new(token, label + a + b, hashlib.sha256).digest()
+
+
+def _expect(frame: Frame, ftype: FrameType) -> Frame:
+    if frame.type != ftype:
+        raise ProtocolError(f"expected a {ftype.name} frame during the handshake, got {frame.type.name}")
+    return frame
+
+
+def _bytes_field(meta: Mapping[str, Any], key: str, n: int | None = None) -> bytes:
+    v = meta.get(key)
+    if not isinstance(v, bytes) or (n is not None and len(v) != n):
+        raise ProtocolError(f"handshake field {key!r} missing or malformed")
+    return v
+
+
+def _refuse(sock: socket.socket, kind: str, message: str) -> None:
+    try:
+        send_frame(sock, FrameType.ERROR, {"kind": kind, "message": message})
+    except OSError:
+        pass
+
+
+def client_handshake(sock: socket.socket, info: Mapping[str, Any], token: bytes | None,
+                     check: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Open a connection: HELLO both ways, mutual HMAC when a token is set, then READY.
+    `check(peer_info)` raises ValueError on an incompatible peer. Returns the peer's info."""
+    nonce_c = os.urandom(NONCE_BYTES)
+    send_frame(sock, FrameType.HELLO, {"info": dict(info), "nonce": nonce_c, "auth": token is not None})
+    hello = _expect(recv_frame(sock), FrameType.HELLO).meta
+    peer = hello.get("info")
+    if not isinstance(peer, dict):
+        raise ProtocolError("handshake HELLO without info")
+    if bool(hello.get("auth")) != (token is not None):
+        msg = ("the peer requires an auth token and none is configured here" if hello.get("auth")
+               else "an auth token is configured here but the peer has none")
+        _refuse(sock, "auth", msg)
+        raise AuthError(msg + " (set the same auth token, e.g. P2PKV_AUTH_TOKEN, on both sides)")
+    nonce_s = _bytes_field(hello, "nonce", NONCE_BYTES)
+    if token is not None:
+        if not hmac.compare_digest(_bytes_field(hello, "mac", 32), _mac(token, b"server", nonce_c, nonce_s)):
+            _refuse(sock, "auth", "auth token mismatch")
+            raise AuthError("the peer failed the auth challenge: its auth token differs from ours")
+        send_frame(sock, FrameType.AUTH, {"mac": _mac(token, b"client", nonce_s, nonce_c)})
+    try:
+        check(peer)
+    except ValueError as e:
+        _refuse(sock, "handshake", str(e))
+        raise HandshakeError(str(e)) from None
+    _expect(recv_frame(sock), FrameType.READY)
+    return peer
+
+
+def server_handshake(sock: socket.socket, info: Mapping[str, Any], token: bytes | None,
+                     check: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Accept a connection: the mirror of `client_handshake`; nothing else is read
+    from the peer until it has proven the token."""
+    hello = _expect(recv_frame(sock, max_meta=1 << 20), FrameType.HELLO).meta
+    peer = hello.get("info")
+    if not isinstance(peer, dict):
+        raise ProtocolError("handshake HELLO without info")
+    nonce_c = _bytes_field(hello, "nonce", NONCE_BYTES)
+    nonce_s = os.urandom(NONCE_BYTES)
+    reply: dict[str, Any] = {"info": dict(info), "nonce": nonce_s, "auth": token is not None}
+    if token is not None and hello.get("auth"):
+        reply["mac"] = _mac(token, b"server", nonce_c, nonce_s)
+    send_frame(sock, FrameType.HELLO, reply)
+    if bool(hello.get("auth")) != (token is not None):
+        # The client sends an ERROR frame next; report it as ours if it does not.
+        try:
+            recv_frame(sock, max_meta=1 << 16)
+        except ProtocolError as e:
+            raise AuthError(f"auth token configured on one side only: {e}") from None
+        raise AuthError("auth token configured on one side only")
+    if token is not None:
+        auth = _expect(recv_frame(sock, max_meta=1 << 16), FrameType.AUTH).meta
+        if not hmac.compare_digest(_bytes_field(auth, "mac", 32), _mac(token, b"client", nonce_s, nonce_c)):
+            _refuse(sock, "auth", "auth token mismatch")
+            raise AuthError("a peer failed the auth challenge (wrong auth token); refused before any KV byte moved")
+    try:
+        check(peer)
+    except ValueError as e:
+        _refuse(sock, "handshake", str(e))
+        raise HandshakeError(str(e)) from None
+    send_frame(sock, FrameType.READY, {})
+    return peer
