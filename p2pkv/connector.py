@@ -1,0 +1,486 @@
+"""Engine-neutral KV connector: a producer (P) saves a request's blocks, a consumer
+(D) loads them into its own blocks, in pull ("P then D": D reads) or push ("D then
+P": D tells P its blocks, P writes) mode, layer by layer, over any transport.
+
+P never holds blocks forever: a hold ends when D confirms, or after `hold_timeout`.
+A failed load names exactly the local blocks that did not arrive, so the engine
+can recompute them. Control messages are small msgpack dicts sent as transport
+notifs: D→P "release" (pull, loaded), "cancel" (gave up), "want" (push: D's blocks),
+"sum?" (pull checksum); P→D "landed" (push, per layer), "abort", "sum".
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from p2pkv.layout import KVCacheSpec, plan_segments
+from p2pkv.segments import Segments
+from p2pkv.transport import Notif, Peer, TransferError, TransferHandle, Transport, get_transport
+
+__all__ = ["KVConnector", "Finished", "LoadFailure", "MODES"]
+
+log = logging.getLogger("p2pkv.connector")
+MODES = ("pull", "push")
+
+
+@dataclass(frozen=True)
+class LoadFailure:
+    """A load that ended without every block: `blocks` are the local block ids to recompute."""
+
+    blocks: tuple[int, ...]
+    reason: str
+
+
+@dataclass
+class Finished:
+    """What ended since the last `get_finished()`: holds released (producer), loads
+    finished (consumer, failed ones included) and, for the failed ones, why."""
+
+    saved: set[str] = field(default_factory=set)
+    loaded: set[str] = field(default_factory=set)
+    failed: dict[str, LoadFailure] = field(default_factory=dict)
+
+
+@dataclass
+class _Hold:
+    """Producer side: blocks of one request kept until D has them."""
+
+    key: str
+    blocks: np.ndarray
+    saved: set[int]
+    deadline: float
+    written: set[int] = field(default_factory=set)
+    inflight: int = 0
+    peer: Peer | None = None
+    want: tuple[np.ndarray, str] | None = None
+    offset: int = 0
+
+
+@dataclass
+class _Load:
+    """Consumer side: one request's blocks being filled from a peer."""
+
+    key: str
+    blocks: np.ndarray
+    peer_address: str
+    remote_key: str
+    remote_blocks: np.ndarray | None
+    remote_offset: int
+    deadline: float
+    done: dict[int, bool] = field(default_factory=dict)
+    bad: set[int] = field(default_factory=set)
+    started: bool = False
+    awaiting_sums: bool = False
+    peer: Peer | None = None
+    error: str | None = None
+
+
+def _msg(kind: str, key: str, **fields: Any) -> dict[str, Any]:
+    return {"p2pkv": kind, "req": key, **fields}
+
+
+class KVConnector:
+    """Save and load requests' KV blocks between engines (see module docstring).
+
+    `KVConnector("tcp", mode="pull", hold_timeout=60, load_timeout=30, checksum=False,
+    listen="127.0.0.1:0", auth_token=...)`; extra keywords go to the transport.
+    """
+
+    def __init__(self, backend: str | Transport = "tcp", *, mode: str = "pull", hold_timeout: float = 60.0,
+                 load_timeout: float = 30.0, checksum: bool = False, poll_interval: float = 0.005,
+                 **transport_options: Any):
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {list(MODES)}")
+        if hold_timeout <= 0 or load_timeout <= 0:
+            raise ValueError("hold_timeout and load_timeout must be positive seconds")
+        self.mode, self.checksum = mode, bool(checksum)
+        self.hold_timeout, self.load_timeout, self.poll_interval = float(hold_timeout), float(load_timeout), poll_interval
+        self.transport = backend if isinstance(backend, Transport) else get_transport(backend, **transport_options)
+        self.spec: KVCacheSpec | None = None
+        self.layers: list[list[int]] = []
+        self.metrics: Counter[str] = Counter()
+        self._holds: dict[str, _Hold] = {}
+        self._wants: dict[str, tuple[np.ndarray, str, int, float]] = {}
+        self._loads: dict[str, _Load] = {}
+        self._sums: dict[str, list[list[int]]] = {}
+        self._fin = Finished()
+        self._cv = threading.Condition()
+        self._stop = threading.Event()
+        self._outbox: list[tuple[str, dict[str, Any]]] = []
+        self._thread: threading.Thread | None = None
+
+    # ----------------------------------------------------------------------- set-up
+    def register_kv_caches(self, tensors: Sequence[torch.Tensor], spec: KVCacheSpec,
+                           layers: Sequence[Sequence[int]] | None = None) -> KVCacheSpec:
+        """Register the engine's KV tensors as they are. `layers[i]` lists the tensor
+        indices that hold layer i; by default each tensor is one layer (or, when a
+        single tensor holds every layer, that tensor is the one "layer")."""
+        self.transport.register(tensors, spec)
+        self.spec = spec
+        self.layers = [list(g) for g in layers] if layers is not None else [[i] for i in range(len(spec.regions))]
+        if sorted(i for g in self.layers for i in g) != list(range(len(spec.regions))):
+            raise ValueError(f"layers {self.layers} must name every registered tensor index exactly once")
+        self._thread = threading.Thread(target=self._pump, name="p2pkv-connector", daemon=True)
+        self._thread.start()
+        return spec
+
+    @property
+    def address(self) -> str:
+        """Where peers reach this connector (the transport's address)."""
+        return self.transport.address
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    # ----------------------------------------------------------------------- producer
+    def save(self, request_id: str, block_ids: Sequence[int], *, layer: int | None = None) -> None:
+        """Publish (pull) or send (push) request `request_id`'s blocks; with `layer`,
+        only that layer is ready (P may call this per layer while it computes the
+        next one). The blocks stay held until D confirms or `hold_timeout` passes."""
+        layers = set(range(self.num_layers)) if layer is None else {self._check_layer(layer)}
+        with self._cv:
+            h = self._holds.get(request_id)
+            if h is None:
+                h = self._holds[request_id] = _Hold(request_id, np.asarray(block_ids, dtype=np.int64), set(),
+                                                    time.monotonic() + self.hold_timeout)
+                self.metrics["saved_requests"] += 1
+            elif len(block_ids) != len(h.blocks) or np.any(h.blocks != np.asarray(block_ids)):
+                raise ValueError(f"request {request_id!r}: save() got blocks {list(block_ids)} but earlier layers "
+                                 f"were saved from {h.blocks.tolist()}")
+            h.saved |= layers
+            self._cv.notify_all()
+
+    def release(self, request_id: str) -> None:
+        """Drop a hold now (the engine aborted the request); it is reported as saved."""
+        with self._cv:
+            if request_id in self._holds:
+                self._end_hold(request_id, "released_aborted")
+
+    def transfer_params(self, request_id: str) -> dict[str, Any]:
+        """What D needs to load a held request: where P is, which blocks, which request."""
+        with self._cv:
+            h = self._holds[request_id]
+            return {"remote_address": self.address, "remote_request_id": request_id,
+                    "remote_block_ids": h.blocks.tolist(), "mode": self.mode}
+
+    def holding(self) -> dict[str, list[int]]:
+        """Requests whose blocks this producer still holds, with their block ids."""
+        with self._cv:
+            return {k: h.blocks.tolist() for k, h in self._holds.items()}
+
+    # ----------------------------------------------------------------------- consumer
+    def load(self, request_id: str, block_ids: Sequence[int], *, peer: str, remote_request_id: str | None = None,
+             remote_block_ids: Sequence[int] | None = None, remote_offset: int = 0) -> None:
+        """Fill local `block_ids` with the peer's copy of the request, asynchronously.
+
+        Pull needs `remote_block_ids` (P's blocks, in the same order); push sends
+        our block ids to P, which writes P's blocks `[remote_offset:]` into them.
+        The outcome comes back from `get_finished()`."""
+        blocks = np.asarray(block_ids, dtype=np.int64)
+        remote = None if remote_block_ids is None else np.asarray(remote_block_ids, dtype=np.int64)
+        if self.mode == "pull" and (remote is None or len(remote) != len(blocks)):
+            raise ValueError(f"request {request_id!r}: pull needs remote_block_ids of the same length as block_ids "
+                             f"({len(blocks)}), got {None if remote is None else len(remote)}")
+        with self._cv:
+            if request_id in self._loads:
+                raise ValueError(f"request {request_id!r} is already loading")
+            self._loads[request_id] = _Load(request_id, blocks, peer, remote_request_id or request_id, remote,
+                                            int(remote_offset), time.monotonic() + self.load_timeout)
+            self._cv.notify_all()
+
+    def wait_layer(self, request_id: str, layer: int, timeout: float | None = None) -> bool:
+        """Block until `layer` of a loading request has landed; False if it failed or
+        the request is no longer loading."""
+        self._check_layer(layer)
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._cv:
+            while True:
+                ld = self._loads.get(request_id)
+                if ld is None:
+                    return request_id in self._fin.loaded and request_id not in self._fin.failed
+                if layer in ld.done:
+                    return ld.done[layer]
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cv.wait(left)
+
+    def get_finished(self) -> Finished:
+        """Holds released and loads ended since the last call."""
+        with self._cv:
+            out, self._fin = self._fin, Finished()
+            return out
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._cv:
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.transport.close()
+
+    def __enter__(self) -> "KVConnector":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------------- internals
+    def _check_layer(self, layer: int) -> int:
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer {layer} out of range [0, {self.num_layers})")
+        return layer
+
+    def _layer_segments(self, full: Segments, layer: int) -> Segments:
+        m = np.isin(full.region, self.layers[layer])
+        return Segments(full.region[m], full.src[m], full.dst[m], full.length[m])
+
+    def _block_sums(self, blocks: np.ndarray, layer: int) -> list[int]:
+        """CRC32 of each block's bytes in one layer, in the block's logical byte order."""
+        spec = self.spec
+        assert spec is not None
+        sums = [0] * len(blocks)
+        for r in self.layers[layer]:
+            reg = spec.regions[r]
+            flat = self.transport.regions[r]
+            if flat.device.type != "cpu":
+                flat = flat.cpu()
+            arr = flat.numpy()
+            for i, b in enumerate(blocks.tolist()):
+                for off, n in reg.spans:
+                    start = b * reg.block_stride + off
+                    sums[i] = zlib.crc32(arr[start:start + n], sums[i])
+        return sums
+
+    def _end_hold(self, key: str, how: str) -> None:
+        h = self._holds.pop(key, None)
+        if h is not None:
+            self.metrics[how] += 1
+            self._fin.saved.add(key)
+
+    def _end_load(self, ld: _Load, error: str | None) -> None:
+        self._loads.pop(ld.key, None)
+        if error is None and not ld.bad:
+            self.metrics["loaded_requests"] += 1
+            self.metrics["loaded_blocks"] += len(ld.blocks)
+        else:
+            failed = set(range(len(ld.blocks))) if error is not None else ld.bad
+            blocks = tuple(int(ld.blocks[i]) for i in sorted(failed))
+            reason = error or f"checksum mismatch in {len(ld.bad)} block(s)"
+            self._fin.failed[ld.key] = LoadFailure(blocks, f"request {ld.key!r} from {ld.peer_address}: {reason}")
+            self.metrics["load_failures"] += 1
+            self.metrics["failed_blocks"] += len(blocks)
+            self.metrics["loaded_blocks"] += len(ld.blocks) - len(blocks)
+            log.warning("load of request %r from %s failed for %d of %d blocks: %s", ld.key, ld.peer_address,
+                        len(blocks), len(ld.blocks), reason)
+        if self.mode == "pull" or error is not None:
+            kind = "release" if self.mode == "pull" else "cancel"
+            self._outbox.append((ld.peer_address, _msg(kind, ld.remote_key, ok=error is None and not ld.bad)))
+        self._fin.loaded.add(ld.key)
+        self._cv.notify_all()
+
+    def _pump(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._step()
+            except Exception:  # noqa: BLE001 - the pump must survive anything one request does
+                log.exception("p2pkv connector step failed")
+            with self._cv:
+                self._cv.wait(self.poll_interval)
+
+    def _step(self) -> None:
+        for n in self.transport.get_notifs():
+            self._on_notif(n)
+        now = time.monotonic()
+        with self._cv:
+            for key, h in list(self._holds.items()):
+                if h.deadline < now and h.inflight == 0:
+                    log.warning("request %r: D did not confirm within %.3g s; releasing its %d blocks",
+                                key, self.hold_timeout, len(h.blocks))
+                    self._end_hold(key, "released_timeout")
+            for key, (_, _, _, deadline) in list(self._wants.items()):
+                if deadline < now:
+                    del self._wants[key]
+            for ld in list(self._loads.values()):
+                if ld.deadline < now:
+                    self._end_load(ld, f"not loaded within the {self.load_timeout:g} s load timeout")
+            todo_loads = [ld for ld in self._loads.values() if not ld.started]
+            for ld in todo_loads:
+                ld.started = True
+            self._match_wants()
+            todo_push = [h for h in self._holds.values() if h.want is not None and h.saved - h.written]
+            outbox, self._outbox = self._outbox, []
+        for ld in todo_loads:
+            self._start_load(ld)
+        for h in todo_push:
+            self._push(h)
+        for address, msg in outbox:
+            self._notify(address, msg)
+
+    def _notify(self, address: str, msg: dict[str, Any]) -> bool:
+        try:
+            self.transport.send_notif(self.transport.connect(address), msg)
+            return True
+        except (TransferError, OSError, ValueError) as e:
+            log.info("could not send %s for request %r to %s: %s", msg.get("p2pkv"), msg.get("req"), address, e)
+            return False
+
+    def _start_load(self, ld: _Load) -> None:
+        try:
+            ld.peer = self.transport.connect(ld.peer_address)
+        except (TransferError, OSError, ValueError) as e:
+            with self._cv:
+                if ld.key in self._loads:
+                    self._end_load(ld, f"cannot reach the producer: {e}")
+            return
+        if self.mode == "push":
+            msg = _msg("want", ld.remote_key, blocks=ld.blocks.tolist(), offset=ld.remote_offset, addr=self.address)
+            try:
+                self.transport.send_notif(ld.peer, msg)
+            except TransferError as e:
+                with self._cv:
+                    if ld.key in self._loads:
+                        self._end_load(ld, f"cannot reach the producer: {e}")
+            return
+        assert ld.remote_blocks is not None and self.spec is not None and ld.peer.spec is not None
+        try:
+            full = plan_segments(ld.peer.spec, self.spec, ld.remote_blocks, ld.blocks)
+        except ValueError as e:
+            with self._cv:
+                self._end_load(ld, f"bad plan: {e}")
+            return
+        for layer in range(self.num_layers):
+            segs = self._layer_segments(full, layer)
+            h = self.transport.read(ld.peer, segs, request_id=ld.key)
+            h.add_done_callback(lambda hh, ld=ld, layer=layer: self._on_read(ld, layer, hh))
+
+    def _on_read(self, ld: _Load, layer: int, h: TransferHandle) -> None:
+        with self._cv:
+            if self._loads.get(ld.key) is not ld:
+                return
+            ld.done[layer] = h.error is None
+            if h.error is not None:
+                ld.error = ld.error or str(h.error)
+            else:
+                self.metrics["loaded_bytes"] += h.nbytes
+            self._cv.notify_all()
+            if len(ld.done) < self.num_layers:
+                return
+            if ld.error is not None:
+                self._end_load(ld, ld.error)
+            elif self.checksum:
+                ld.awaiting_sums = True
+                self._outbox.append((ld.peer_address, _msg("sum?", ld.remote_key, blocks=ld.remote_blocks.tolist(),
+                                                           addr=self.address)))
+            else:
+                self._end_load(ld, None)
+
+    def _push(self, h: _Hold) -> None:
+        assert h.want is not None and self.spec is not None
+        dst, addr = h.want
+        try:
+            if h.peer is None:
+                h.peer = self.transport.connect(addr)
+            src = h.blocks[h.offset:][:len(dst)]
+            full = plan_segments(self.spec, h.peer.spec, src, dst[:len(src)])
+        except (TransferError, OSError, ValueError) as e:
+            log.warning("request %r: cannot push to %s: %s", h.key, addr, e)
+            with self._cv:
+                self._end_hold(h.key, "released_error")
+            return
+        with self._cv:
+            layers = sorted(h.saved - h.written)
+            h.written |= set(layers)
+            h.inflight += len(layers)
+        for layer in layers:
+            sums = self._block_sums(src, layer) if self.checksum else None
+            note = _msg("landed", h.key, layer=layer, sums=sums)
+            hh = self.transport.write(h.peer, self._layer_segments(full, layer), request_id=h.key, notify=note)
+            hh.add_done_callback(lambda x, h=h: self._on_write(h, x))
+
+    def _on_write(self, h: _Hold, x: TransferHandle) -> None:
+        with self._cv:
+            h.inflight -= 1
+            if self._holds.get(h.key) is not h:
+                return
+            if x.error is not None:
+                log.warning("push of request %r failed: %s", h.key, x.error)
+                self._end_hold(h.key, "released_error")
+                if h.want is not None:
+                    self._outbox.append((h.want[1], _msg("abort", h.key, reason=str(x.error))))
+                return
+            self.metrics["sent_bytes"] += x.nbytes
+            if len(h.written) == self.num_layers and h.inflight == 0:
+                self._end_hold(h.key, "released_confirmed")
+
+    def _on_notif(self, n: Notif) -> None:
+        m = n.message
+        kind, key = m.get("p2pkv"), m.get("req")
+        if not isinstance(key, str):
+            return
+        with self._cv:
+            if kind in ("release", "cancel"):
+                if key in self._holds and self._holds[key].inflight == 0:
+                    self._end_hold(key, "released_confirmed" if kind == "release" else "released_aborted")
+                self._wants.pop(key, None)
+            elif kind == "want":
+                blocks = np.asarray(m.get("blocks") or [], dtype=np.int64)
+                self._wants[key] = (blocks, str(m.get("addr")), int(m.get("offset") or 0),
+                                    time.monotonic() + self.hold_timeout)
+                self._match_wants()
+                self._cv.notify_all()
+            elif kind in ("landed", "abort"):
+                ld = self._find_load(key)
+                if ld is None:
+                    return
+                if kind == "abort":
+                    self._end_load(ld, f"producer gave up: {m.get('reason', 'push failed')}")
+                    return
+                layer = int(m.get("layer", -1))
+                if not 0 <= layer < self.num_layers:
+                    return
+                sums = m.get("sums")
+                if sums is not None:
+                    mine = self._block_sums(ld.blocks[:len(sums)], layer)
+                    bad = {i for i, (a, b) in enumerate(zip(mine, sums)) if a != b}
+                    self.metrics["checksum_mismatches"] += len(bad - ld.bad)
+                    ld.bad |= bad
+                ld.done[layer] = True
+                self._cv.notify_all()
+                if len(ld.done) == self.num_layers:
+                    self._end_load(ld, None)
+            elif kind == "sum?":
+                blocks = np.asarray(m.get("blocks") or [], dtype=np.int64)
+                sums = [self._block_sums(blocks, layer) for layer in range(self.num_layers)]
+                self._outbox.append((str(m.get("addr")), _msg("sum", key, sums=sums)))
+            elif kind == "sum":
+                ld = self._find_load(key)
+                if ld is None or not ld.awaiting_sums:
+                    return
+                for layer, theirs in enumerate(m.get("sums") or []):
+                    mine = self._block_sums(ld.blocks, layer)
+                    ld.bad |= {i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b}
+                self.metrics["checksum_mismatches"] += len(ld.bad)
+                self._end_load(ld, None)
+
+    def _find_load(self, remote_key: str) -> _Load | None:
+        for ld in self._loads.values():
+            if ld.remote_key == remote_key:
+                return ld
+        return None
+
+    def _match_wants(self) -> None:
+        """Pair D's block lists (push) with the holds they are for; call with the lock held."""
+        for key in [k for k in self._wants if k in self._holds and self._holds[k].want is None]:
+            blocks, addr, offset, _ = self._wants.pop(key)
+            h = self._holds[key]
+            h.want, h.offset = (blocks, addr), offset

@@ -1,0 +1,273 @@
+"""p2pkv.connector: pull and push, whole-request and per-layer, hold release on
+confirmation and on timeout, and exact failed-block reports (peer gone, checksum),
+in one process over `loopback` and across real processes over `tcp`."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from p2pkv.connector import KVConnector
+from p2pkv.layout import make_kv_caches
+
+SHAPE = dict(num_layers=3, block_size=4, num_kv_heads=2, head_size=8, dtype="float16")
+
+
+def caches(layout: str, num_blocks: int, fill: str, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return make_kv_caches(layout, num_blocks=num_blocks, fill=fill, generator=g, **SHAPE)
+
+
+def block_bytes(tensors, spec, block: int) -> list[bytes]:
+    """The logical bytes of one block in every layer (span order), comparable across layouts."""
+    from p2pkv.transport.base import byte_regions
+    out = []
+    for reg, flat in zip(spec.regions, byte_regions(tensors, spec)):
+        out.append(b"".join(flat[block * reg.block_stride + o:block * reg.block_stride + o + n].numpy().tobytes()
+                            for o, n in reg.spans))
+    return out
+
+
+def wait_finished(conn: KVConnector, key: str, what: str = "loaded", timeout: float = 20.0):
+    end = time.monotonic() + timeout
+    acc = None
+    while time.monotonic() < end:
+        f = conn.get_finished()
+        if acc is None:
+            acc = f
+        else:
+            acc.saved |= f.saved
+            acc.loaded |= f.loaded
+            acc.failed.update(f.failed)
+        if key in getattr(acc, what):
+            return acc
+        time.sleep(0.01)
+    raise AssertionError(f"{key!r} not {what} within {timeout} s")
+
+
+def pair(mode: str, p_layout: str = "vllm", d_layout: str = "vllm", **kw):
+    pt, pspec = caches(p_layout, 16, "random", seed=1)
+    dt, dspec = caches(d_layout, 12, "zeros")
+    p = KVConnector("loopback", mode=mode, **kw)
+    d = KVConnector("loopback", mode=mode, **kw)
+    p.register_kv_caches(pt, pspec)
+    d.register_kv_caches(dt, dspec)
+    return p, d, (pt, pspec), (dt, dspec)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("layouts", [("vllm", "vllm"), ("vllm_cpu", "vllm_cpu"), ("vllm", "block_first")])
+def test_pull_moves_exact_blocks_and_releases_on_confirm(layouts):
+    p, d, (pt, pspec), (dt, dspec) = pair("pull", *layouts)
+    try:
+        src, dst = [7, 3, 9, 10], [2, 5, 6, 0]
+        p.save("req-1", src)
+        params = p.transfer_params("req-1")
+        assert params["remote_block_ids"] == src and params["remote_address"] == p.address
+        d.load("req-1", dst, peer=params["remote_address"], remote_block_ids=params["remote_block_ids"])
+        f = wait_finished(d, "req-1")
+        assert not f.failed
+        for s, t in zip(src, dst):
+            assert block_bytes(pt, pspec, s) == block_bytes(dt, dspec, t)
+        untouched = [b for b in range(12) if b not in dst]
+        assert all(set(x) == {0} for b in untouched for x in block_bytes(dt, dspec, b))
+        wait_finished(p, "req-1", "saved")
+        assert p.metrics["released_confirmed"] == 1 and p.holding() == {}
+        assert d.metrics["loaded_blocks"] == 4
+    finally:
+        p.close()
+        d.close()
+
+
+@pytest.mark.timeout(30)
+def test_push_layer_by_layer_lands_each_layer_before_the_next_is_saved():
+    p, d, (pt, pspec), (dt, dspec) = pair("push", checksum=True)
+    try:
+        src, dst = [1, 2, 3, 8], [4, 5, 6, 7]
+        d.load("req-2", dst, peer=p.address)
+        for layer in range(3):
+            p.save("req-2", src, layer=layer)
+            assert d.wait_layer("req-2", layer, timeout=10)
+        f = wait_finished(d, "req-2")
+        assert not f.failed
+        for s, t in zip(src, dst):
+            assert block_bytes(pt, pspec, s) == block_bytes(dt, dspec, t)
+        wait_finished(p, "req-2", "saved")
+        assert p.metrics["released_confirmed"] == 1 and p.metrics["sent_bytes"] > 0
+    finally:
+        p.close()
+        d.close()
+
+
+@pytest.mark.timeout(30)
+def test_push_with_offset_skips_blocks_d_already_has():
+    p, d, (pt, pspec), (dt, dspec) = pair("push")
+    try:
+        p.save("r", [9, 10, 11])
+        d.load("r", [3, 4], peer=p.address, remote_offset=1)
+        assert not wait_finished(d, "r").failed
+        assert block_bytes(pt, pspec, 10) == block_bytes(dt, dspec, 3)
+        assert block_bytes(pt, pspec, 11) == block_bytes(dt, dspec, 4)
+    finally:
+        p.close()
+        d.close()
+
+
+@pytest.mark.timeout(30)
+def test_producer_releases_after_hold_timeout_when_nobody_comes():
+    p, d, *_ = pair("pull", hold_timeout=0.2)
+    try:
+        p.save("lonely", [1, 2])
+        assert p.holding() == {"lonely": [1, 2]}
+        wait_finished(p, "lonely", "saved", timeout=5)
+        assert p.metrics["released_timeout"] == 1 and p.metrics["released_confirmed"] == 0
+        assert p.holding() == {}
+    finally:
+        p.close()
+        d.close()
+
+
+@pytest.mark.timeout(30)
+def test_load_from_gone_peer_reports_every_block():
+    p, d, *_ = pair("pull")
+    addr = p.address
+    p.close()
+    try:
+        d.load("x", [4, 1, 2], peer=addr, remote_block_ids=[0, 1, 2])
+        f = wait_finished(d, "x")
+        assert f.failed["x"].blocks == (4, 1, 2)
+        assert addr in f.failed["x"].reason and "'x'" in f.failed["x"].reason
+        assert d.metrics["failed_blocks"] == 3
+    finally:
+        d.close()
+
+
+@pytest.mark.timeout(30)
+def test_push_load_times_out_when_producer_never_saves():
+    p, d, *_ = pair("push", load_timeout=0.3)
+    try:
+        d.load("never", [1, 2], peer=p.address)
+        f = wait_finished(d, "never", timeout=5)
+        assert f.failed["never"].blocks == (1, 2) and "timeout" in f.failed["never"].reason
+    finally:
+        p.close()
+        d.close()
+
+
+@pytest.mark.timeout(30)
+def test_checksum_mismatch_names_exactly_the_corrupted_block():
+    p, d, (pt, pspec), (dt, dspec) = pair("pull", checksum=True)
+    real_read = d.transport.read
+
+    def corrupting_read(peer, segments, request_id=None):
+        h = real_read(peer, segments, request_id)
+        h.wait(5)
+        if 1 in segments.region:
+            reg = dspec.regions[1]
+            d.transport.regions[1][5 * reg.block_stride + reg.spans[0][0]] ^= 0xFF
+        return h
+    d.transport.read = corrupting_read
+    try:
+        p.save("c", [1, 2, 3])
+        d.load("c", [4, 5, 6], peer=p.address, remote_block_ids=[1, 2, 3])
+        f = wait_finished(d, "c")
+        assert f.failed["c"].blocks == (5,) and "checksum" in f.failed["c"].reason
+        assert d.metrics["checksum_mismatches"] == 1 and d.metrics["loaded_blocks"] == 2
+    finally:
+        p.close()
+        d.close()
+
+
+def test_bad_arguments_are_refused_with_a_clear_message():
+    p, d, *_ = pair("pull")
+    try:
+        with pytest.raises(ValueError, match="remote_block_ids"):
+            d.load("a", [1, 2], peer=p.address, remote_block_ids=[1])
+        with pytest.raises(ValueError, match="layer 7 out of range"):
+            p.save("a", [1], layer=7)
+        with pytest.raises(ValueError, match="unknown mode"):
+            KVConnector("loopback", mode="teleport")
+    finally:
+        p.close()
+        d.close()
+
+
+# ------------------------------------------------------------------ tcp, across real processes
+
+PRODUCER = r"""
+import json, sys, time
+sys.path.insert(0, {tests!r})
+from test_connector import caches
+from p2pkv.connector import KVConnector
+mode, blocks = sys.argv[1], [int(b) for b in sys.argv[2].split(",")]
+t, spec = caches("vllm_cpu", 16, "random", seed=7)
+c = KVConnector("tcp", mode=mode, hold_timeout=30)
+c.register_kv_caches(t, spec)
+c.save("tcp-req", blocks)
+print(json.dumps(c.transfer_params("tcp-req")), flush=True)
+end = time.monotonic() + 30
+while time.monotonic() < end and c.holding():
+    time.sleep(0.01)
+print(json.dumps(dict(c.metrics)), flush=True)
+if len(sys.argv) > 3:
+    time.sleep(60)
+c.close()
+"""
+
+
+def start_producer(mode: str, blocks: list[int], linger: bool = False) -> subprocess.Popen:
+    code = PRODUCER.format(tests=os.path.dirname(__file__))
+    args = [sys.executable, "-c", code, mode, ",".join(map(str, blocks))] + (["linger"] if linger else [])
+    return subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("mode", ["pull", "push"])
+def test_tcp_across_processes(mode):
+    src, dst = [11, 2, 3, 4, 15], [0, 9, 3, 4, 5]
+    proc = start_producer(mode, src)
+    d = KVConnector("tcp", mode=mode, checksum=True)
+    try:
+        params = json.loads(proc.stdout.readline())
+        dt, dspec = caches("vllm_cpu", 10, "zeros")
+        d.register_kv_caches(dt, dspec)
+        d.load("tcp-req", dst, peer=params["remote_address"], remote_block_ids=params["remote_block_ids"])
+        f = wait_finished(d, "tcp-req", timeout=30)
+        assert not f.failed, f.failed
+        pt, pspec = caches("vllm_cpu", 16, "random", seed=7)
+        for s, t in zip(src, dst):
+            assert block_bytes(pt, pspec, s) == block_bytes(dt, dspec, t)
+        pm = json.loads(proc.stdout.readline())
+        assert pm["released_confirmed"] == 1 and pm.get("released_timeout", 0) == 0
+        assert proc.wait(30) == 0
+    finally:
+        d.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.timeout(90)
+def test_tcp_producer_killed_before_load_fails_every_block():
+    proc = start_producer("pull", [1, 2, 3], linger=True)
+    d = KVConnector("tcp", mode="pull", load_timeout=10)
+    try:
+        params = json.loads(proc.stdout.readline())
+        proc.kill()
+        proc.wait()
+        dt, dspec = caches("vllm_cpu", 10, "zeros")
+        d.register_kv_caches(dt, dspec)
+        d.load("tcp-req", [7, 8, 9], peer=params["remote_address"], remote_block_ids=params["remote_block_ids"])
+        f = wait_finished(d, "tcp-req", timeout=20)
+        assert f.failed["tcp-req"].blocks == (7, 8, 9)
+        assert params["remote_address"] in f.failed["tcp-req"].reason
+    finally:
+        d.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
