@@ -214,10 +214,11 @@ class ControlPlaneTransport(Transport):
         if self._closed.is_set():
             return
         self._closed.set()
-        try:
-            self._listener.close()
-        except OSError:
-            pass
+        for fn in (lambda: self._listener.shutdown(socket.SHUT_RDWR), self._listener.close):
+            try:
+                fn()
+            except OSError:
+                pass
         with self._lock:
             conns = list(self._out.values()) + list(self._in)
             self._out.clear()

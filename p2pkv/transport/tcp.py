@@ -18,11 +18,24 @@ __all__ = ["TcpTransport", "sendv", "recvv"]
 IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 
 
+BATCH_BYTES = 2 << 20
+
+
+def _batch_end(views: list[memoryview], i: int) -> int:
+    """End index of the next vectored call: about what the socket moves in one go,
+    so that no call rebuilds an iovec of hundreds of buffers to move a few of them."""
+    j, acc, n = i, 0, min(len(views), i + IOV_MAX)
+    while j < n and acc < BATCH_BYTES:
+        acc += views[j].nbytes
+        j += 1
+    return j
+
+
 def sendv(sock: socket.socket, views: list[memoryview]) -> None:
     """Send every view, in order, with as few syscalls as the kernel allows."""
     i, n = 0, len(views)
     while i < n:
-        sent = sock.sendmsg(views[i:i + IOV_MAX])
+        sent = sock.sendmsg(views[i:_batch_end(views, i)])
         while sent:
             k = views[i].nbytes
             if sent >= k:
@@ -37,7 +50,7 @@ def recvv(sock: socket.socket, views: list[memoryview]) -> None:
     """Fill every view, in order; ConnectionResetError if the peer closes early."""
     i, n = 0, len(views)
     while i < n:
-        got = sock.recvmsg_into(views[i:i + IOV_MAX])[0]
+        got = sock.recvmsg_into(views[i:_batch_end(views, i)])[0]
         if got == 0:
             raise ConnectionResetError(f"peer closed the connection with {n - i} segments still to receive")
         while got:
@@ -89,6 +102,7 @@ class TcpTransport(ControlPlaneTransport):
         self.sock_buf_bytes = int(sock_buf_bytes)
         self._mvs: list[memoryview] = []
         self._staging: _Staging | None = None
+        self._bbuf: memoryview | None = None
 
     def register(self, tensors: Sequence[torch.Tensor], spec: Any = None) -> Any:
         spec = super().register(tensors, spec)
@@ -121,7 +135,11 @@ class TcpTransport(ControlPlaneTransport):
 
     # ---------------------------------------------------------------- baseline: one contiguous buffer
     def _baseline_buf(self, nbytes: int) -> memoryview:
-        return memoryview(bytearray(min(nbytes, 32 << 20)))
+        """A reused contiguous buffer (at most 32 MiB: larger moves loop over it, as a raw stream would)."""
+        want = min(nbytes, 32 << 20)
+        if self._bbuf is None or len(self._bbuf) < want:
+            self._bbuf = memoryview(bytearray(want))
+        return self._bbuf
 
     def _baseline_send(self, conn: Conn, nbytes: int) -> None:
         buf = self._baseline_buf(nbytes)

@@ -1,0 +1,48 @@
+"""A P process for multi-process tests: builds seeded random caches (one transport
+per config), prints each listening address, then obeys line commands on stdin:
+`dump I PATH` writes cache I's raw bytes to PATH; `quit` (or EOF) exits."""
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from p2pkv.layout import make_kv_caches
+from p2pkv.transport import get_transport
+
+
+def build(cfg: dict, seed_offset: int = 0):
+    g = torch.Generator().manual_seed(cfg.get("seed", 0) + seed_offset)
+    return make_kv_caches(cfg["layout"], num_layers=cfg.get("layers", 2), num_blocks=cfg.get("blocks", 24),
+                          block_size=cfg.get("block_size", 4), num_kv_heads=cfg.get("heads", 2),
+                          head_size=cfg.get("head_size", 8), dtype=cfg.get("dtype", "bf16"), fill="random", generator=g)
+
+
+def main() -> None:
+    backend, configs = sys.argv[1], json.loads(sys.argv[2])
+    opts = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
+    caches, transports = [], []
+    for cfg in configs:
+        tensors, spec = build(cfg)
+        tr = get_transport(backend, **opts)
+        tr.register(tensors, spec)
+        caches.append(tensors)
+        transports.append(tr)
+        print(f"ADDR {tr.address}", flush=True)
+    for line in sys.stdin:
+        cmd = line.split()
+        if not cmd or cmd[0] == "quit":
+            break
+        if cmd[0] == "dump":
+            i, path = int(cmd[1]), cmd[2]
+            with open(path, "wb") as f:
+                for t in caches[i]:
+                    f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
+            print("DUMPED", flush=True)
+    for tr in transports:
+        tr.close()
+
+
+if __name__ == "__main__":
+    main()

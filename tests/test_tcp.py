@@ -1,0 +1,240 @@
+"""TCP backend across real processes on loopback: byte-exact transfers for every
+layout and dtype, both directions, and the failures a user meets."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from kvcheck import assert_same, expected_after
+from p2pkv.layout import PRESETS, make_kv_caches, plan_segments
+from p2pkv.transport import PeerClosedError, TransferError, TransferTimeout, get_transport
+from p2pkv.wire import AuthError, HandshakeError
+from peer import build
+from procs import peer_process
+
+DTYPES = ["bf16", "fp16", "fp32"] + (["fp8"] if hasattr(torch, "float8_e4m3fn") else [])
+
+
+def local_cache(cfg: dict, seed: int = 777):
+    return build({**cfg, "seed": seed})
+
+
+@pytest.mark.timeout(120)
+def test_read_every_layout_and_dtype_is_byte_exact():
+    configs = [{"layout": lay, "dtype": dt, "seed": i} for i, (lay, dt) in
+               enumerate((lay, dt) for lay in PRESETS for dt in DTYPES)]
+    rng = np.random.default_rng(0)
+    with peer_process("tcp", configs) as p:
+        for cfg, addr in zip(configs, p.addresses):
+            d_tensors, d_spec = local_cache(cfg)
+            before = [t.clone() for t in d_tensors]
+            p_tensors, _ = build(cfg)
+            with get_transport("tcp", timeout=20) as tr:
+                tr.register(d_tensors, d_spec)
+                peer = tr.connect(addr)
+                n = int(rng.integers(1, 12))
+                src = rng.choice(24, n, replace=False)
+                dst = rng.choice(24, n, replace=False)
+                tr.read(peer, plan_segments(peer.spec, d_spec, src, dst), request_id=f"{cfg}").wait(20)
+            assert_same(d_tensors, expected_after(cfg["layout"], before, p_tensors, src, dst))
+
+
+@pytest.mark.timeout(60)
+def test_write_lands_in_exactly_the_destination_blocks(tmp_path):
+    cfg = {"layout": "vllm", "dtype": "bf16", "seed": 5}
+    with peer_process("tcp", [cfg]) as p:
+        mine, spec = local_cache(cfg, seed=99)
+        theirs_before, _ = build(cfg)
+        with get_transport("tcp") as tr:
+            tr.register(mine, spec)
+            peer = tr.connect(p.addresses[0])
+            src, dst = [3, 4, 5, 17], [20, 2, 9, 10]
+            tr.write(peer, plan_segments(spec, peer.spec, src, dst), "w1").wait(20)
+            raw = p.dump(0, tmp_path / "p.bin")
+        expect = expected_after("vllm", theirs_before, mine, src, dst)
+        got = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        assert torch.equal(got, torch.cat([e.reshape(-1) for e in expect]))
+
+
+@pytest.mark.timeout(60)
+def test_concurrent_requests_to_one_peer_do_not_mix():
+    cfg = {"layout": "block_first", "dtype": "fp16", "seed": 3, "blocks": 64}
+    with peer_process("tcp", [cfg]) as p:
+        d, spec = local_cache(cfg)
+        before = [t.clone() for t in d]
+        ptens, _ = build(cfg)
+        with get_transport("tcp") as tr:
+            tr.register(d, spec)
+            peer = tr.connect(p.addresses[0])
+            perm = np.random.default_rng(1).permutation(64)
+            handles, src_all, dst_all = [], [], []
+            for r in range(8):
+                src, dst = perm[r * 8:(r + 1) * 8], np.roll(perm, 5)[r * 8:(r + 1) * 8]
+                handles.append(tr.read(peer, plan_segments(peer.spec, spec, src, dst), f"req-{r}"))
+                src_all += list(src)
+                dst_all += list(dst)
+            for h in handles:
+                h.wait(20)
+                assert h.done() and h.error is None
+        assert_same(d, expected_after("block_first", before, ptens, src_all, dst_all))
+
+
+def _cache(layout="vllm", **kw):
+    args = dict(num_layers=2, num_blocks=24, block_size=4, num_kv_heads=2, head_size=8, dtype="bf16", fill="zeros")
+    args.update(kw)
+    return make_kv_caches(layout, **args)
+
+
+@pytest.mark.timeout(30)
+def test_spec_mismatch_is_refused_on_both_sides_naming_the_field(caplog):
+    a, b = get_transport("tcp"), get_transport("tcp")
+    try:
+        a.register(*_cache(head_size=8))
+        b.register(*_cache(head_size=16))
+        with pytest.raises(HandshakeError, match="head_size"):
+            b.connect(a.address)
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.timeout(30)
+def test_incompatible_byte_order_is_refused():
+    a, b = get_transport("tcp"), get_transport("tcp")
+    try:
+        a.register(*_cache("vllm"))
+        b.register(*_cache("vllm_cpu"))
+        with pytest.raises(HandshakeError, match="byte order"):
+            b.connect(a.address)
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.timeout(30)
+def test_block_first_and_vllm_interoperate_by_plain_byte_copy():
+    a, b = get_transport("tcp"), get_transport("tcp")
+    try:
+        ta, sa = _cache("vllm", fill="random", generator=torch.Generator().manual_seed(1))
+        tb, sb = _cache("block_first")
+        a.register(ta, sa)
+        b.register(tb, sb)
+        peer = b.connect(a.address)
+        b.read(peer, plan_segments(sa, sb, [1, 2, 7], [0, 5, 6]), "x").wait(10)
+        for la, lb in zip(ta, tb):
+            assert torch.equal(la[:, [1, 2, 7]].permute(1, 0, 2, 3, 4).view(torch.uint8), lb[[0, 5, 6]].view(torch.uint8))
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.timeout(30)
+def test_auth_token_mismatch_and_missing_token_are_refused():
+    a = get_transport("tcp", auth_token="s3cret")
+    b = get_transport("tcp", auth_token="wrong")
+    c = get_transport("tcp")
+    ok = get_transport("tcp", auth_token="s3cret")
+    try:
+        for t in (a, b, c, ok):
+            t.register(*_cache())
+        with pytest.raises(AuthError):
+            b.connect(a.address)
+        with pytest.raises(AuthError):
+            c.connect(a.address)
+        peer = ok.connect(a.address)
+        ok.read(peer, plan_segments(peer.spec, ok.spec, [1], [2]), "after-refusals").wait(10)
+    finally:
+        for t in (a, b, c, ok):
+            t.close()
+
+
+@pytest.mark.timeout(30)
+def test_bad_addresses_and_unreachable_peers():
+    with get_transport("tcp") as t:
+        t.register(*_cache())
+        with pytest.raises(ValueError, match="host:port"):
+            t.connect("not-an-address")
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        with pytest.raises(PeerClosedError, match=f"127.0.0.1:{port}"):
+            t.connect(f"127.0.0.1:{port}")
+        with pytest.raises(ValueError, match="connect"):
+            t.read("127.0.0.1:1", plan_segments(t.spec, t.spec, [1], [1]))
+
+
+@pytest.mark.timeout(30)
+def test_port_in_use_is_a_clear_error():
+    with get_transport("tcp") as t:
+        with pytest.raises(OSError, match="cannot listen"):
+            get_transport("tcp", listen=t.address)
+
+
+@pytest.mark.timeout(30)
+def test_stalled_peer_times_out_instead_of_hanging():
+    srv = socket.create_server(("127.0.0.1", 0))
+    held = []
+    threading.Thread(target=lambda: held.append(srv.accept()), daemon=True).start()
+    try:
+        with get_transport("tcp", timeout=1.0) as t:
+            t.register(*_cache())
+            t0 = time.monotonic()
+            with pytest.raises(TransferTimeout):
+                t.connect("%s:%d" % srv.getsockname())
+            assert time.monotonic() - t0 < 5
+    finally:
+        srv.close()
+
+
+@pytest.mark.timeout(60)
+def test_peer_killed_mid_transfer_fails_pending_requests_with_peer_and_request():
+    cfg = {"layout": "vllm", "dtype": "fp32", "blocks": 512, "layers": 8, "block_size": 16, "heads": 8, "head_size": 64}
+    with peer_process("tcp", [cfg]) as p:
+        d, spec = build({**cfg, "seed": 1})
+        with get_transport("tcp", timeout=5) as tr:
+            tr.register(d, spec)
+            peer = tr.connect(p.addresses[0])
+            handles = [tr.read(peer, plan_segments(peer.spec, spec, np.arange(512), np.arange(512)), f"big-{i}")
+                       for i in range(20)]
+            os.kill(p.proc.pid, signal.SIGKILL)
+            t0 = time.monotonic()
+            errors = []
+            for h in handles:
+                try:
+                    h.wait(10)
+                except TransferError as e:
+                    errors.append(e)
+            assert time.monotonic() - t0 < 10
+            assert errors, "killing P must fail the requests still in flight"
+            assert all(isinstance(e, (PeerClosedError, TransferTimeout)) for e in errors)
+            assert errors[-1].request_id == "big-19" and p.addresses[0] in str(errors[-1])
+            late = tr.read(peer, plan_segments(peer.spec, spec, [0], [0]), "late")
+            with pytest.raises(PeerClosedError, match="late"):
+                late.wait(5)
+
+
+@pytest.mark.timeout(30)
+def test_out_of_range_segments_are_refused_by_the_serving_side():
+    a, b = get_transport("tcp"), get_transport("tcp")
+    try:
+        a.register(*_cache(fill="random", generator=torch.Generator().manual_seed(0)))
+        b.register(*_cache())
+        peer = b.connect(a.address)
+        segs = plan_segments(a.spec, b.spec, [1], [1])
+        from p2pkv.segments import Segments
+        evil = Segments(segs.region, segs.src + a.spec.regions[0].nbytes, segs.dst, segs.length)
+        with pytest.raises(TransferError, match="runs past the end"):
+            b.read(peer, evil, "evil").wait(10)
+        peer = b.connect(a.address)
+        b.read(peer, segs, "good").wait(10)
+    finally:
+        a.close()
+        b.close()
