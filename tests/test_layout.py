@@ -1,0 +1,159 @@
+"""Layout math: specs read from shapes and strides, and segment plans that cover
+exactly the requested bytes, never overlap, stay in range and are as few as the runs allow."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from p2pkv.layout import PRESETS, KVCacheSpec, make_kv_caches, plan_segments
+
+DTYPES = ["bf16", "fp16", "fp32"] + (["fp8"] if hasattr(torch, "float8_e4m3fn") else [])
+BLOCK_DIM = {"vllm": 1, "vllm_cpu": 0, "block_first": 0, "mla": 0, "cross_layer": 0}
+
+
+def cache(layout, dtype="bf16", blocks=16, **kw):
+    args = dict(num_layers=3, num_blocks=blocks, block_size=4, num_kv_heads=2, head_size=8, dtype=dtype)
+    args.update(kw)
+    return make_kv_caches(layout, **args)
+
+
+def apply(segs, src_regions, dst_regions):
+    for r, s, d, n in zip(segs.region, segs.src, segs.dst, segs.length):
+        dst_regions[r][d:d + n] = src_regions[r][s:s + n]
+
+
+def byte_regions(tensors):
+    return [t.view(torch.uint8).reshape(-1).numpy() for t in tensors]
+
+
+@settings(max_examples=60, deadline=None)
+@given(layout=st.sampled_from(PRESETS), dtype=st.sampled_from(DTYPES), data=st.data())
+def test_segments_copy_exactly_the_requested_blocks(layout, dtype, data):
+    nb = 16
+    n = data.draw(st.integers(0, nb))
+    src = data.draw(st.lists(st.integers(0, nb - 1), min_size=n, max_size=n))
+    dst = data.draw(st.permutations(range(nb)))[:n]
+    pt, ps = cache(layout, dtype)
+    dt, ds = cache(layout, dtype)
+    g = torch.Generator().manual_seed(1)
+    for t in pt + dt:
+        t.view(torch.uint8).copy_(torch.randint(0, 256, t.view(torch.uint8).shape, dtype=torch.uint8, generator=g))
+    before = [t.view(torch.uint8).clone() for t in dt]
+    segs = plan_segments(ps, ds, src, dst)
+    # in range, positive, no two segments write the same destination bytes
+    for r, spec in enumerate(ds.regions):
+        m = segs.region == r
+        assert np.all(segs.dst[m] + segs.length[m] <= spec.nbytes) and np.all(segs.length[m] > 0)
+        order = np.argsort(segs.dst[m])
+        ends, starts = (segs.dst[m] + segs.length[m])[order], segs.dst[m][order]
+        assert np.all(ends[:-1] <= starts[1:])
+    assert segs.nbytes == n * ps.bytes_per_block
+    apply(segs, byte_regions(pt), byte_regions(dt))
+    bd = BLOCK_DIM[layout]
+    for b, p, d in zip(before, pt, dt):
+        expect = b.clone()
+        if n:
+            expect.index_copy_(bd, torch.tensor(dst), p.view(torch.uint8).index_select(bd, torch.tensor(src)))
+        assert torch.equal(d.view(torch.uint8), expect)
+
+
+@pytest.mark.parametrize("layout", PRESETS)
+def test_consecutive_blocks_cost_one_segment_per_region_and_span(layout):
+    _, spec = cache(layout)
+    segs = plan_segments(spec, spec, range(3, 11), range(5, 13))
+    assert len(segs) == sum(len(r.spans) for r in spec.regions)
+    scattered = plan_segments(spec, spec, [1, 5, 9], [2, 7, 11])
+    assert len(scattered) == 3 * sum(len(r.spans) for r in spec.regions)
+
+
+def test_cross_block_runs_merge_only_when_both_sides_are_contiguous():
+    _, spec = cache("block_first")
+    segs = plan_segments(spec, spec, [1, 2, 3, 8], [4, 5, 9, 10])
+    assert sorted(segs.length.tolist()) == sorted([2 * spec.regions[0].block_stride, spec.regions[0].block_stride,
+                                                   spec.regions[0].block_stride] * 3)
+
+
+@pytest.mark.parametrize("bad, msg", [
+    (dict(src=[1, 2], dst=[3]), "differ in length"),
+    (dict(src=[16], dst=[0]), "source block id 16 out of range"),
+    (dict(src=[0], dst=[-1]), "destination block id -1 out of range"),
+    (dict(src=[1, 2], dst=[3, 3]), "duplicate destination block id 3"),
+])
+def test_bad_block_ids_are_refused_with_a_clear_message(bad, msg):
+    _, spec = cache("vllm")
+    with pytest.raises(ValueError, match=msg):
+        plan_segments(spec, spec, bad["src"], bad["dst"])
+
+
+def test_spec_mismatch_is_refused():
+    _, a = cache("vllm", dtype="bf16")
+    _, b = cache("vllm", dtype="fp16")
+    with pytest.raises(ValueError, match="dtype"):
+        plan_segments(a, b, [1], [1])
+    _, c = cache("vllm", num_layers=4)
+    with pytest.raises(ValueError, match="num_layers"):
+        a.check_compatible(c)
+
+
+def test_views_of_one_buffer_with_unusual_strides():
+    # one buffer split per layer, with padding between layers, like engines that over-allocate
+    L, N, B, H, D = 3, 10, 4, 2, 8
+    per = 2 * N * B * H * D
+    buf = torch.arange((per + 64) * L, dtype=torch.float32)
+    layers = [buf[i * (per + 64): i * (per + 64) + per].view(2, N, B, H, D) for i in range(L)]
+    spec = KVCacheSpec.from_tensors(layers, num_blocks=N)
+    assert spec.regions[0].spans == ((0, B * H * D * 4), (N * B * H * D * 4, B * H * D * 4))
+    # a view whose block dim is not the outermost in memory
+    t = torch.zeros(B, N, H, D).permute(1, 0, 2, 3)  # logical [N, B, H, D], blocks strided by H*D
+    s = KVCacheSpec.from_tensors([t], block_dim=0)
+    assert len(s.regions[0].spans) == B and s.regions[0].spans[0][1] == H * D * 4
+
+
+def test_vllm_cpu_engine_tensor_as_is():
+    t = torch.zeros(12, 2, 32, 2 * 16, dtype=torch.bfloat16)  # [num_blocks, kv_heads, block_size, 2*head]
+    s = KVCacheSpec.from_tensors([t, t.clone()], num_blocks=12)
+    assert s.regions[0].spans == ((0, 2 * 32 * 32 * 2),) and s.num_blocks == 12
+
+
+@pytest.mark.parametrize("make, msg", [
+    (lambda: torch.zeros(4, 1, 6).expand(4, 8, 6), "overlap or interleave"),
+    (lambda: torch.zeros(1, 8).expand(4, 8), "block stride 0"),
+    (lambda: torch.zeros(4, 8).as_strided((4, 8), (2, 1)), "overlap"),
+])
+def test_unsupported_tensors_are_refused_with_the_reason(make, msg):
+    with pytest.raises(ValueError, match=msg):
+        KVCacheSpec.from_tensors([make()], block_dim=0)
+
+
+def test_gapped_and_transposed_blocks_are_described_by_their_real_bytes():
+    t = torch.zeros(4, 8, 6)[:, :, :3]
+    s = KVCacheSpec.from_tensors([t], block_dim=0)
+    assert s.regions[0].spans == tuple((i * 24, 12) for i in range(8))
+    tt = torch.zeros(4, 8, 6).transpose(1, 2)
+    assert KVCacheSpec.from_tensors([tt], block_dim=0).regions[0].spans == ((0, 192),)
+
+
+def test_block_dim_must_be_findable():
+    with pytest.raises(ValueError, match="block_dim"):
+        KVCacheSpec.from_tensors([torch.zeros(4, 4)], num_blocks=4)
+    with pytest.raises(ValueError, match="pass block_dim= or num_blocks="):
+        KVCacheSpec.from_tensors([torch.zeros(4, 4)])
+
+
+def test_spec_round_trips_through_a_dict():
+    _, spec = cache("vllm_cpu")
+    assert KVCacheSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(ValueError, match="malformed"):
+        KVCacheSpec.from_dict({"regions": "nope"})
+
+
+def test_plan_32k_tokens_32_layers(benchmark):
+    tensors = [torch.empty(2, 4096, 16, 8, 128, dtype=torch.bfloat16, device="meta") for _ in range(32)]
+    spec = KVCacheSpec.from_tensors(tensors, block_dim=1, num_layers=32)
+    rng = np.random.default_rng(0)
+    src, dst = rng.choice(4096, 2048, replace=False), rng.choice(4096, 2048, replace=False)
+    segs = benchmark(plan_segments, spec, spec, src, dst)
+    assert segs.nbytes == 2048 * spec.bytes_per_block
