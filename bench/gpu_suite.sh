@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The whole GPU suite in one call (for the lent GPU machine): build the CUDA extension,
+# run every GPU test, then the GPU benchmarks; logs and JSON land in $OUT (default ./gpu-out).
+#   STEPS="build test kbench bench" bash bench/gpu_suite.sh      # choose steps; default: all
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export P2PKV_EXT_DIR=${P2PKV_EXT_DIR:-/tmp/p2pkv-ext}
+PY=${PY:-python3}
+STEPS=${STEPS:-"env build test kbench bench"}
+TOKENS=${TOKENS:-"16 512 2048 4096 32768"}
+LOG=$OUT/suite.log
+status=0
+
+step() {  # step NAME SECONDS CMD...: run with a time limit, log, remember failures
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name: $*" | tee -a "$LOG"
+  local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$LOG"
+  [ "$rc" -eq 0 ] || status=1
+}
+
+for s in $STEPS; do
+  case $s in
+    env) step env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nvcc --version | tail -1; \
+           $PY -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(), torch.cuda.device_count())'" ;;
+    build) step build 300 "$PY" -m p2pkv.kernels build ;;
+    test) step test 300 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
+            $(ls tests/test_cuda_ipc.py 2>/dev/null) -k "${TEST_K:-not nothing}" ;;
+    tcptest) step tcptest 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_tcp.py -k "${TCP_K:-cuda}" ;;
+    kbench) step kbench 240 "$PY" bench/kernel_bench.py --tokens $TOKENS --json "$OUT/kernel_bench.json" ;;
+    bench)
+      for b in ${BACKENDS:-cuda_ipc tcp}; do
+        tok=$TOKENS
+        [ "$b" = tcp ] && tok=${TCP_TOKENS:-"16 512 2048 4096"}
+        step "bench-$b" 300 "$PY" -m p2pkv bench --device cuda --backend "$b" --tokens $tok \
+          --requests "${REQUESTS:-4}" --iters "${ITERS:-10}" --warmup 2 --json "$OUT/bench_$b.json"
+      done ;;
+    *) echo "unknown step $s" | tee -a "$LOG"; status=1 ;;
+  esac
+done
+echo "=== suite exit $status" | tee -a "$LOG"
+exit $status

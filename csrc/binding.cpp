@@ -1,0 +1,166 @@
+// Python binding of the p2pkv CUDA core: validates a segment table against the
+// region sizes, cuts it into rows and launches the copy in one call (so a transfer
+// costs one pass over the table on the host), plus the CUDA IPC helpers.
+#include <torch/extension.h>
+#include <pybind11/numpy.h>
+
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kv_copy.h"
+
+namespace py = pybind11;
+using I64 = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+
+namespace {
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
+}
+
+struct Side {
+  const int64_t* base;
+  const int64_t* size;
+  int64_t n;
+  const int64_t* off;  // nullptr: segments follow each other from offset 0 (a gather/scatter buffer)
+  const char* name;
+};
+
+// Checks every segment and returns the total byte count.
+int64_t validate(const Side& s, const Side& d, const int64_t* region, const int64_t* len, int64_t n) {
+  int64_t total = 0, run_s = 0, run_d = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t r = region[i], l = len[i];
+    if (l < 0) throw std::invalid_argument("segment " + std::to_string(i) + " has a negative length " + std::to_string(l));
+    for (const Side* side : {&s, &d}) {
+      const int64_t ri = side->off ? r : 0;
+      int64_t& run = side == &s ? run_s : run_d;
+      const int64_t o = side->off ? side->off[i] : run;
+      if (ri < 0 || ri >= side->n)
+        throw std::invalid_argument("segment " + std::to_string(i) + " names " + side->name + " region " +
+                                    std::to_string(ri) + ", but only " + std::to_string(side->n) + " are registered");
+      if (o < 0 || o + l > side->size[ri])
+        throw std::invalid_argument("segment " + std::to_string(i) + ": " + side->name + " bytes [" + std::to_string(o) +
+                                    ", " + std::to_string(o + l) + ") run past the end of " + side->name + " region " +
+                                    std::to_string(ri) + " (" + std::to_string(side->size[ri]) + " bytes)");
+      run += l;
+    }
+    total += l;
+  }
+  return total;
+}
+
+int64_t count_rows(const int64_t* len, int64_t n, int64_t chunk) {
+  int64_t rows = 0;
+  for (int64_t i = 0; i < n; ++i) rows += len[i] <= chunk ? 1 : (len[i] + chunk - 1) / chunk;
+  return rows;
+}
+
+void fill_rows(p2pkv::CopyRow* out, const Side& s, const Side& d, const int64_t* region, const int64_t* len,
+               int64_t n, int64_t chunk) {
+  int64_t k = 0, run = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t r = region[i], l = len[i];
+    uint64_t sa = (uint64_t)(s.off ? s.base[r] + s.off[i] : s.base[0] + run);
+    uint64_t da = (uint64_t)(d.off ? d.base[r] + d.off[i] : d.base[0] + run);
+    run += l;
+    for (int64_t o = 0; o < l; o += chunk) {
+      const uint64_t m = (uint64_t)std::min(chunk, l - o);
+      out[k++] = p2pkv::CopyRow{sa + (uint64_t)o, da + (uint64_t)o, m};
+    }
+  }
+}
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// copy(src_bases, src_sizes, dst_bases, dst_sizes, region, src_off|None, dst_off|None, length,
+//      pinned, pinned_cap, dev_table, dev_cap, stream, hint, min_chunk, max_chunk, small, grid) -> rows
+// Returns the rows launched, or -rows when the pinned/device table is too small (nothing launched).
+int64_t copy(I64 src_bases, I64 src_sizes, I64 dst_bases, I64 dst_sizes, I64 region, py::object src_off_obj,
+             py::object dst_off_obj, I64 length, int64_t pinned, int64_t pinned_cap, int64_t dev_table, int64_t dev_cap,
+             int64_t stream_ptr, int hint, int64_t min_chunk, int64_t max_chunk, bool small, int grid) {
+  const int64_t n = length.size();
+  if (region.size() != n) throw std::invalid_argument("region and length arrays differ in size");
+  I64 src_off, dst_off;
+  const bool has_src = !src_off_obj.is_none(), has_dst = !dst_off_obj.is_none();
+  if (has_src) src_off = src_off_obj.cast<I64>();
+  if (has_dst) dst_off = dst_off_obj.cast<I64>();
+  if ((has_src && src_off.size() != n) || (has_dst && dst_off.size() != n))
+    throw std::invalid_argument("offset and length arrays differ in size");
+  if (src_bases.size() != src_sizes.size() || dst_bases.size() != dst_sizes.size())
+    throw std::invalid_argument("base and size tables differ in length");
+  Side s{src_bases.data(), src_sizes.data(), (int64_t)src_bases.size(), has_src ? src_off.data() : nullptr, "source"};
+  Side d{dst_bases.data(), dst_sizes.data(), (int64_t)dst_bases.size(), has_dst ? dst_off.data() : nullptr, "destination"};
+  const int64_t* reg = region.data();
+  const int64_t* len = length.data();
+  const int64_t total = validate(s, d, reg, len, n);
+  if (total == 0) return 0;
+  cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_ptr);
+
+  if (small && n <= p2pkv::kSmallRows) {
+    // Each segment gets at most kSmallRows / n rows, so the table always fits the kernel parameters.
+    int64_t longest = 0;
+    for (int64_t i = 0; i < n; ++i) longest = std::max(longest, len[i]);
+    const int64_t per = p2pkv::kSmallRows / n;
+    const int64_t chunk = std::max({min_chunk, round_up((longest + per - 1) / per, 16), (int64_t)16});
+    const int64_t rows = count_rows(len, n, chunk);
+    if (rows <= p2pkv::kSmallRows) {
+      p2pkv::CopyRow buf[p2pkv::kSmallRows];
+      fill_rows(buf, s, d, reg, len, n, chunk);
+      check(p2pkv::launch_small(buf, (int)rows, hint, stream), "p2pkv copy kernel launch");
+      return rows;
+    }
+  }
+  const int64_t target = (int64_t)p2pkv::sm_count() * 8;
+  const int64_t chunk = std::min(max_chunk, std::max(min_chunk, round_up((total + target - 1) / target, 16)));
+  const int64_t rows = count_rows(len, n, chunk);
+  if (rows > pinned_cap || (dev_table && rows > dev_cap)) return -rows;
+  auto* host = reinterpret_cast<p2pkv::CopyRow*>(pinned);
+  fill_rows(host, s, d, reg, len, n, chunk);
+  const p2pkv::CopyRow* table = host;
+  if (dev_table) {
+    check(cudaMemcpyAsync(reinterpret_cast<void*>(dev_table), host, rows * sizeof(p2pkv::CopyRow),
+                          cudaMemcpyHostToDevice, stream),
+          "p2pkv copy table upload");
+    table = reinterpret_cast<const p2pkv::CopyRow*>(dev_table);
+  }
+  check(p2pkv::launch_rows(table, rows, grid, hint, stream), "p2pkv copy kernel launch");
+  return rows;
+}
+
+py::tuple ipc_export(int64_t ptr) {
+  cudaIpcMemHandle_t h;
+  uint64_t base = 0, size = 0;
+  check(p2pkv::ipc_export((uint64_t)ptr, &h, &base, &size), "cudaIpcGetMemHandle");
+  return py::make_tuple(py::bytes(reinterpret_cast<const char*>(&h), sizeof(h)), (int64_t)base, (int64_t)size);
+}
+
+int64_t ipc_open(py::bytes handle) {
+  std::string raw = handle;
+  if (raw.size() != sizeof(cudaIpcMemHandle_t))
+    throw std::invalid_argument("an IPC memory handle has " + std::to_string(sizeof(cudaIpcMemHandle_t)) +
+                                " bytes, got " + std::to_string(raw.size()));
+  cudaIpcMemHandle_t h;
+  std::memcpy(&h, raw.data(), sizeof(h));
+  uint64_t base = 0;
+  check(p2pkv::ipc_open(h, &base), "cudaIpcOpenMemHandle");
+  return (int64_t)base;
+}
+
+void ipc_close(int64_t base) { check(p2pkv::ipc_close((uint64_t)base), "cudaIpcCloseMemHandle"); }
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "p2pkv CUDA core: one-launch segment copies and CUDA IPC helpers";
+  m.attr("ROW_BYTES") = (int)sizeof(p2pkv::CopyRow);
+  m.attr("SMALL_ROWS") = p2pkv::kSmallRows;
+  m.def("copy", &copy, "validate, cut into rows and copy a segment table in one launch");
+  m.def("sm_count", &p2pkv::sm_count);
+  m.def("ipc_export", &ipc_export, "(handle, base, size) of the allocation holding a device pointer");
+  m.def("ipc_open", &ipc_open, "map a peer's allocation; returns its base address here");
+  m.def("ipc_close", &ipc_close, "unmap an allocation mapped by ipc_open");
+}

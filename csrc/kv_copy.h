@@ -1,0 +1,40 @@
+// p2pkv CUDA core: the segment-copy kernels and the IPC helpers, behind a plain C++
+// interface (no torch headers) so that kv_copy.cu builds with nvcc alone and the
+// Python binding (binding.cpp) is the only file that sees torch.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime_api.h>
+
+namespace p2pkv {
+
+// One unit of work for one thread block: copy `len` bytes from `src` to `dst`
+// (absolute device or UVA-mapped host addresses).
+struct CopyRow {
+  uint64_t src;
+  uint64_t dst;
+  uint64_t len;
+};
+
+// Rows that fit in a kernel parameter (4 KiB limit): such a launch needs no table upload.
+constexpr int kSmallRows = 160;
+
+// Copy every row of a table that lives in device memory or in pinned host memory
+// (read through UVA); one launch, `grid` thread blocks (0: as many as keep the
+// device busy, -k: k per multiprocessor). `hint` 0: plain loads and stores, 1: streaming (evict-first) hints.
+cudaError_t launch_rows(const CopyRow* rows, int64_t nrows, int grid, int hint, cudaStream_t stream);
+
+// Copy up to kSmallRows rows passed by value in the kernel's parameters.
+cudaError_t launch_small(const CopyRow* host_rows, int nrows, int hint, cudaStream_t stream);
+
+// Multiprocessor count of the current device (cached per device).
+int sm_count();
+
+// CUDA IPC of plain device allocations: `ptr` may point inside an allocation (torch's
+// caching allocator sub-allocates); the handle names the whole allocation, whose base
+// and size are returned so the peer maps `base` and adds `ptr - base`.
+cudaError_t ipc_export(uint64_t ptr, cudaIpcMemHandle_t* handle, uint64_t* base, uint64_t* size);
+cudaError_t ipc_open(const cudaIpcMemHandle_t& handle, uint64_t* base);
+cudaError_t ipc_close(uint64_t base);
+
+}  // namespace p2pkv

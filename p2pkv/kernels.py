@@ -1,0 +1,356 @@
+"""Segment copies on the device: gather many blocks of many layers into one buffer,
+scatter them back, or copy segments between two sets of base pointers, each in one
+CUDA launch (csrc/, built with torch's cpp_extension ahead of time by
+`python -m p2pkv.kernels build` or at first use), with a pure-torch fallback that
+gives the same bytes wherever the extension is not built (CPU machines)."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["Regions", "gather", "scatter", "copy_segments", "load", "available", "unavailable_reason", "TUNING"]
+
+log = logging.getLogger("p2pkv.kernels")
+
+# Knobs of the extension path (the microbench in bench/ sweeps them): where the row table
+# lives ("device": uploaded before the launch; "host": read through UVA from pinned memory),
+# load/store hints (0 plain, 1 streaming), row sizes, and whether tables of up to
+# SMALL_ROWS rows travel inside the kernel's parameters.
+TUNING: dict[str, Any] = {"table": os.environ.get("P2PKV_TABLE", "device"), "hint": int(os.environ.get("P2PKV_HINT", "0")),
+                          "min_chunk": 4096, "max_chunk": 65536, "small": os.environ.get("P2PKV_SMALL", "1") == "1",
+                          "grid": int(os.environ.get("P2PKV_GRID", "0"))}
+
+_ext: Any = None
+_ext_error: str | None = None
+_ext_tried = False
+_ext_lock = threading.Lock()
+
+
+def _csrc_dir() -> Path:
+    here = Path(__file__).resolve().parent
+    for cand in (os.environ.get("P2PKV_CSRC"), here.parent / "csrc", here / "csrc"):
+        if cand and (Path(cand) / "kv_copy.cu").is_file():
+            return Path(cand)
+    raise FileNotFoundError("the CUDA sources (csrc/kv_copy.cu) are not shipped with this p2pkv install")
+
+
+def _build_dir() -> Path:
+    cuda = (torch.version.cuda or "none").replace(".", "")
+    default = Path.home() / ".cache" / "p2pkv" / f"ext-torch{torch.__version__.split('+')[0]}-cu{cuda}"
+    return Path(os.environ.get("P2PKV_EXT_DIR", default))
+
+
+def _arch_flags() -> list[str]:
+    flags = ["-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_90,code=compute_90"]
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        if (major, minor) != (9, 0):
+            flags.append(f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}")
+    return flags
+
+
+def load(build: bool = True, verbose: bool = False) -> Any:
+    """The compiled extension, building it on first use when nvcc is here; None (and
+    `unavailable_reason()` says why) where it cannot be had. P2PKV_NO_EXT=1 forces None."""
+    global _ext, _ext_error, _ext_tried
+    if _ext is not None or (_ext_tried and not build):
+        return _ext
+    with _ext_lock:
+        if _ext is not None or _ext_tried:
+            return _ext
+        _ext_tried = True
+        if os.environ.get("P2PKV_NO_EXT") == "1":
+            _ext_error = "disabled by P2PKV_NO_EXT=1"
+            return None
+        if not torch.cuda.is_available() or torch.version.cuda is None:
+            _ext_error = "torch sees no CUDA device here"
+            return None
+        try:
+            from torch.utils.cpp_extension import CUDA_HOME, load as cpp_load
+            if CUDA_HOME is None:
+                raise RuntimeError("no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)")
+            src = _csrc_dir()
+            out = _build_dir()
+            out.mkdir(parents=True, exist_ok=True)
+            _ext = cpp_load(name="p2pkv_cuda", sources=[str(src / "binding.cpp"), str(src / "kv_copy.cu")],
+                            extra_include_paths=[str(src)], extra_cflags=["-O3"],
+                            extra_cuda_cflags=["-O3", *_arch_flags()], build_directory=str(out),
+                            verbose=verbose)
+        except Exception as e:  # noqa: BLE001 - any build failure means: use the fallback, say why
+            _ext_error = f"{type(e).__name__}: {e}"
+            log.warning("p2pkv CUDA extension unavailable, using the torch fallback: %s", _ext_error)
+            return None
+        return _ext
+
+
+def available() -> bool:
+    return load() is not None
+
+
+def unavailable_reason() -> str | None:
+    load()
+    return _ext_error
+
+
+# ----------------------------------------------------------------------------------------- regions
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    if t.dtype == torch.uint8 and t.dim() == 1:
+        return t
+    if not t.is_contiguous():
+        raise ValueError(f"a region must be contiguous bytes; got a tensor of shape {list(t.shape)} with strides "
+                         f"{list(t.stride())} (pass transport.byte_regions(...) views)")
+    return t.reshape(-1).view(torch.uint8)
+
+
+class _CudaArray:
+    """A raw device pointer seen as a uint8 array, so torch can wrap IPC-mapped memory."""
+
+    def __init__(self, ptr: int, nbytes: int):
+        self.__cuda_array_interface__ = {"shape": (int(nbytes),), "typestr": "|u1", "data": (int(ptr), False),
+                                         "version": 3, "strides": None}
+
+
+@dataclass
+class Regions:
+    """Byte regions as base addresses and sizes (what the kernels read), with torch views
+    of them (what the fallback and lifetimes use)."""
+
+    ptrs: np.ndarray
+    sizes: np.ndarray
+    device: torch.device
+    _tensors: list[torch.Tensor] | None = field(default=None, repr=False)
+
+    @classmethod
+    def of(cls, tensors: Sequence[torch.Tensor] | "Regions") -> "Regions":
+        if isinstance(tensors, Regions):
+            return tensors
+        ts = [_as_bytes(t) for t in tensors]
+        if not ts:
+            raise ValueError("no regions given")
+        devs = {t.device for t in ts}
+        if len(devs) != 1:
+            raise ValueError(f"regions live on several devices {sorted(map(str, devs))}")
+        return cls(np.array([t.data_ptr() for t in ts], dtype=np.int64), np.array([t.numel() for t in ts], dtype=np.int64),
+                   ts[0].device, ts)
+
+    @classmethod
+    def from_ptrs(cls, ptrs: Sequence[int], sizes: Sequence[int], device: torch.device | str) -> "Regions":
+        """Regions at raw device addresses (e.g. a peer's IPC-mapped memory)."""
+        return cls(np.asarray(ptrs, dtype=np.int64), np.asarray(sizes, dtype=np.int64), torch.device(device))
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        if self._tensors is None:
+            with torch.cuda.device(self.device):
+                self._tensors = [torch.as_tensor(_CudaArray(p, n), device=self.device)
+                                 for p, n in zip(self.ptrs.tolist(), self.sizes.tolist())]
+        return self._tensors
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+# ----------------------------------------------------------------------------------------- tables
+
+class _TablePool:
+    """Pinned (and device) row tables reused once the launch that read them is done."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.slots: list[list[Any]] = []  # [pinned tensor, device tensor | None, rows capacity, event | None]
+        self.next = 0
+        self.lock = threading.Lock()
+
+    def acquire(self, rows: int, row_bytes: int, on_device: bool) -> list[Any]:
+        for _ in range(len(self.slots)):
+            slot = self.slots[self.next]
+            self.next = (self.next + 1) % len(self.slots)
+            if slot[3] is None or slot[3].query():
+                break
+        else:
+            if len(self.slots) < 4:
+                slot = [None, None, 0, None]
+                self.slots.append(slot)
+            else:
+                slot = self.slots[self.next]
+                self.next = (self.next + 1) % len(self.slots)
+                slot[3].synchronize()
+        if slot[2] < rows or (on_device and slot[1] is None):
+            cap = max(rows, 1024, slot[2] * 2)
+            slot[0] = torch.empty(cap * row_bytes, dtype=torch.uint8, pin_memory=True)
+            slot[1] = torch.empty(cap * row_bytes, dtype=torch.uint8, device=self.device) if on_device else None
+            slot[2] = cap
+        return slot
+
+
+_pools: dict[Any, _TablePool] = {}
+
+
+def _launch(src: Regions, dst: Regions, region: np.ndarray, src_off: np.ndarray | None, dst_off: np.ndarray | None,
+            length: np.ndarray, stream: torch.cuda.Stream | None) -> None:
+    dev = src.device if src.on_cuda else dst.device
+    if dev.index is not None and dev.index != torch.cuda.current_device():
+        with torch.cuda.device(dev):
+            return _launch(src, dst, region, src_off, dst_off, length, stream)
+    stream = stream or torch.cuda.current_stream(dev)
+    key = (dev.index, stream.cuda_stream)
+    pool = _pools.get(key)
+    if pool is None:
+        pool = _pools[key] = _TablePool(dev)
+    with pool.lock:
+        _launch_locked(_ext, pool, stream, src, dst, region, src_off, dst_off, length)
+
+
+def _launch_locked(ext: Any, pool: _TablePool, stream: torch.cuda.Stream, src: Regions, dst: Regions,
+                   region: np.ndarray, src_off: np.ndarray | None, dst_off: np.ndarray | None,
+                   length: np.ndarray) -> None:
+    on_device = TUNING["table"] == "device"
+    args = (src.ptrs, src.sizes, dst.ptrs, dst.sizes, region, src_off, dst_off, length)
+    knobs = (stream.cuda_stream, int(TUNING["hint"]), int(TUNING["min_chunk"]), int(TUNING["max_chunk"]))
+    grid = int(TUNING["grid"])
+    if TUNING["small"] and len(length) <= ext.SMALL_ROWS:
+        if ext.copy(*args, 0, 0, 0, 0, *knobs, True, grid) >= 0:
+            return
+    slot = pool.acquire(max(len(length), 1), ext.ROW_BYTES, on_device)
+    for _ in range(2):
+        dev_ptr = slot[1].data_ptr() if on_device else 0
+        rows = ext.copy(*args, slot[0].data_ptr(), slot[2], dev_ptr, slot[2], *knobs, False, grid)
+        if rows >= 0:
+            break
+        slot = pool.acquire(-rows, ext.ROW_BYTES, on_device)
+    ev = slot[3] or torch.cuda.Event()
+    ev.record(stream)
+    slot[3] = ev
+
+
+# ----------------------------------------------------------------------------------------- fallback
+
+def _check(regions: Regions, region: np.ndarray, off: np.ndarray, length: np.ndarray, side: str) -> None:
+    if len(length) == 0:
+        return
+    if length.min() < 0:
+        i = int(np.argmax(length < 0))
+        raise ValueError(f"segment {i} has a negative length {int(length[i])}")
+    n = len(regions.sizes)
+    bad = np.flatnonzero((region < 0) | (region >= n))
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"segment {i} names {side} region {int(region[i])}, but only {n} are registered")
+    end = off + length
+    bad = np.flatnonzero((off < 0) | (end > regions.sizes[region]))
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"segment {i}: {side} bytes [{int(off[i])}, {int(end[i])}) run past the end of {side} "
+                         f"region {int(region[i])} ({int(regions.sizes[region[i]])} bytes)")
+
+
+def _fallback(src: Regions, dst: Regions, region: np.ndarray, src_off: np.ndarray | None,
+              dst_off: np.ndarray | None, length: np.ndarray, stream: torch.cuda.Stream | None) -> None:
+    run = np.concatenate([[0], np.cumsum(length)[:-1]]).astype(np.int64) if len(length) else length
+    zeros = np.zeros(len(length), dtype=np.int64)
+    so, sr = (src_off, region) if src_off is not None else (run, zeros)
+    do, dr = (dst_off, region) if dst_off is not None else (run, zeros)
+    _check(src, sr, so, length, "source")
+    _check(dst, dr, do, length, "destination")
+    s_t, d_t = src.tensors, dst.tensors
+    cuda = src.on_cuda or dst.on_cuda
+    ctx = torch.cuda.stream(stream) if (cuda and stream is not None) else _nullctx()
+    with ctx:
+        for a, b, c, d, n in zip(sr.tolist(), so.tolist(), dr.tolist(), do.tolist(), length.tolist()):
+            if n:
+                d_t[c][d:d + n].copy_(s_t[a][b:b + n], non_blocking=cuda)
+
+
+class _nullctx:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+# ----------------------------------------------------------------------------------------- public API
+
+def _i64(a: Any) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.int64).reshape(-1)
+
+
+def _use_ext(*sides: Regions) -> bool:
+    if not any(s.on_cuda for s in sides) or load() is None:
+        return False
+    devs = {s.device for s in sides if s.on_cuda}
+    if len(devs) != 1:
+        return False
+    return all(s.on_cuda or (s._tensors is not None and all(t.is_pinned() for t in s._tensors)) for s in sides)
+
+
+def copy_segments(src: Sequence[torch.Tensor] | Regions, dst: Sequence[torch.Tensor] | Regions, region: Any,
+                  src_off: Any, dst_off: Any, length: Any, *, stream: torch.cuda.Stream | None = None) -> None:
+    """Copy `length[i]` bytes from `src[region[i]] + src_off[i]` to `dst[region[i]] + dst_off[i]`
+    for every i, in one launch on `stream` (default: the current stream). Asynchronous on CUDA."""
+    s, d = Regions.of(src), Regions.of(dst)
+    region, length = _i64(region), _i64(length)
+    so, do = _i64(src_off), _i64(dst_off)
+    if not (len(region) == len(so) == len(do) == len(length)):
+        raise ValueError("region, offset and length arrays differ in size")
+    if _use_ext(s, d):
+        _launch(s, d, region, so, do, length, stream)
+    else:
+        _fallback(s, d, region, so, do, length, stream)
+
+
+def gather(regions: Sequence[torch.Tensor] | Regions, region: Any, off: Any, length: Any, out: torch.Tensor | None = None,
+           *, stream: torch.cuda.Stream | None = None) -> torch.Tensor:
+    """Concatenate the segments' bytes, in order, into one contiguous uint8 buffer (`out`
+    may be a pinned host tensor: the kernel then writes through UVA)."""
+    s = Regions.of(regions)
+    region, off, length = _i64(region), _i64(off), _i64(length)
+    total = int(length.sum())
+    if out is None:
+        out = torch.empty(total, dtype=torch.uint8, device=s.device)
+    d = Regions.of([out])
+    if total > d.sizes[0]:
+        raise ValueError(f"gather output holds {int(d.sizes[0])} bytes, the segments need {total}")
+    if _use_ext(s, d):
+        _launch(s, d, region, off, None, length, stream)
+    else:
+        _fallback(s, d, region, off, None, length, stream)
+    return out
+
+
+def scatter(buf: torch.Tensor, regions: Sequence[torch.Tensor] | Regions, region: Any, off: Any, length: Any, *,
+            stream: torch.cuda.Stream | None = None) -> None:
+    """The reverse of `gather`: consecutive bytes of `buf` into the segments, in order."""
+    d = Regions.of(regions)
+    s = Regions.of([buf])
+    region, off, length = _i64(region), _i64(off), _i64(length)
+    if _use_ext(s, d):
+        _launch(s, d, region, None, off, length, stream)
+    else:
+        _fallback(s, d, region, None, off, length, stream)
+
+
+def _main(argv: list[str]) -> int:
+    if argv[:1] != ["build"]:
+        print("usage: python -m p2pkv.kernels build   (compile the CUDA extension ahead of time)", file=sys.stderr)
+        return 2
+    ext = load(verbose=True)
+    if ext is None:
+        print(f"p2pkv CUDA extension not built: {_ext_error}", file=sys.stderr)
+        return 1
+    print(f"p2pkv CUDA extension ready in {_build_dir()} ({ext.sm_count()} SMs on this device)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
