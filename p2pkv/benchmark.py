@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from p2pkv.layout import PRESETS, KVCacheSpec, make_kv_caches, plan_segments
+from p2pkv.layout import PRESETS, KVCacheSpec, dtype_from_name, make_kv_caches, plan_segments
 from p2pkv.transport import get_transport
 from p2pkv.transport.base import Transport
 
@@ -295,6 +295,7 @@ def main(args: argparse.Namespace) -> int:
     if min(args.layers, args.block_size, args.kv_heads, args.head_size, args.requests, args.iters, *args.tokens) <= 0 \
             or args.warmup < 0:
         raise SystemExit("--layers, --block-size, --kv-heads, --head-size, --tokens, --requests and --iters must be positive")
+    dtype_from_name(args.dtype)
     backends = [b.strip() for b in args.backend.split(",") if b.strip()]
     if args.role == "d":
         rows = run_d(args, backends[0], args.connect)

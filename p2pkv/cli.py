@@ -29,7 +29,14 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.command == "bench":
         from p2pkv import benchmark
-        return benchmark.main(args)
+        from p2pkv.transport import TransferError
+        try:
+            return benchmark.main(args)
+        except (ValueError, TransferError, OSError, ImportError) as e:
+            if args.verbose:
+                raise
+            print(f"p2pkv bench: error: {e}", file=sys.stderr)
+            return 2
     from p2pkv import doctor
     return doctor.main(as_json=args.json)
 

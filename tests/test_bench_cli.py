@@ -1,0 +1,64 @@
+"""`p2pkv bench` and `p2pkv doctor` as a user runs them: table, JSON contract, verification that can fail."""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from p2pkv import benchmark
+from p2pkv.cli import build_parser
+
+FIELDS = {"backend", "device", "layout", "dtype", "tokens", "requests", "bytes", "gbps", "baseline_gbps", "ratio",
+          "p50_ms", "p99_ms", "verified"}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("layout", ["vllm", "cross_layer"])
+def test_bench_runs_verifies_and_writes_the_json_contract(tmp_path, layout):
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, "-m", "p2pkv", "bench", "--layers", "3", "--tokens", "40", "100",
+                           "--requests", "2", "--iters", "2", "--layout", layout, "--json", str(out)],
+                          capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0, proc.stderr
+    assert "GB/s" in proc.stdout and "verified" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["config"]["layers"] == 3 and data["config"]["tokens"] == [40, 100]
+    rows = data["results"]
+    assert [r["tokens"] for r in rows] == [40, 100]
+    for r in rows:
+        assert FIELDS <= set(r)
+        assert r["verified"] is True and r["layout"] == layout
+        assert r["bytes"] == -(-r["tokens"] // 16) * 16 * 8 * 128 * 2 * 2 * 3
+        assert r["ratio"] == pytest.approx(r["gbps"] / r["baseline_gbps"], rel=1e-2)
+    assert "iteration" in proc.stderr  # progress
+
+
+def test_verification_detects_a_corrupted_or_stray_byte():
+    args = build_parser().parse_args(["bench", "--layers", "2", "--tokens", "32", "--requests", "1"])
+    d_tensors, _ = benchmark._build(args, "cpu", benchmark.D_SEED + args.seed)
+    p_tensors, _ = benchmark._build(args, "cpu", benchmark.P_SEED + args.seed)
+    bd = benchmark._block_dim(args.layout)
+    for t, p in zip(d_tensors, p_tensors):
+        t.index_copy_(bd, torch.tensor([3, 0]), p.index_select(bd, torch.tensor([1, 2])))
+    assert benchmark._verify(args, d_tensors, {3: 1, 0: 2})
+    d_tensors[1].view(torch.uint8).view(-1)[7] ^= 1
+    assert not benchmark._verify(args, d_tensors, {3: 1, 0: 2})
+
+
+@pytest.mark.parametrize("argv", [["bench", "--tokens", "0"], ["bench", "--layout", "nope"], ["bench", "--dtype", "int4"],
+                                  ["bench", "--option", "novalue"]])
+def test_bad_arguments_fail_with_a_message(argv):
+    proc = subprocess.run([sys.executable, "-m", "p2pkv", *argv], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert proc.stderr.strip() and "Traceback" not in proc.stderr
+
+
+def test_doctor_reports_backends():
+    proc = subprocess.run([sys.executable, "-m", "p2pkv", "doctor", "--json"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    r = json.loads(proc.stdout)
+    assert r["backends"]["tcp"]["ok"] and set(r["backends"]) >= {"tcp", "nccl", "ucx", "cuda_ipc"}
