@@ -62,10 +62,16 @@ def _num_blocks(args: argparse.Namespace) -> tuple[int, int]:
     return per_req, per_req * args.requests + max(8, per_req * args.requests // 8)
 
 
+FILL_CHUNK = 4 << 20
+
+
 def _fill(region: torch.Tensor, seed: int) -> None:
+    """Deterministic random bytes, made 4 MiB at a time so that filling (and re-making
+    the expected bytes when verifying) never holds a second copy of a region."""
     g = torch.Generator().manual_seed(seed)
-    data = torch.randint(0, 256, (region.numel(),), dtype=torch.uint8, generator=g)
-    region.copy_(data.to(region.device))
+    for start in range(0, region.numel(), FILL_CHUNK):
+        part = region[start:start + FILL_CHUNK]
+        part.copy_(torch.randint(0, 256, (part.numel(),), dtype=torch.uint8, generator=g).to(region.device))
 
 
 def _build(args: argparse.Namespace, device: str, seed: int) -> tuple[list[torch.Tensor], KVCacheSpec]:
@@ -124,6 +130,15 @@ def _device(args: argparse.Namespace) -> str:
     return f"cuda:{local % torch.cuda.device_count()}"
 
 
+def _rss_mib() -> float:
+    """Resident memory now (the interpreter and libraries, before the cache exists)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return 0.0
+
+
 def _progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -131,6 +146,7 @@ def _progress(msg: str) -> None:
 def run_d(args: argparse.Namespace, backend: str, p_address: str) -> list[dict[str, Any]]:
     """D's side: read random P blocks into random D blocks, time it, verify, return result rows."""
     device = _device(args)
+    rss_base = _rss_mib()
     tensors, spec = _build(args, device, D_SEED + args.seed)
     tr: Transport = get_transport(backend, **_options(args))
     rows = []
@@ -144,6 +160,7 @@ def run_d(args: argparse.Namespace, backend: str, p_address: str) -> list[dict[s
         for tokens in args.tokens:
             nblk = -(-tokens // args.block_size)
             lat: list[float] = []
+            base: list[float] = []
             nbytes = 0
             total = args.warmup + args.iters
             for it in range(total):
@@ -156,14 +173,16 @@ def run_d(args: argparse.Namespace, backend: str, p_address: str) -> list[dict[s
                     t0 = time.perf_counter()
                     tr.read(peer, segs, request_id=f"bench-{tokens}-{it}-{r}").wait(args.timeout)
                     dt = time.perf_counter() - t0
+                    # the baseline runs interleaved with the requests, so both see the same machine load
+                    bt = tr.baseline(peer, nbytes, 1)
                     if it >= args.warmup:
                         lat.append(dt)
+                        base.append(bt)
                     last_src.update(zip(dst.tolist(), src.tolist()))
                 if time.perf_counter() - t_start > 2 or it == total - 1:
                     _progress(f"[p2pkv bench] {backend} {tokens} tokens: iteration {it + 1}/{total}, "
                               f"last request {nbytes / max(lat[-1] if lat else 1, 1e-9) / 1e9:.2f} GB/s")
                     t_start = time.perf_counter()
-            base = [tr.baseline(peer, nbytes, 1) for _ in range(args.warmup + args.iters)][args.warmup:]
             gbps = nbytes / statistics.median(lat) / 1e9
             bgbps = nbytes / statistics.median(base) / 1e9
             rows.append({"backend": backend, "device": args.device, "layout": args.layout, "dtype": args.dtype,
@@ -173,11 +192,12 @@ def run_d(args: argparse.Namespace, backend: str, p_address: str) -> list[dict[s
                          "p99_ms": round(float(np.percentile(lat, 99)) * 1e3, 4), "verified": False})
         if device.startswith("cuda"):
             torch.cuda.synchronize()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         ok = _verify(args, tensors, last_src)
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         cache_mib = sum(r.nbytes for r in spec.regions) / 2**20
         for row in rows:
-            row.update(verified=ok, d_peak_rss_mib=round(rss, 1), cache_mib=round(cache_mib, 1))
+            row.update(verified=ok, cache_mib=round(cache_mib, 1), d_rss_base_mib=round(rss_base, 1),
+                       d_peak_rss_mib=round(peak, 1))
         tr.send_notif(peer, {"bench": "done"})
     finally:
         tr.close()

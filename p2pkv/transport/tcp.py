@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any, Sequence
+import struct
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
+from p2pkv import kernels
 from p2pkv.transport.control import Conn, ControlPlaneTransport
 
 __all__ = ["TcpTransport", "sendv", "recvv"]
@@ -18,17 +21,33 @@ __all__ = ["TcpTransport", "sendv", "recvv"]
 IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 
 
-BATCH_BYTES = 2 << 20
+BATCH_BYTES = 32 << 20
 
 
 def _batch_end(views: list[memoryview], i: int) -> int:
-    """End index of the next vectored call: about what the socket moves in one go,
-    so that no call rebuilds an iovec of hundreds of buffers to move a few of them."""
+    """End index of the next vectored call: up to IOV_MAX buffers or BATCH_BYTES."""
     j, acc, n = i, 0, min(len(views), i + IOV_MAX)
     while j < n and acc < BATCH_BYTES:
         acc += views[j].nbytes
         j += 1
     return j
+
+
+@contextmanager
+def kernel_timeouts(sock: socket.socket, timeout: float) -> Iterator[None]:
+    """Run the block in blocking mode with the timeout enforced by the kernel
+    (SO_RCVTIMEO/SO_SNDTIMEO), so one `recvmsg_into(MSG_WAITALL)` can fill a whole
+    iovec in one syscall instead of Python polling between partial reads."""
+    tv = struct.pack("ll", int(timeout), int((timeout % 1) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+    sock.settimeout(None)
+    try:
+        yield
+    except BlockingIOError:
+        raise socket.timeout(f"no progress within {timeout:g} s") from None
+    finally:
+        sock.settimeout(timeout)
 
 
 def sendv(sock: socket.socket, views: list[memoryview]) -> None:
@@ -46,11 +65,11 @@ def sendv(sock: socket.socket, views: list[memoryview]) -> None:
                 sent = 0
 
 
-def recvv(sock: socket.socket, views: list[memoryview]) -> None:
+def recvv(sock: socket.socket, views: list[memoryview], flags: int = 0) -> None:
     """Fill every view, in order; ConnectionResetError if the peer closes early."""
     i, n = 0, len(views)
     while i < n:
-        got = sock.recvmsg_into(views[i:_batch_end(views, i)])[0]
+        got = sock.recvmsg_into(views[i:_batch_end(views, i)], 0, flags)[0]
         if got == 0:
             raise ConnectionResetError(f"peer closed the connection with {n - i} segments still to receive")
         while got:
@@ -123,13 +142,17 @@ class TcpTransport(ControlPlaneTransport):
 
     def _send_data(self, conn: Conn, region: np.ndarray, off: np.ndarray, length: np.ndarray, request_id: Any) -> None:
         if self.device.type == "cpu":
-            sendv(conn.sock, self._views(region, off, length))
+            views = self._views(region, off, length)
+            with kernel_timeouts(conn.sock, self.timeout):
+                sendv(conn.sock, views)
         else:
             self._send_staged(conn.sock, region, off, length)
 
     def _recv_data(self, conn: Conn, region: np.ndarray, off: np.ndarray, length: np.ndarray, request_id: Any) -> None:
         if self.device.type == "cpu":
-            recvv(conn.sock, self._views(region, off, length))
+            views = self._views(region, off, length)
+            with kernel_timeouts(conn.sock, self.timeout):
+                recvv(conn.sock, views, socket.MSG_WAITALL)
         else:
             self._recv_staged(conn.sock, region, off, length)
 
@@ -162,6 +185,7 @@ class TcpTransport(ControlPlaneTransport):
     def _stage(self) -> _Staging:
         if self._staging is None:
             self._staging = _Staging(self.staging_bytes, self.device)
+            self._kregions = kernels.Regions.of(self.regions)
         return self._staging
 
     def _pieces(self, region: np.ndarray, off: np.ndarray, length: np.ndarray) -> list[list[tuple[int, int, int]]]:
@@ -179,16 +203,13 @@ class TcpTransport(ControlPlaneTransport):
     def _send_staged(self, sock: socket.socket, region: np.ndarray, off: np.ndarray, length: np.ndarray) -> None:
         st = self._stage()
         chunks = self._pieces(region, off, length)
-        regions = self.regions
+        kregions = self._kregions
 
         def gather(i: int) -> int:
-            buf, pos = st.bufs[i % 2], 0
-            with torch.cuda.stream(st.stream):
-                for r, o, n in chunks[i]:
-                    buf[pos:pos + n].copy_(regions[r][o:o + n], non_blocking=True)
-                    pos += n
-                st.events[i % 2].record(st.stream)
-            return pos
+            rr, oo, nn = (np.array(x, dtype=np.int64) for x in zip(*chunks[i]))
+            kernels.gather(kregions, rr, oo, nn, out=st.bufs[i % 2], stream=st.stream)
+            st.events[i % 2].record(st.stream)
+            return int(nn.sum())
 
         if not chunks:
             return
@@ -202,16 +223,12 @@ class TcpTransport(ControlPlaneTransport):
 
     def _recv_staged(self, sock: socket.socket, region: np.ndarray, off: np.ndarray, length: np.ndarray) -> None:
         st = self._stage()
-        regions = self.regions
         for i, chunk in enumerate(self._pieces(region, off, length)):
             b = i % 2
             st.events[b].synchronize()
             total = sum(p[2] for p in chunk)
             recvv(sock, [st.views[b][:total]])
-            buf, pos = st.bufs[b], 0
-            with torch.cuda.stream(st.stream):
-                for r, o, n in chunk:
-                    regions[r][o:o + n].copy_(buf[pos:pos + n], non_blocking=True)
-                    pos += n
-                st.events[b].record(st.stream)
+            rr, oo, nn = (np.array(x, dtype=np.int64) for x in zip(*chunk))
+            kernels.scatter(st.bufs[b], self._kregions, rr, oo, nn, stream=st.stream)
+            st.events[b].record(st.stream)
         st.stream.synchronize()
