@@ -10,6 +10,7 @@ import os
 import queue
 import select
 import socket
+import ssl
 import threading
 from abc import abstractmethod
 from typing import Any, Callable
@@ -27,6 +28,24 @@ __all__ = ["ControlPlaneTransport", "Conn", "parse_address"]
 log = logging.getLogger("p2pkv.transport")
 
 MAX_SEGMENTS = 1 << 21
+
+
+def _tls_contexts(cert: str | None, key: str | None, ca: str | None) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
+    """Mutual TLS for the control (and, for tcp, data) connections: each side presents
+    `cert`/`key` and accepts only peers whose certificate `ca` signed. Peers are
+    identified by the CA, not by host name (P and D are often dialled by IP)."""
+    if not (cert or key or ca):
+        return None, None
+    if not (cert and key and ca):
+        raise ValueError("TLS needs all of tls_cert, tls_key and tls_ca (mutual TLS)")
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=ca)
+    server.load_cert_chain(cert, key)
+    server.verify_mode = ssl.CERT_REQUIRED
+    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+    client.load_cert_chain(cert, key)
+    client.check_hostname = False
+    client.verify_mode = ssl.CERT_REQUIRED
+    return server, client
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -63,10 +82,12 @@ class ControlPlaneTransport(Transport):
     """A transport dialled by 'host:port': listens on loopback unless told otherwise."""
 
     def __init__(self, *, listen: str = "127.0.0.1:0", timeout: float = 30.0, auth_token: str | bytes | None = None,
-                 name: str | None = None):
+                 name: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
+                 tls_ca: str | None = None):
         if auth_token is None:
             auth_token = os.environ.get("P2PKV_AUTH_TOKEN") or None
         super().__init__(timeout=timeout, auth_token=auth_token, name=name)
+        self._tls_server, self._tls_client = _tls_contexts(tls_cert, tls_key, tls_ca)
         host, port = parse_address(listen)
         try:
             self._listener = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
@@ -137,6 +158,8 @@ class ControlPlaneTransport(Transport):
             raise PeerClosedError(f"cannot connect: {e}", peer=address) from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
+            if self._tls_client is not None:
+                sock = self._tls_client.wrap_socket(sock, server_hostname=host)
             info = client_handshake(sock, self._info(), self.auth_token, self._check_peer)
         except (OSError, ProtocolError) as e:
             sock.close()
@@ -329,6 +352,8 @@ class ControlPlaneTransport(Transport):
         try:
             if self.spec is None:
                 raise HandshakeError("no KV memory registered here yet")
+            if self._tls_server is not None:
+                sock = self._tls_server.wrap_socket(sock, server_side=True)
             info = server_handshake(sock, self._info(), self.auth_token, self._check_peer)
         except (OSError, ProtocolError, ValueError) as e:
             log.warning("%s: refused connection from %s: %s", self.name, where, e)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import struct
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
@@ -63,6 +64,15 @@ def sendv(sock: socket.socket, views: list[memoryview]) -> None:
             else:
                 views[i] = views[i][sent:]
                 sent = 0
+
+
+def _recv_into(sock: socket.socket, view: memoryview) -> None:
+    got, n = 0, view.nbytes
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise ConnectionResetError(f"peer closed the connection after {got} of {n} bytes")
+        got += k
 
 
 def recvv(sock: socket.socket, views: list[memoryview], flags: int = 0) -> None:
@@ -141,7 +151,12 @@ class TcpTransport(ControlPlaneTransport):
         return [mvs[r][o:o + n] for r, o, n in zip(region.tolist(), off.tolist(), length.tolist())]
 
     def _send_data(self, conn: Conn, region: np.ndarray, off: np.ndarray, length: np.ndarray, request_id: Any) -> None:
-        if self.device.type == "cpu":
+        if isinstance(conn.sock, ssl.SSLSocket):
+            for v in self._views(region, off, length) if self.device.type == "cpu" else ():
+                conn.sock.sendall(v)
+            if self.device.type != "cpu":
+                self._send_staged(conn.sock, region, off, length)
+        elif self.device.type == "cpu":
             views = self._views(region, off, length)
             with kernel_timeouts(conn.sock, self.timeout):
                 sendv(conn.sock, views)
@@ -149,7 +164,13 @@ class TcpTransport(ControlPlaneTransport):
             self._send_staged(conn.sock, region, off, length)
 
     def _recv_data(self, conn: Conn, region: np.ndarray, off: np.ndarray, length: np.ndarray, request_id: Any) -> None:
-        if self.device.type == "cpu":
+        if isinstance(conn.sock, ssl.SSLSocket):
+            if self.device.type == "cpu":
+                for v in self._views(region, off, length):
+                    _recv_into(conn.sock, v)
+            else:
+                self._recv_staged(conn.sock, region, off, length)
+        elif self.device.type == "cpu":
             views = self._views(region, off, length)
             with kernel_timeouts(conn.sock, self.timeout):
                 recvv(conn.sock, views, socket.MSG_WAITALL)
@@ -227,7 +248,7 @@ class TcpTransport(ControlPlaneTransport):
             b = i % 2
             st.events[b].synchronize()
             total = sum(p[2] for p in chunk)
-            recvv(sock, [st.views[b][:total]])
+            _recv_into(sock, st.views[b][:total])
             rr, oo, nn = (np.array(x, dtype=np.int64) for x in zip(*chunk))
             kernels.scatter(st.bufs[b], self._kregions, rr, oo, nn, stream=st.stream)
             st.events[b].record(st.stream)

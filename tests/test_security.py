@@ -1,0 +1,132 @@
+"""Hostile peers against a live listener, and mutual TLS: nothing a bad peer sends
+crashes the process or stops a well-behaved peer from completing its transfer."""
+from __future__ import annotations
+
+import shutil
+import socket
+import struct
+import subprocess
+import time
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+
+from kvcheck import assert_same, expected_after
+from p2pkv.layout import make_kv_caches, plan_segments
+from p2pkv.transport import PeerClosedError, TransferError, get_transport
+from p2pkv.wire import HEADER, MAGIC, VERSION, FrameType, encode_frame
+
+
+def cache(seed=None):
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    return make_kv_caches("vllm", num_layers=2, num_blocks=16, block_size=4, num_kv_heads=2, head_size=8,
+                          dtype="bf16", fill="random" if g else "zeros", generator=g)
+
+
+def good_transfer(p_addr, p_tensors, **opts):
+    d_tensors, d_spec = cache()
+    before = [t.clone() for t in d_tensors]
+    with get_transport("tcp", **opts) as d:
+        d.register(d_tensors, d_spec)
+        peer = d.connect(p_addr)
+        d.read(peer, plan_segments(peer.spec, d_spec, [1, 5, 9], [0, 2, 15]), "good").wait(10)
+    assert_same(d_tensors, expected_after("vllm", before, p_tensors, [1, 5, 9], [0, 2, 15]))
+
+
+GARBAGE = [
+    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"\x00" * 3,
+    HEADER.pack(MAGIC, VERSION, FrameType.HELLO, 0xFFFFFFFF, 0),
+    HEADER.pack(MAGIC, VERSION, FrameType.HELLO, 10, 1 << 62),
+    HEADER.pack(MAGIC, VERSION, FrameType.HELLO, 100, 0) + b"\x81",
+    encode_frame(FrameType.WRITE, {"req": "x", "segs": b"\0" * 24}, payload_len=1 << 30),
+    encode_frame(FrameType.HELLO, {"info": "nope", "nonce": b"1"}),
+    encode_frame(FrameType.HELLO, {"info": {"backend": "tcp", "spec": {"regions": 5}}, "nonce": b"\0" * 32}),
+    HEADER.pack(MAGIC, VERSION + 7, FrameType.HELLO, 0, 0),
+]
+
+
+@pytest.mark.timeout(60)
+def test_garbage_half_frames_and_huge_lengths_then_a_good_peer_completes():
+    pt, ps = cache(seed=1)
+    with get_transport("tcp", timeout=2) as p:
+        p.register(pt, ps)
+        host, port = p.address.split(":")
+        stalled = []
+        for raw in GARBAGE:
+            s = socket.create_connection((host, int(port)))
+            s.sendall(raw)
+            stalled.append(s)  # keep some half-open: the listener must not wait on them
+        good_transfer(p.address, pt)
+        for s in stalled:
+            s.close()
+        # an authenticated-looking peer that sends an out-of-range write after a valid handshake
+        d_tensors, d_spec = cache(seed=3)
+        with get_transport("tcp") as d:
+            d.register(d_tensors, d_spec)
+            peer = d.connect(p.address)
+            segs = plan_segments(d_spec, peer.spec, [1], [1])
+            from p2pkv.segments import Segments
+            evil = Segments(segs.region, segs.src, segs.dst + 10 ** 9, segs.length)
+            with pytest.raises(TransferError):
+                d.write(peer, evil, "evil-write").wait(10)
+        assert torch.equal(torch.cat([t.view(-1) for t in pt]).view(torch.uint8),
+                           torch.cat([t.view(-1) for t in cache(seed=1)[0]]).view(torch.uint8))
+        good_transfer(p.address, pt)
+
+
+@pytest.mark.timeout(60)
+def test_random_bytes_fuzz_against_a_live_listener():
+    pt, ps = cache(seed=2)
+    rng = np.random.default_rng(0)
+    with get_transport("tcp", timeout=1) as p:
+        p.register(pt, ps)
+        host, port = p.address.split(":")
+        for i in range(60):
+            s = socket.create_connection((host, int(port)))
+            n = int(rng.integers(0, 200))
+            prefix = HEADER.pack(MAGIC, VERSION, int(rng.integers(0, 12)), int(rng.integers(0, 64)),
+                                 int(rng.integers(0, 1 << 40))) if i % 2 else b""
+            try:
+                s.sendall(prefix + rng.bytes(n))
+            except OSError:
+                pass
+            s.close()
+        good_transfer(p.address, pt)
+
+
+def make_certs(tmp, names):
+    """A CA and certificates it signs, made with the openssl command."""
+    run = lambda *a: subprocess.run(["openssl", *a], cwd=tmp, check=True, capture_output=True)
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+        "-subj", "/CN=p2pkv-test-ca")
+    for n in names:
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{n}.key", "-out", f"{n}.csr", "-subj", f"/CN={n}")
+        run("x509", "-req", "-in", f"{n}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{n}.pem", "-days", "1")
+    return {n: dict(tls_cert=str(tmp / f"{n}.pem"), tls_key=str(tmp / f"{n}.key"), tls_ca=str(tmp / "ca.pem"))
+            for n in names}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make test certificates")
+def test_mutual_tls_transfers_and_refuses_plaintext_and_foreign_certs(tmp_path):
+    certs = make_certs(tmp_path, ["p", "d"])
+    other = tmp_path / "other"
+    other.mkdir()
+    foreign = make_certs(other, ["x"])["x"]
+    pt, ps = cache(seed=4)
+    with get_transport("tcp", timeout=3, **certs["p"]) as p:
+        p.register(pt, ps)
+        good_transfer(p.address, pt, **certs["d"])
+        for opts in ({}, foreign):
+            d_tensors, d_spec = cache()
+            with get_transport("tcp", timeout=3, **opts) as d:
+                d.register(d_tensors, d_spec)
+                with pytest.raises((PeerClosedError, TransferError)):
+                    d.connect(p.address)
+        good_transfer(p.address, pt, **certs["d"])
+    with pytest.raises(ValueError, match="tls_cert, tls_key and tls_ca"):
+        get_transport("tcp", tls_cert=certs["p"]["tls_cert"])
