@@ -1,0 +1,470 @@
+"""`nccl` backend: payload bytes move with torch.distributed point-to-point ops
+(NCCL for CUDA tensors, gloo for CPU tensors) on a two-rank process group built
+per peer pair on a private store; the socket control plane carries all metadata.
+
+Large segments go as views of the registered memory; small ones are packed into
+chunks whose gather/scatter overlaps the chunks on the wire (see docs/nccl.md).
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import queue
+import select
+import socket
+import threading
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from p2pkv.transport.base import PeerClosedError, TransferError, TransferTimeout
+from p2pkv.transport.control import Conn, ControlPlaneTransport, parse_address
+
+try:
+    import torch.distributed as dist
+    _HAVE_DIST = dist.is_available()
+except ImportError:  # pragma: no cover - torch builds without distributed
+    dist, _HAVE_DIST = None, False
+
+__all__ = ["NcclTransport", "plan_chunks"]
+
+log = logging.getLogger("p2pkv.transport.nccl")
+
+DEFAULT_PACK_THRESHOLD = 1 << 20
+DEFAULT_CHUNK_BYTES = 2 << 20
+DEFAULT_DEPTH = 4
+_DIRECT_TAG = 1 << 20
+_BASELINE_TAG = 1 << 24
+
+
+def plan_chunks(length: np.ndarray, pack_threshold: int, chunk_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split segment indices into `direct` ones (length >= `pack_threshold`, sent as views
+    of the registered memory) and `packed` ones, cut into chunks of at most `chunk_bytes`
+    (a lone segment may exceed it): chunk j packs `packed[bounds[j]:bounds[j + 1]]`.
+    Both sides call this on the same lengths and settings, so they cut the same messages."""
+    length = np.asarray(length, dtype=np.int64)
+    big = length >= pack_threshold
+    direct, packed = np.flatnonzero(big), np.flatnonzero(~big)
+    bounds = [0]
+    if len(packed):
+        ends = np.cumsum(length[packed])
+        start, base = 0, 0
+        while start < len(packed):
+            stop = max(int(np.searchsorted(ends, base + chunk_bytes, side="right")), start + 1)
+            bounds.append(stop)
+            base, start = int(ends[stop - 1]), stop
+    return direct, packed, np.asarray(bounds, dtype=np.int64)
+
+
+class _Packer:
+    """Copies the packed segments of one transfer between the registered memory and chunk buffers.
+
+    On CPU the segments are cut into units of g bytes (the gcd of their offsets and lengths)
+    and every same-region run moves with one numpy take/put on a void-dtype view: one
+    thread, in C, with the GIL released. A Python loop per segment would hold the GIL and
+    stall the thread that posts the sends; torch's gather ops would wake an OpenMP pool
+    that spins on the cores gloo's I/O threads need. CUDA uses torch.cat / _foreach_copy_.
+    """
+
+    MIN_UNIT = 256
+
+    def __init__(self, regions: list[torch.Tensor], region: np.ndarray, off: np.ndarray, length: np.ndarray,
+                 packed: np.ndarray, bounds: np.ndarray):
+        self.regions, self.bounds = regions, bounds
+        self.reg = region[packed].astype(np.int64)
+        self.off, self.len = off[packed].astype(np.int64), length[packed].astype(np.int64)
+        cum = np.concatenate([[0], np.cumsum(self.len)])
+        self.sizes = (cum[bounds[1:]] - cum[bounds[:-1]]).tolist()
+        self.g = 0
+        if len(packed) and regions[0].device.type == "cpu":
+            g = int(np.gcd.reduce(np.concatenate([self.off, self.len])))
+            if g >= self.MIN_UNIT:
+                k = self.len // g
+                self.ucum = np.concatenate([[0], np.cumsum(k)])
+                self.units = np.repeat(self.off // g - self.ucum[:-1], k) + np.arange(self.ucum[-1], dtype=np.int64)
+                self.void = np.dtype((np.void, g))
+                self.g = g
+        self._rv: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def _runs(self, j: int) -> list[tuple[int, int]]:
+        a, b = int(self.bounds[j]), int(self.bounds[j + 1])
+        cuts = (a + 1 + np.flatnonzero(self.reg[a + 1:b] != self.reg[a:b - 1])).tolist()
+        edges = [a, *cuts, b]
+        return list(zip(edges[:-1], edges[1:]))
+
+    def _region_units(self, r: int) -> np.ndarray:
+        if r not in self._rv:
+            flat = self.regions[r].numpy()
+            self._rv[r] = flat[:len(flat) // self.g * self.g].view(self.void)
+        return self._rv[r]
+
+    def _triples(self, j: int) -> zip:
+        a, b = int(self.bounds[j]), int(self.bounds[j + 1])
+        return zip(self.reg[a:b].tolist(), self.off[a:b].tolist(), self.len[a:b].tolist())
+
+    def gather(self, j: int, buf: torch.Tensor) -> int:
+        """Pack chunk j into the front of `buf`; returns its byte count."""
+        n = self.sizes[j]
+        if self.g:
+            out = buf[:n].numpy().view(self.void)
+            base = self.ucum[self.bounds[j]]
+            for s, e in self._runs(j):
+                u0, u1 = self.ucum[s] - base, self.ucum[e] - base
+                np.take(self._region_units(int(self.reg[s])), self.units[self.ucum[s]:self.ucum[e]],
+                        out=out[u0:u1], mode="clip")
+        elif buf.device.type == "cpu":
+            out, pos = memoryview(buf.numpy()), 0
+            mvs = [memoryview(r.numpy()) for r in self.regions]
+            for r, o, k in self._triples(j):
+                out[pos:pos + k] = mvs[r][o:o + k]
+                pos += k
+        else:
+            torch.cat([self.regions[r][o:o + k] for r, o, k in self._triples(j)], out=buf[:n])
+        return n
+
+    def scatter(self, j: int, buf: torch.Tensor) -> None:
+        """Unpack chunk j from the front of `buf` into its segments."""
+        n = self.sizes[j]
+        if self.g:
+            src = buf[:n].numpy().view(self.void)
+            base = self.ucum[self.bounds[j]]
+            for s, e in self._runs(j):
+                u0, u1 = self.ucum[s] - base, self.ucum[e] - base
+                self._region_units(int(self.reg[s]))[self.units[self.ucum[s]:self.ucum[e]]] = src[u0:u1]
+        elif buf.device.type == "cpu":
+            src, pos = memoryview(buf.numpy()), 0
+            mvs = [memoryview(r.numpy()) for r in self.regions]
+            for r, o, k in self._triples(j):
+                mvs[r][o:o + k] = src[pos:pos + k]
+                pos += k
+        else:
+            views = [self.regions[r][o:o + k] for r, o, k in self._triples(j)]
+            torch._foreach_copy_(views, list(torch.split(buf[:n], [v.numel() for v in views])))
+
+
+class _PairGroup:
+    """A two-rank process group for one connection: `rank` is ours, `1 - rank` the peer's."""
+
+    def __init__(self, pg: Any, rank: int, store: Any, backend: str, device: torch.device):
+        self.pg, self.rank, self.store, self.backend, self.device = pg, rank, store, backend, device
+        self.peer_rank = 1 - rank
+        self.bufs: list[torch.Tensor] = []
+        self.baseline: torch.Tensor | None = None
+
+    def send(self, t: torch.Tensor, tag: int) -> Any:
+        return self.pg.send([t], self.peer_rank, tag)
+
+    def recv(self, t: torch.Tensor, tag: int) -> Any:
+        return self.pg.recv([t], self.peer_rank, tag)
+
+    def staging(self, depth: int, nbytes: int) -> list[torch.Tensor]:
+        """`depth` buffers of at least `nbytes`, reused across transfers of this pair."""
+        if len(self.bufs) != depth or self.bufs[0].numel() < nbytes:
+            self.bufs = [torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in range(depth)]
+        return self.bufs
+
+    def close(self) -> Future | None:
+        """Drop the group (later ops fail with PeerClosedError) and free it on the reaper thread."""
+        self.bufs, self.baseline = [], None
+        held, self.pg, self.store = [self.pg, self.store], None, None
+        return _dispose(held, self.backend) if held[0] is not None else None
+
+
+_REAPER: ThreadPoolExecutor | None = None
+_REAPER_LOCK = threading.Lock()
+
+
+def _dispose(held: list[Any], backend: str) -> Future | None:
+    """Free a process group (and its store client) on one non-daemon thread.
+
+    Their destructors release and retake the GIL; on a daemon thread (where the control
+    plane notices disconnects) that can overlap interpreter shutdown, which ends the
+    thread mid-destructor and aborts the process. The executor's worker is joined at
+    exit instead."""
+    def free() -> None:
+        if backend == "nccl" and held and held[0] is not None:
+            try:
+                held[0].abort()
+            except Exception:  # noqa: BLE001 - best effort on a group that may already be broken
+                log.debug("aborting the NCCL group failed", exc_info=True)
+        held.clear()
+
+    global _REAPER
+    try:
+        with _REAPER_LOCK:
+            if _REAPER is None:
+                _REAPER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="p2pkv-nccl-free")
+            return _REAPER.submit(free)
+    except RuntimeError:
+        free()
+        return None
+
+
+class NcclTransport(ControlPlaneTransport):
+    """`get_transport("nccl", listen="127.0.0.1:0", timeout=30, auth_token=None,
+    pack_threshold=1 MiB, chunk_bytes=2 MiB, depth=4)`.
+
+    Segments of `pack_threshold` bytes or more are sent as views of the KV memory;
+    smaller ones are packed into `chunk_bytes` chunks, `depth` of them in flight.
+    The accepting side's settings apply to a connection (both must cut the same
+    messages). CPU tensors use gloo, CUDA tensors NCCL; no global process group
+    (`init_process_group`) is needed, and none is touched if one exists.
+    """
+
+    name = "nccl"
+
+    def __init__(self, *, pack_threshold: int = DEFAULT_PACK_THRESHOLD, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 depth: int = DEFAULT_DEPTH, **kw: Any):
+        if not _HAVE_DIST:
+            from p2pkv.transport import BackendUnavailable
+            raise BackendUnavailable("backend 'nccl' needs a torch build with torch.distributed "
+                                     "(pip install torch from pytorch.org)")
+        pack_threshold, chunk_bytes, depth = int(pack_threshold), int(chunk_bytes), int(depth)
+        if pack_threshold < 0:
+            raise ValueError(f"pack_threshold must be >= 0 bytes, got {pack_threshold}")
+        if chunk_bytes < 4096:
+            raise ValueError(f"chunk_bytes must be at least 4096, got {chunk_bytes}")
+        if not 1 <= depth <= 64:
+            raise ValueError(f"depth (chunks in flight) must be in [1, 64], got {depth}")
+        self.pack_threshold, self.chunk_bytes, self.depth = pack_threshold, chunk_bytes, depth
+        self._store: Any = None
+        self._store_port = 0
+        self._store_lock = threading.Lock()
+        self._tls = threading.local()
+        self._freeing: list[Future] = []
+        super().__init__(**kw)
+
+    # ------------------------------------------------------------------ set-up
+    def register(self, tensors: Sequence[torch.Tensor], spec: Any = None) -> Any:
+        spec = super().register(tensors, spec)
+        dev = self.device
+        if dev.type == "cuda" and not hasattr(dist, "ProcessGroupNCCL"):
+            from p2pkv.transport import BackendUnavailable
+            raise BackendUnavailable("backend 'nccl' on CUDA tensors needs a torch build with NCCL")
+        if dev.type not in ("cpu", "cuda"):
+            raise ValueError(f"backend 'nccl' moves CPU (gloo) or CUDA (NCCL) tensors, not {dev.type}")
+        return spec
+
+    @property
+    def pg_backend(self) -> str:
+        return "nccl" if self.device.type == "cuda" else "gloo"
+
+    def _store_address(self) -> str:
+        """Start (once) the TCPStore this side hosts for pairs that dial it, on the control plane's host."""
+        with self._store_lock:
+            if self._store is None:
+                fam = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+                sock = socket.create_server((self._host, 0), family=fam, backlog=64)
+                self._store_port = sock.getsockname()[1]
+                # The store owns (and closes) the listening socket from here on.
+                self._store = dist.TCPStore(self._host, self._store_port, None, True, self._td(),
+                                            wait_for_workers=False, master_listen_fd=sock.detach())
+            port = self._store_port
+        return f"[{self._host}]:{port}" if ":" in self._host else f"{self._host}:{port}"
+
+    def _td(self) -> datetime.timedelta:
+        return datetime.timedelta(seconds=self.timeout)
+
+    def _hello_extra(self) -> dict[str, Any]:
+        nonce = uuid.uuid4().hex
+        self._tls.nonce = nonce
+        return {"pg_nonce": nonce, "pg_store": self._store_address(), "pg_backend": self.pg_backend,
+                "pack_threshold": self.pack_threshold, "chunk_bytes": self.chunk_bytes, "depth": self.depth}
+
+    def _check_peer(self, info: dict[str, Any]) -> None:
+        super()._check_peer(info)
+        if info.get("pg_backend") != self.pg_backend:
+            raise ValueError(f"device mismatch: local tensors use {self.pg_backend} ({self.device.type}), "
+                             f"peer's use {info.get('pg_backend')!r}; register KV memory on the same kind of device")
+        if not isinstance(info.get("pg_nonce"), str) or not isinstance(info.get("pg_store"), str):
+            raise ValueError("peer sent no process-group rendezvous fields (pg_nonce, pg_store)")
+
+    def _on_connect(self, conn: Conn) -> None:
+        """Build this pair's own two-rank group: the accepting side hosts the store and is rank 0."""
+        info = conn.peer.info
+        mine = getattr(self._tls, "nonce", None)
+        if conn.initiator:
+            rank, prefix = 1, f"p2pkv/{info['pg_nonce']}/{mine}/"
+            host, port = parse_address(info["pg_store"])
+            settings = info
+        else:
+            rank, prefix = 0, f"p2pkv/{mine}/{info['pg_nonce']}/"
+            host, port = None, None
+            settings = {"pack_threshold": self.pack_threshold, "chunk_bytes": self.chunk_bytes, "depth": self.depth}
+        try:
+            conn.extra["plan"] = (max(0, int(settings["pack_threshold"])), max(4096, int(settings["chunk_bytes"])),
+                                  min(64, max(1, int(settings["depth"]))))
+            if conn.initiator:
+                base = dist.TCPStore(host, port, None, False, self._td())
+            else:
+                self._store_address()
+                base = self._store
+            store = dist.PrefixStore(prefix, base)
+            local_host = conn.sock.getsockname()[0]
+            if self.pg_backend == "gloo":
+                opts = dist.ProcessGroupGloo._Options()
+                opts._timeout = self._td()
+                opts._threads = 1
+                opts._devices = [dist.ProcessGroupGloo.create_device(hostname=local_host)]
+                pg = dist.ProcessGroupGloo(store, rank, 2, opts)
+            else:
+                opts = dist.ProcessGroupNCCL.Options()
+                opts._timeout = self._td()
+                pg = dist.ProcessGroupNCCL(store, rank, 2, opts)
+        except (KeyError, TypeError, ValueError) as e:
+            conn.close()
+            raise PeerClosedError(f"bad process-group rendezvous fields from the peer: {e}", peer=conn.peer.name) from None
+        except Exception as e:  # noqa: BLE001 - torch raises RuntimeError/DistStoreError/timeouts here
+            conn.close()
+            raise PeerClosedError(f"could not build the {self.pg_backend} process group with the peer within "
+                                  f"{self.timeout:g} s: {e}", peer=conn.peer.name) from None
+        conn.extra["group"] = _PairGroup(pg, rank, base if conn.initiator else None, self.pg_backend, self.device)
+        log.debug("%s: %s group up with %s (rank %d)", self.local_name, self.pg_backend, conn.peer.name, rank)
+
+    def _on_disconnect(self, conn: Conn) -> None:
+        group = conn.extra.pop("group", None)
+        if group is not None:
+            fut = group.close()
+            if fut is not None:
+                self._freeing = [f for f in self._freeing if not f.done()] + [fut]
+
+    def close(self) -> None:
+        super().close()
+        for fut in self._freeing:
+            try:
+                fut.result(timeout=self.timeout)
+            except Exception:  # noqa: BLE001 - freeing is best effort; the groups are unusable either way
+                log.debug("freeing a process group failed", exc_info=True)
+        self._freeing.clear()
+        with self._store_lock:
+            self._store = None
+
+    # ------------------------------------------------------------------ data path
+    def _group(self, conn: Conn, request_id: Any) -> _PairGroup:
+        group = conn.extra.get("group")
+        if group is None or group.pg is None:
+            raise PeerClosedError("the process group to this peer is gone", peer=conn.peer.name, request_id=request_id)
+        return group
+
+    def _wait(self, conn: Conn, work: Any, request_id: Any, what: str) -> None:
+        """Wait for one op within the timeout; torch's errors become TransferErrors that name peer and request."""
+        try:
+            work.wait(self._td())
+        except Exception as e:  # noqa: BLE001 - gloo/NCCL raise RuntimeError/DistError for everything
+            msg = str(e).split("\n")[0]
+            if "imed out" in msg or "imeout" in msg:
+                raise TransferTimeout(f"{what} made no progress within the {self.timeout:g} s timeout ({msg})",
+                                      peer=conn.peer.name, request_id=request_id) from None
+            if "closed" in msg or "reset" in msg or "crash" in msg or "abort" in msg.lower():
+                raise PeerClosedError(f"{what} failed, the peer went away: {msg}", peer=conn.peer.name,
+                                      request_id=request_id) from None
+            raise TransferError(f"{what} failed: {msg}", peer=conn.peer.name, request_id=request_id) from None
+
+    def _check_alive(self, conn: Conn, request_id: Any) -> None:
+        """Raise if the control connection shows the peer has gone (EOF or reset), without consuming a byte."""
+        try:
+            if not select.select([conn.sock], [], [], 0)[0]:
+                return
+            if conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b"":
+                return
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            raise PeerClosedError(f"control connection lost during the transfer: {e}", peer=conn.peer.name,
+                                  request_id=request_id) from None
+        raise PeerClosedError("the peer closed its control connection during the transfer", peer=conn.peer.name,
+                              request_id=request_id)
+
+    def _views(self, region: np.ndarray, off: np.ndarray, length: np.ndarray, idx: np.ndarray) -> list[torch.Tensor]:
+        regions = self.regions
+        return [regions[r][o:o + n] for r, o, n in zip(region[idx].tolist(), off[idx].tolist(), length[idx].tolist())]
+
+    def _send_data(self, conn: Conn, region: np.ndarray, off: np.ndarray, length: np.ndarray, request_id: Any) -> None:
+        group = self._group(conn, request_id)
+        threshold, chunk_bytes, depth = conn.extra["plan"]
+        direct, packed, bounds = plan_chunks(length, threshold, chunk_bytes)
+        works = [group.send(v, _DIRECT_TAG + i) for i, v in enumerate(self._views(region, off, length, direct))]
+        if len(packed):
+            self._send_packed(conn, group, _Packer(self.regions, region, off, length, packed, bounds), depth,
+                              request_id)
+        for w in works:
+            self._wait(conn, w, request_id, f"sending {len(direct)} segments")
+
+    def _send_packed(self, conn: Conn, group: _PairGroup, packer: _Packer, depth: int, request_id: Any) -> None:
+        """This thread packs chunk i+1 while a helper thread posts chunk i and waits for it:
+        gloo writes a send in place on the posting thread, so packing and posting on one
+        thread would serialise them."""
+        bufs = group.staging(depth, max(packer.sizes))
+        free: queue.Queue = queue.Queue()
+        ready: queue.Queue = queue.Queue()
+        for b in range(depth):
+            free.put(b)
+        failed: list[BaseException] = []
+
+        def post() -> None:
+            try:
+                while (item := ready.get()) is not None:
+                    i, b, n = item
+                    self._wait(conn, group.send(bufs[b][:n], i), request_id, f"sending chunk {i} of {len(packer)}")
+                    free.put(b)
+            except BaseException as e:  # noqa: BLE001 - handed to the packing thread
+                failed.append(e)
+                free.put(None)
+        poster = threading.Thread(target=post, name="p2pkv-nccl-post", daemon=True)
+        poster.start()
+        try:
+            for i in range(len(packer)):
+                b = free.get()
+                if b is None:
+                    break
+                self._check_alive(conn, request_id)
+                ready.put((i, b, packer.gather(i, bufs[b])))
+        finally:
+            ready.put(None)
+            poster.join()
+        if failed:
+            raise failed[0]
+
+    def _recv_data(self, conn: Conn, region: np.ndarray, off: np.ndarray, length: np.ndarray, request_id: Any) -> None:
+        group = self._group(conn, request_id)
+        threshold, chunk_bytes, depth = conn.extra["plan"]
+        direct, packed, bounds = plan_chunks(length, threshold, chunk_bytes)
+        works = [group.recv(v, _DIRECT_TAG + i) for i, v in enumerate(self._views(region, off, length, direct))]
+        if len(packed):
+            packer = _Packer(self.regions, region, off, length, packed, bounds)
+            sizes = packer.sizes
+            bufs = group.staging(depth, max(sizes))
+            posted = [group.recv(bufs[i][:sizes[i]], i) for i in range(min(depth, len(sizes)))]
+            for i in range(len(sizes)):
+                b = i % depth
+                self._wait(conn, posted[b], request_id, f"receiving chunk {i} of {len(sizes)}")
+                packer.scatter(i, bufs[b])
+                if i + depth < len(sizes):
+                    posted[b] = group.recv(bufs[b][:sizes[i + depth]], i + depth)
+                self._check_alive(conn, request_id)
+        for w in works:
+            self._wait(conn, w, request_id, f"receiving {len(direct)} segments")
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
+    # ------------------------------------------------------------------ baseline: one contiguous send
+    def _baseline_buf(self, group: _PairGroup, nbytes: int) -> torch.Tensor:
+        if group.baseline is None or group.baseline.numel() != nbytes:
+            group.baseline = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        return group.baseline
+
+    def _baseline_send(self, conn: Conn, nbytes: int) -> None:
+        group = self._group(conn, "baseline")
+        self._wait(conn, group.send(self._baseline_buf(group, nbytes), _BASELINE_TAG), "baseline", "baseline send")
+
+    def _baseline_recv(self, conn: Conn, nbytes: int) -> None:
+        group = self._group(conn, "baseline")
+        self._wait(conn, group.recv(self._baseline_buf(group, nbytes), _BASELINE_TAG), "baseline", "baseline recv")
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()

@@ -1,0 +1,278 @@
+"""nccl backend across real processes on loopback, through gloo on CPU tensors:
+byte-exact reads and writes for every layout (views, packed chunks and both mixed),
+standalone and under torch.distributed.run, several D processes in turn and at once,
+and D processes that vanish or stall. The NCCL (CUDA) tests need 2 GPUs."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kvcheck import assert_same, expected_after
+from p2pkv.layout import PRESETS, make_kv_caches, plan_segments
+from p2pkv.transport import PeerClosedError, TransferError, get_transport
+from p2pkv.transport.nccl import plan_chunks
+from peer import build
+from procs import peer_process
+
+HERE = Path(__file__).resolve().parent
+ROLES = str(HERE / "nccl_roles.py")
+
+# Spans of 512 B and more take the numpy unit path when packed; the default shape of
+# tests/peer.py (128 B spans) takes the per-segment fallback.
+SHAPES = [{"head_size": 64}, {}]
+MODES = {
+    "default": {},
+    "views": {"pack_threshold": 0},
+    "packed": {"pack_threshold": 1 << 40, "chunk_bytes": 4096, "depth": 2},
+    "mixed": {"pack_threshold": 1024, "chunk_bytes": 8192, "depth": 3},
+}
+
+
+def _d_proc(addr: str, cfg: dict, opts: dict, reads: int, seed: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, ROLES, "d", addr, json.dumps(cfg), json.dumps(opts), str(reads), str(seed)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+
+
+def _finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, str, str]]:
+    out = []
+    try:
+        for p in procs:
+            o, e = p.communicate(timeout=timeout)
+            out.append((p.returncode, o, e))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return out
+
+
+def test_plan_chunks_covers_every_segment_once_in_order():
+    rng = np.random.default_rng(3)
+    length = rng.integers(1, 5000, 300)
+    direct, packed, bounds = plan_chunks(length, 3000, 8192)
+    assert sorted(np.concatenate([direct, packed]).tolist()) == list(range(300))
+    assert np.all(length[direct] >= 3000) and np.all(length[packed] < 3000)
+    assert np.all(np.diff(packed) > 0) and bounds[0] == 0 and bounds[-1] == len(packed)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        assert b > a and (b - a == 1 or length[packed[a:b]].sum() <= 8192)
+    assert plan_chunks(length, 0, 8192)[1].size == 0
+    assert len(plan_chunks(np.array([100_000]), 1 << 40, 4096)[2]) == 2
+
+
+@pytest.mark.parametrize("bad", [{"pack_threshold": -1}, {"chunk_bytes": 10}, {"depth": 0}])
+def test_bad_settings_are_refused(bad):
+    with pytest.raises(ValueError):
+        get_transport("nccl", **bad)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_read_every_layout_is_byte_exact(mode):
+    opts = MODES[mode]
+    configs = [{"layout": lay, "seed": i, **shape} for i, (lay, shape) in
+               enumerate((lay, sh) for lay in PRESETS for sh in SHAPES)]
+    rng = np.random.default_rng(len(mode))
+    with peer_process("nccl", configs, opts) as p:
+        for cfg, addr in zip(configs, p.addresses):
+            d_tensors, d_spec = build({**cfg, "seed": 777})
+            p_tensors, _ = build(cfg)
+            with get_transport("nccl", timeout=20, **opts) as tr:
+                tr.register(d_tensors, d_spec)
+                peer = tr.connect(addr)
+                for r in range(2):
+                    before = [t.clone() for t in d_tensors]
+                    n = int(rng.integers(1, 20))
+                    src, dst = rng.choice(24, n, replace=False), rng.choice(24, n, replace=False)
+                    tr.read(peer, plan_segments(peer.spec, d_spec, src, dst), request_id=f"{cfg}-{r}").wait(20)
+                    assert_same(d_tensors, expected_after(cfg["layout"], before, p_tensors, src, dst))
+
+
+@pytest.mark.timeout(60)
+def test_write_lands_in_exactly_the_destination_blocks(tmp_path):
+    cfg = {"layout": "block_first", "seed": 5, "head_size": 64}
+    with peer_process("nccl", [cfg]) as p:
+        mine, spec = build({**cfg, "seed": 99})
+        theirs_before, _ = build(cfg)
+        with get_transport("nccl", timeout=20) as tr:
+            tr.register(mine, spec)
+            peer = tr.connect(p.addresses[0])
+            src, dst = [3, 4, 5, 17, 0], [20, 2, 9, 10, 11]
+            tr.write(peer, plan_segments(spec, peer.spec, src, dst), "w1", notify={"done": "w1"}).wait(20)
+            tr.baseline(peer, 1 << 16, 2)
+            raw = p.dump(0, tmp_path / "p.bin")
+    expect = expected_after(cfg["layout"], theirs_before, mine, src, dst)
+    assert torch.equal(torch.frombuffer(bytearray(raw), dtype=torch.uint8), torch.cat([e.reshape(-1) for e in expect]))
+
+
+@pytest.mark.timeout(120)
+def test_under_torchrun_every_layout(tmp_path):
+    configs = [{"layout": lay, "seed": i, "head_size": 64} for i, lay in enumerate(PRESETS)]
+    out = tmp_path / "verdict.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                             "--master-addr", "127.0.0.1", "--master-port", str(port), ROLES, "torchrun", str(out),
+                             json.dumps(configs)], cwd=HERE, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        log, _ = proc.communicate(timeout=100)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, log[-3000:]
+    assert json.loads(out.read_text()) == {lay: "ok" for lay in PRESETS}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_one_p_serves_two_d_in_turn_and_at_once():
+    cfg = {"layout": "vllm", "seed": 7, "head_size": 64, "blocks": 48}
+    opts = {"timeout": 20, "pack_threshold": 2048, "chunk_bytes": 16384, "depth": 2}
+    with peer_process("nccl", [cfg], opts) as p:
+        addr = p.addresses[0]
+        for seed in (1, 2):
+            [(rc, out, err)] = _finish([_d_proc(addr, cfg, opts, 3, seed)], 60)
+            assert rc == 0 and out.strip() == "OK 3", err[-2000:]
+        results = _finish([_d_proc(addr, cfg, opts, 5, seed) for seed in (3, 4)], 80)
+        for rc, out, err in results:
+            assert rc == 0 and out.strip() == "OK 5", err[-2000:]
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("how", ["quit", "kill"])
+def test_d_that_exits_before_its_transfer_fails_only_its_own(tmp_path, how):
+    cfg = {"layout": "vllm", "seed": 11, "head_size": 64}
+    timeout = 8.0
+    with peer_process("nccl", [cfg]) as d1, peer_process("nccl", [cfg]) as d2:
+        mine, spec = build({**cfg, "seed": 42})
+        with get_transport("nccl", timeout=timeout) as tr:
+            tr.register(mine, spec)
+            p1, p2 = tr.connect(d1.addresses[0]), tr.connect(d2.addresses[0])
+            if how == "quit":
+                d1.proc.stdin.write("quit\n")
+                d1.proc.stdin.flush()
+            else:
+                d1.proc.send_signal(signal.SIGKILL)
+            d1.proc.wait(timeout=20)
+            segs = plan_segments(spec, p1.spec, [1, 2, 3, 9], [4, 5, 6, 7])
+            t0 = time.monotonic()
+            with pytest.raises(TransferError) as err:
+                tr.write(p1, segs, "to-gone-d").wait(timeout * 3)
+            assert time.monotonic() - t0 < timeout * 2
+            assert "to-gone-d" in str(err.value) and p1.name in str(err.value)
+            before, _ = build(cfg)
+            for r in range(2):
+                tr.write(p2, segs, f"to-live-d-{r}").wait(timeout)
+            raw = d2.dump(0, tmp_path / "d2.bin")
+    expect = expected_after(cfg["layout"], before, mine, [1, 2, 3, 9], [4, 5, 6, 7])
+    assert torch.equal(torch.frombuffer(bytearray(raw), dtype=torch.uint8), torch.cat([e.reshape(-1) for e in expect]))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_killed_d_mid_stream_leaves_p_serving_others():
+    cfg = {"layout": "cross_layer", "seed": 3, "head_size": 64, "blocks": 64}
+    opts = {"timeout": 10}
+    with peer_process("nccl", [cfg], opts) as p:
+        addr = p.addresses[0]
+        doomed = _d_proc(addr, cfg, opts, 10_000, 9)
+        try:
+            time.sleep(2.0)
+            doomed.send_signal(signal.SIGKILL)
+            doomed.wait(timeout=10)
+        finally:
+            if doomed.poll() is None:
+                doomed.kill()
+            doomed.wait()
+        [(rc, out, err)] = _finish([_d_proc(addr, cfg, opts, 3, 10)], 60)
+        assert rc == 0 and out.strip() == "OK 3", err[-2000:]
+
+
+@pytest.mark.timeout(60)
+def test_stalled_d_turns_into_an_error_within_the_timeout():
+    cfg = {"layout": "mla", "seed": 2, "head_size": 64}
+    with peer_process("nccl", [cfg]) as d:
+        mine, spec = build({**cfg, "seed": 8})
+        with get_transport("nccl", timeout=3) as tr:
+            tr.register(mine, spec)
+            peer = tr.connect(d.addresses[0])
+            os.kill(d.proc.pid, signal.SIGSTOP)
+            try:
+                t0 = time.monotonic()
+                with pytest.raises(TransferError, match="stalled-req"):
+                    tr.write(peer, plan_segments(spec, peer.spec, list(range(20)), list(range(20))),
+                             "stalled-req").wait(30)
+                assert time.monotonic() - t0 < 12
+            finally:
+                os.kill(d.proc.pid, signal.SIGCONT)
+
+
+@pytest.mark.timeout(30)
+def test_connect_to_nothing_is_a_clear_error():
+    tensors, spec = make_kv_caches("mla", num_layers=1, num_blocks=4, block_size=4, num_kv_heads=1, head_size=8)
+    with get_transport("nccl", timeout=2) as tr:
+        tr.register(tensors, spec)
+        with get_transport("nccl", timeout=2) as other:
+            other.register(tensors, spec)
+            dead = other.address
+        with pytest.raises(PeerClosedError, match=dead.split(":")[-1]):
+            tr.connect(dead)
+
+
+# ------------------------------------------------------------------------------- NCCL on CUDA tensors
+
+needs_2_gpus = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                                  reason=f"NCCL tests need 2 CUDA devices; this machine has "
+                                         f"{torch.cuda.device_count() if torch.cuda.is_available() else 0}")
+
+
+def _cuda_d(addr: str, q_path: str) -> None:  # pragma: no cover - runs only with 2 GPUs
+    torch.cuda.set_device(1)
+    tensors, spec = make_kv_caches("vllm", num_layers=4, num_blocks=64, block_size=16, num_kv_heads=8,
+                                   head_size=128, device="cuda:1", fill="zeros")
+    with get_transport("nccl", timeout=60) as tr:
+        tr.register(tensors, spec)
+        peer = tr.connect(addr)
+        src, dst = list(range(0, 64, 3)), list(range(1, 64, 3))
+        tr.read(peer, plan_segments(peer.spec, spec, src, dst), "cuda-read").wait(60)
+        torch.cuda.synchronize()
+        Path(q_path).write_bytes(b"".join(t.cpu().view(torch.uint8).numpy().tobytes() for t in tensors))
+
+
+@needs_2_gpus
+@pytest.mark.gpu
+@pytest.mark.timeout(180)
+def test_nccl_between_two_gpus_is_byte_exact(tmp_path):  # pragma: no cover - runs only with 2 GPUs
+    import multiprocessing as mp
+    g = torch.Generator().manual_seed(4)
+    p_tensors, spec = make_kv_caches("vllm", num_layers=4, num_blocks=64, block_size=16, num_kv_heads=8,
+                                     head_size=128, device="cuda:0", fill="random", generator=g)
+    with get_transport("nccl", timeout=60) as tr:
+        tr.register(p_tensors, spec)
+        out = tmp_path / "d.bin"
+        proc = mp.get_context("spawn").Process(target=_cuda_d, args=(tr.address, str(out)))
+        proc.start()
+        try:
+            proc.join(150)
+            assert proc.exitcode == 0
+        finally:
+            if proc.is_alive():
+                proc.kill()
+    got = torch.frombuffer(bytearray(out.read_bytes()), dtype=torch.uint8)
+    zeros = [torch.zeros_like(t, device="cpu") for t in p_tensors]
+    expect = expected_after("vllm", zeros, [t.cpu() for t in p_tensors], list(range(0, 64, 3)), list(range(1, 64, 3)))
+    assert torch.equal(got, torch.cat([e.reshape(-1) for e in expect]))
