@@ -110,7 +110,7 @@ class KVConnector:
         self._holds: dict[str, _Hold] = {}
         self._wants: dict[str, tuple[np.ndarray, str, int, float]] = {}
         self._loads: dict[str, _Load] = {}
-        self._sums: dict[str, list[list[int]]] = {}
+        self._early: dict[str, tuple[str, float]] = {}
         self._fin = Finished()
         self._cv = threading.Condition()
         self._stop = threading.Event()
@@ -157,6 +157,8 @@ class KVConnector:
                 raise ValueError(f"request {request_id!r}: save() got blocks {list(block_ids)} but earlier layers "
                                  f"were saved from {h.blocks.tolist()}")
             h.saved |= layers
+            if request_id in self._early and len(h.saved) == self.num_layers:
+                self._end_hold(request_id, self._early.pop(request_id)[0])
             self._cv.notify_all()
 
     def release(self, request_id: str) -> None:
@@ -197,6 +199,13 @@ class KVConnector:
                                             int(remote_offset), time.monotonic() + self.load_timeout)
             self._cv.notify_all()
 
+    def discard(self, peer: str, remote_request_id: str) -> None:
+        """Tell the producer at `peer` that we will not load `remote_request_id` (e.g. a
+        local prefix-cache hit covered it), so it can release its blocks now."""
+        with self._cv:
+            self._outbox.append((peer, _msg("cancel", remote_request_id)))
+            self._cv.notify_all()
+
     def wait_layer(self, request_id: str, layer: int, timeout: float | None = None) -> bool:
         """Block until `layer` of a loading request has landed; False if it failed or
         the request is no longer loading."""
@@ -213,6 +222,11 @@ class KVConnector:
                 if left is not None and left <= 0:
                     return False
                 self._cv.wait(left)
+
+    def busy(self) -> bool:
+        """True while any hold, load or control message is outstanding."""
+        with self._cv:
+            return bool(self._holds or self._loads or self._outbox)
 
     def get_finished(self) -> Finished:
         """Holds released and loads ended since the last call."""
@@ -310,6 +324,9 @@ class KVConnector:
             for key, (_, _, _, deadline) in list(self._wants.items()):
                 if deadline < now:
                     del self._wants[key]
+            for key, (_, deadline) in list(self._early.items()):
+                if deadline < now:
+                    del self._early[key]
             for ld in list(self._loads.values()):
                 if ld.deadline < now:
                     self._end_load(ld, f"not loaded within the {self.load_timeout:g} s load timeout")
@@ -403,7 +420,7 @@ class KVConnector:
             h.inflight += len(layers)
         for layer in layers:
             sums = self._block_sums(src, layer) if self.checksum else None
-            note = _msg("landed", h.key, layer=layer, sums=sums)
+            note = _msg("landed", h.key, layer=layer, sums=sums, n=len(src))
             hh = self.transport.write(h.peer, self._layer_segments(full, layer), request_id=h.key, notify=note)
             hh.add_done_callback(lambda x, h=h: self._on_write(h, x))
 
@@ -429,8 +446,11 @@ class KVConnector:
             return
         with self._cv:
             if kind in ("release", "cancel"):
+                how = "released_confirmed" if kind == "release" else "released_aborted"
                 if key in self._holds and self._holds[key].inflight == 0:
-                    self._end_hold(key, "released_confirmed" if kind == "release" else "released_aborted")
+                    self._end_hold(key, how)
+                elif key not in self._holds:
+                    self._early[key] = (how, time.monotonic() + self.hold_timeout)
                 self._wants.pop(key, None)
             elif kind == "want":
                 blocks = np.asarray(m.get("blocks") or [], dtype=np.int64)
@@ -448,6 +468,8 @@ class KVConnector:
                 layer = int(m.get("layer", -1))
                 if not 0 <= layer < self.num_layers:
                     return
+                n_written = int(m.get("n", len(ld.blocks)))
+                ld.bad |= set(range(n_written, len(ld.blocks)))
                 sums = m.get("sums")
                 if sums is not None:
                     mine = self._block_sums(ld.blocks[:len(sums)], layer)

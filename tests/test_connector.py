@@ -271,3 +271,24 @@ def test_tcp_producer_killed_before_load_fails_every_block():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.timeout(30)
+def test_confirmation_that_overtakes_the_save_still_releases_the_hold():
+    """D may read and confirm before P's engine has published the hold (the bytes are
+    already in place); the early confirmation must not leave the hold to time out."""
+    p, d, *_ = pair("pull")
+    try:
+        p.save("first", [1, 2])
+        d.load("early", [3, 4], peer=p.address, remote_request_id="late", remote_block_ids=[5, 6])
+        assert not wait_finished(d, "early").failed
+        time.sleep(0.1)
+        p.save("late", [5, 6])
+        wait_finished(p, "late", "saved", timeout=5)
+        assert p.metrics["released_confirmed"] == 1 and p.holding() == {"first": [1, 2]}
+        d.discard(p.address, "first")
+        wait_finished(p, "first", "saved", timeout=5)
+        assert p.metrics["released_aborted"] == 1 and not p.busy()
+    finally:
+        p.close()
+        d.close()
