@@ -1,0 +1,201 @@
+"""A real vLLM prefill/decode run on CPU through P2pKvConnector: a tiny random Llama,
+a plain instance for the reference tokens, then P and D as separate vLLM processes
+(pull and push), and P killed before D loads. D must produce the plain run's tokens,
+without recomputing the prompt when the load worked, and by recomputing when not."""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from tiny_llama import prompts as make_prompts  # noqa: E402
+from tiny_llama import write_tiny_llama  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BLOCK = 32
+LENGTHS = [40, 75, 100, 130, 53, 170, 33, 97]  # 2 to 6 blocks, none a multiple of 32
+MAX_TOKENS = 12
+MARK = "P2PKV-JSON "
+
+
+class Role:
+    """One vLLM instance in its own process group, driven over stdin/stdout JSON lines."""
+
+    def __init__(self, name: str, args: list[str], log_dir: str):
+        env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", PYTHONPATH=HERE)
+        self.name = name
+        self.log = open(os.path.join(log_dir, f"{name}.log"), "w")
+        self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "vllm_role.py"), *args], env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     start_new_session=True)
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            if line.startswith(MARK):
+                self.lines.put(json.loads(line[len(MARK):]))
+            else:
+                self.log.write(line)
+        self.lines.put(None)
+
+    def next(self, timeout: float = 240) -> dict:
+        try:
+            out = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"{self.name}: no answer within {timeout} s (see {self.log.name})") from None
+        if out is None:
+            raise AssertionError(f"{self.name} exited with {self.proc.wait()} (see {self.log.name})")
+        return out
+
+    def send(self, prompts: list[str], params: list | None, max_tokens: int) -> None:
+        self.proc.stdin.write(json.dumps({"prompts": prompts, "params": params, "max_tokens": max_tokens}) + "\n")
+        self.proc.stdin.flush()
+
+    def kill(self) -> None:
+        """End the whole process group (the engine core is a child process)."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(30)
+        self.log.flush()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_metrics(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def wait_metrics(path: str, ok, timeout: float = 60) -> dict:
+    end = time.monotonic() + timeout
+    m = read_metrics(path)
+    while not ok(m) and time.monotonic() < end:
+        time.sleep(0.5)
+        m = read_metrics(path)
+    return m
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    model = write_tiny_llama(str(root / "model"), num_layers=3)
+    sets = {name: make_prompts(8, LENGTHS, seed=seed) for seed, name in enumerate(["pull", "push", "kill"])}
+    plain = Role("plain", ["plain", model], str(root))
+    try:
+        plain.next()
+        expected = {}
+        for name, ps in sets.items():
+            plain.send(ps, None, MAX_TOKENS)
+            out = plain.next()
+            assert all(n % BLOCK for n in out["prompt_lens"]) and max(out["prompt_lens"]) > 4 * BLOCK
+            expected[name] = out["tokens"]
+    finally:
+        plain.kill()
+    return {"root": root, "model": model, "prompts": sets, "expected": expected}
+
+
+def for_d(params: list[dict]) -> list[dict]:
+    """P's kv_transfer_params as D gets them, minus the one field with which vLLM
+    0.32 makes D report P's own prefix-cache hits as D's `num_cached_tokens`:
+    without it, D reports what it did not compute itself, which is what we check."""
+    return [{k: v for k, v in p.items() if k != "remote_prefill_cached_tokens"} for p in params]
+
+
+def check_d(out: dict, expected: list, *, loaded: bool) -> None:
+    assert out["tokens"] == expected
+    for n, cached in zip(out["prompt_lens"], out["num_cached_tokens"]):
+        full = (n // BLOCK) * BLOCK
+        if loaded:
+            assert cached >= full, f"D recomputed a prompt of {n} tokens: only {cached} came from P"
+        else:
+            assert cached < full
+
+
+@pytest.mark.timeout(600)
+def test_pull_then_producer_killed(setup):
+    """Pull ("P then D"), then a second batch where P dies before D loads."""
+    root, model = setup["root"], setup["model"]
+    pm, dm = str(root / "p_pull.json"), str(root / "d_pull.json")
+    p = Role("p_pull", ["producer", model, "--mode", "pull", "--metrics", pm], str(root))
+    d = Role("d_pull", ["consumer", model, "--mode", "pull", "--metrics", dm, "--load-timeout", "20"], str(root))
+    try:
+        p.next(), d.next()
+        prompts = setup["prompts"]["pull"]
+        p.send(prompts, [{"do_remote_decode": True}] * len(prompts), 1)
+        params = p.next()["kv_transfer_params"]
+        assert all(x["do_remote_prefill"] and x["remote_block_ids"] for x in params)
+        d.send(prompts, for_d(params), MAX_TOKENS)
+        check_d(d.next(), setup["expected"]["pull"], loaded=True)
+        dmet = read_metrics(dm)
+        assert dmet.get("loaded_requests") == 8 and not dmet.get("load_failures")
+        assert dmet["loaded_blocks"] == sum(len(x["remote_block_ids"]) for x in params)
+        pmet = wait_metrics(pm, lambda m: m.get("reported_finished_sending") == 8)
+        assert pmet["released_confirmed"] == 8 and not pmet.get("released_timeout")
+        assert pmet["held_requests"] == 0 and pmet["reported_finished_sending"] == 8
+
+        # P computes a new batch, then dies before D loads it: D recomputes every block.
+        prompts = setup["prompts"]["kill"]
+        p.send(prompts, [{"do_remote_decode": True}] * len(prompts), 1)
+        params = p.next()["kv_transfer_params"]
+        p.kill()
+        d.send(prompts, for_d(params), MAX_TOKENS)
+        check_d(d.next(), setup["expected"]["kill"], loaded=False)
+        dmet = read_metrics(dm)
+        assert dmet.get("load_failures") == 8
+        assert dmet["failed_blocks"] == sum(len(x["remote_block_ids"]) for x in params)
+    finally:
+        p.kill()
+        d.kill()
+
+
+@pytest.mark.timeout(600)
+def test_push_d_then_p(setup):
+    """Push ("D then P"): D takes the request first and sends P its block ids; P
+    prefills and writes straight into them."""
+    root, model = setup["root"], setup["model"]
+    pm, dm = str(root / "p_push.json"), str(root / "d_push.json")
+    p_addr = f"127.0.0.1:{free_port()}"
+    p = Role("p_push", ["producer", model, "--mode", "push", "--listen", p_addr, "--metrics", pm], str(root))
+    d = Role("d_push", ["consumer", model, "--mode", "push", "--metrics", dm], str(root))
+    try:
+        p.next(), d.next()
+        prompts = setup["prompts"]["push"]
+        ids = [f"xfer-{i}" for i in range(len(prompts))]
+        d.send(prompts, [{"do_remote_prefill": True, "transfer_mode": "push", "remote_address": p_addr,
+                          "transfer_id": t} for t in ids], MAX_TOKENS)
+        time.sleep(1)
+        p.send(prompts, [{"do_remote_decode": True, "transfer_id": t} for t in ids], 1)
+        pout = p.next()
+        assert [x["transfer_id"] for x in pout["kv_transfer_params"]] == ids
+        check_d(d.next(), setup["expected"]["push"], loaded=True)
+        dmet = read_metrics(dm)
+        assert dmet.get("loaded_requests") == 8 and not dmet.get("load_failures")
+        pmet = wait_metrics(pm, lambda m: m.get("reported_finished_sending") == 8)
+        assert pmet["released_confirmed"] == 8 and not pmet.get("released_timeout")
+        assert pmet["held_requests"] == 0
+    finally:
+        p.kill()
+        d.kill()

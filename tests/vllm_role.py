@@ -1,0 +1,69 @@
+"""Runs one vLLM instance for the end-to-end test, driven by JSON lines:
+
+    python tests/vllm_role.py plain|producer|consumer MODEL_DIR [--mode pull|push]
+        [--listen H:P] [--metrics PATH] [--load-timeout S]
+
+It prints {"ready": true} once the engine is up, then answers each stdin line
+{"prompts": [...], "params": [...] | null, "max_tokens": N} with token ids,
+num_cached_tokens and the outputs' kv_transfer_params; "exit" ends it. Result
+lines start with "P2PKV-JSON " because vLLM logs to stdout too.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+MARK = "P2PKV-JSON "
+
+
+def emit(obj: dict) -> None:
+    sys.stdout.write(MARK + json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("role", choices=["plain", "producer", "consumer"])
+    ap.add_argument("model")
+    ap.add_argument("--mode", default="pull")
+    ap.add_argument("--listen", default="127.0.0.1:0")
+    ap.add_argument("--metrics", default=None)
+    ap.add_argument("--block-size", type=int, default=32)
+    ap.add_argument("--load-timeout", type=float, default=30.0)
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+
+    kv = None
+    if args.role != "plain":
+        kv = KVTransferConfig(
+            kv_connector="P2pKvConnector", kv_connector_module_path="p2pkv.integrations.vllm",
+            kv_role="kv_producer" if args.role == "producer" else "kv_consumer",
+            kv_load_failure_policy="recompute",
+            kv_connector_extra_config={"backend": "tcp", "mode": args.mode, "listen": args.listen,
+                                       "metrics_path": args.metrics, "load_timeout": args.load_timeout,
+                                       "hold_timeout": 120})
+    llm = LLM(model=args.model, tokenizer=args.model, enforce_eager=True, max_model_len=512, block_size=args.block_size,
+              dtype="float32", max_num_seqs=16, kv_transfer_config=kv, seed=0)
+    emit({"ready": True})
+    for line in sys.stdin:
+        if line.strip() == "exit":
+            break
+        cmd = json.loads(line)
+        params = cmd.get("params") or [None] * len(cmd["prompts"])
+        sps = [SamplingParams(max_tokens=cmd["max_tokens"], temperature=0.0, ignore_eos=True,
+                              extra_args={"kv_transfer_params": p} if p is not None else None) for p in params]
+        outs = llm.generate(cmd["prompts"], sps, use_tqdm=False)
+        emit({"tokens": [list(o.outputs[0].token_ids) for o in outs],
+              "prompt_lens": [len(o.prompt_token_ids) for o in outs],
+              "num_cached_tokens": [o.num_cached_tokens for o in outs],
+              "kv_transfer_params": [o.kv_transfer_params for o in outs]})
+
+
+if __name__ == "__main__":
+    main()
