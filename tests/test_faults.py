@@ -1,0 +1,67 @@
+"""Dead and stalled peers with real processes: errors name the peer and request within
+the timeout, and the survivor keeps serving others."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from p2pkv.layout import plan_segments
+from p2pkv.transport import PeerClosedError, TransferError, TransferTimeout, get_transport
+from peer import build
+from procs import peer_process
+
+BIG = {"layout": "vllm", "dtype": "fp32", "blocks": 256, "layers": 8, "block_size": 16, "heads": 8, "head_size": 64}
+
+
+def push_forever(tr, peer, spec, tag, n=30):
+    return [tr.write(peer, plan_segments(spec, peer.spec, np.arange(256), np.arange(256)), f"{tag}-{i}")
+            for i in range(n)]
+
+
+@pytest.mark.timeout(90)
+def test_decode_killed_mid_push_fails_within_timeout_and_prefill_serves_the_next():
+    with peer_process("tcp", [BIG]) as d1, peer_process("tcp", [BIG]) as d2:
+        tensors, spec = build({**BIG, "seed": 7})
+        with get_transport("tcp", timeout=3) as p:
+            p.register(tensors, spec)
+            peer1 = p.connect(d1.addresses[0])
+            handles = push_forever(p, peer1, spec, "to-d1")
+            os.kill(d1.proc.pid, signal.SIGKILL)
+            t0 = time.monotonic()
+            errors = []
+            for h in handles:
+                try:
+                    h.wait(10)
+                except TransferError as e:
+                    errors.append(e)
+            assert time.monotonic() - t0 < 8
+            assert errors and isinstance(errors[-1], (PeerClosedError, TransferTimeout))
+            assert d1.addresses[0] in str(errors[-1]) and "to-d1-29" in str(errors[-1])
+            peer2 = p.connect(d2.addresses[0])
+            p.write(peer2, plan_segments(spec, peer2.spec, [1, 2], [3, 4]), "to-d2").wait(10)
+            assert p.peers() == [peer2]
+
+
+@pytest.mark.timeout(90)
+def test_peer_that_stops_reading_times_out_instead_of_hanging():
+    with peer_process("tcp", [BIG]) as d:
+        tensors, spec = build({**BIG, "seed": 8})
+        with get_transport("tcp", timeout=2) as p:
+            p.register(tensors, spec)
+            peer = p.connect(d.addresses[0])
+            os.kill(d.proc.pid, signal.SIGSTOP)
+            try:
+                t0 = time.monotonic()
+                handles = push_forever(p, peer, spec, "stalled", n=10)
+                with pytest.raises(TransferTimeout, match="stalled-0"):
+                    handles[0].wait(15)
+                assert time.monotonic() - t0 < 10
+                for h in handles[1:]:
+                    with pytest.raises(TransferError):
+                        h.wait(5)
+            finally:
+                os.kill(d.proc.pid, signal.SIGCONT)
