@@ -1,6 +1,7 @@
 """Wire frames and the handshake: round trips, and every malformed input refused with a clear error."""
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import threading
@@ -57,7 +58,14 @@ def test_truncated_frame_on_a_socket_is_a_connection_error():
         recv_frame(b)
 
 
-@settings(max_examples=300, deadline=None)
+FUZZ_EXAMPLES = int(os.environ.get("P2PKV_FUZZ_EXAMPLES", "300"))
+
+meta_values = st.recursive(st.none() | st.booleans() | st.integers() | st.binary(max_size=40) | st.text(max_size=20),
+                           lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                           max_leaves=12)
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None)
 @given(st.binary(max_size=200))
 def test_fuzz_decoder_never_crashes(data):
     try:
@@ -65,6 +73,25 @@ def test_fuzz_decoder_never_crashes(data):
         decode_meta(data[HEADER.size:HEADER.size + mlen])
     except ProtocolError:
         pass
+
+
+@settings(max_examples=FUZZ_EXAMPLES // 3, deadline=None)
+@given(frames=st.lists(st.tuples(st.sampled_from(list(FrameType)), st.dictionaries(
+    st.sampled_from(["info", "nonce", "auth", "mac", "kind", "message", "x"]), meta_values, max_size=5),
+    st.integers(0, 1 << 45)), max_size=3), tail=st.binary(max_size=64), token=st.sampled_from([None, b"k"]))
+def test_fuzz_server_handshake_only_raises_protocol_errors(frames, tail, token):
+    a, b = pair()
+    b.settimeout(0.2)
+    try:
+        a.sendall(b"".join(encode_frame(t, m, n) for t, m, n in frames) + tail)
+        a.shutdown(socket.SHUT_WR)
+        try:
+            server_handshake(b, {"name": "P"}, token, lambda info: None)
+        except (ProtocolError, OSError):
+            pass
+    finally:
+        a.close()
+        b.close()
 
 
 def run_handshake(token_c, token_s, info_c=None, info_s=None, check_c=None, check_s=None):
