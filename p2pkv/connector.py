@@ -79,6 +79,7 @@ class _Load:
     bad: set[int] = field(default_factory=set)
     started: bool = False
     awaiting_sums: bool = False
+    reads_pending: int = 0
     peer: Peer | None = None
     error: str | None = None
 
@@ -329,7 +330,11 @@ class KVConnector:
                     del self._early[key]
             for ld in list(self._loads.values()):
                 if ld.deadline < now:
-                    self._end_load(ld, f"not loaded within the {self.load_timeout:g} s load timeout")
+                    # Reads still posted may land later: report only once they ended (the transport's
+                    # timeout bounds that), so no late byte reaches blocks the engine reused.
+                    ld.error = ld.error or f"not loaded within the {self.load_timeout:g} s load timeout"
+                    if not ld.reads_pending:
+                        self._end_load(ld, ld.error)
             todo_loads = [ld for ld in self._loads.values() if not ld.started]
             for ld in todo_loads:
                 ld.started = True
@@ -375,6 +380,8 @@ class KVConnector:
             with self._cv:
                 self._end_load(ld, f"bad plan: {e}")
             return
+        with self._cv:
+            ld.reads_pending = self.num_layers
         for layer in range(self.num_layers):
             segs = self._layer_segments(full, layer)
             h = self.transport.read(ld.peer, segs, request_id=ld.key)
@@ -384,6 +391,7 @@ class KVConnector:
         with self._cv:
             if self._loads.get(ld.key) is not ld:
                 return
+            ld.reads_pending -= 1
             ld.done[layer] = h.error is None
             if h.error is not None:
                 ld.error = ld.error or str(h.error)

@@ -292,3 +292,35 @@ def test_confirmation_that_overtakes_the_save_still_releases_the_hold():
     finally:
         p.close()
         d.close()
+
+
+@pytest.mark.timeout(30)
+def test_timed_out_load_is_reported_only_after_its_posted_reads_ended():
+    """A read still in flight when the load times out could land later in blocks the
+    engine has reused: the failure is reported only once no read can land any more."""
+    import threading
+    from p2pkv.transport import TransferHandle
+    p, d, *_ = pair("pull", load_timeout=0.2)
+    real_read = d.transport.read
+    landed = []
+
+    def slow_read(peer, segments, request_id=None):
+        h = TransferHandle(str(peer), request_id, segments.nbytes)
+
+        def later():
+            real_read(peer, segments, request_id).wait(5)
+            landed.append(time.monotonic())
+            h._finish()
+        threading.Timer(0.8, later).start()
+        return h
+    d.transport.read = slow_read
+    try:
+        p.save("slow", [1, 2])
+        d.load("slow", [3, 4], peer=p.address, remote_block_ids=[1, 2])
+        f = wait_finished(d, "slow", timeout=10)
+        reported = time.monotonic()
+        assert f.failed["slow"].blocks == (3, 4) and "load timeout" in f.failed["slow"].reason
+        assert len(landed) == 3 and max(landed) <= reported
+    finally:
+        p.close()
+        d.close()
