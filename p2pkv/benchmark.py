@@ -156,6 +156,7 @@ def run_d(args: argparse.Namespace, backend: str, p_address: str) -> list[dict[s
         rng = np.random.default_rng(args.seed)
         per_req, nb = _num_blocks(args)
         last_src: dict[int, int] = {}
+        peak, baseline_ran = 0.0, False  # D's peak RSS over the transfers before any baseline buffer exists
         t_start = time.perf_counter()
         for tokens in args.tokens:
             nblk = -(-tokens // args.block_size)
@@ -173,11 +174,13 @@ def run_d(args: argparse.Namespace, backend: str, p_address: str) -> list[dict[s
                     t0 = time.perf_counter()
                     tr.read(peer, segs, request_id=f"bench-{tokens}-{it}-{r}").wait(args.timeout)
                     dt = time.perf_counter() - t0
-                    # the baseline runs interleaved with the requests, so both see the same machine load
-                    bt = tr.baseline(peer, nbytes, 1)
+                    if not baseline_ran:
+                        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
                     if it >= args.warmup:
+                        baseline_ran = True
+                        # the baseline runs interleaved with the requests, so both see the same machine load
+                        base.append(tr.baseline(peer, nbytes, 1))
                         lat.append(dt)
-                        base.append(bt)
                     last_src.update(zip(dst.tolist(), src.tolist()))
                 if time.perf_counter() - t_start > 2 or it == total - 1:
                     _progress(f"[p2pkv bench] {backend} {tokens} tokens: iteration {it + 1}/{total}, "
@@ -192,7 +195,6 @@ def run_d(args: argparse.Namespace, backend: str, p_address: str) -> list[dict[s
                          "p99_ms": round(float(np.percentile(lat, 99)) * 1e3, 4), "verified": False})
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         ok = _verify(args, tensors, last_src)
         cache_mib = sum(r.nbytes for r in spec.regions) / 2**20
         for row in rows:

@@ -179,28 +179,22 @@ class TcpTransport(ControlPlaneTransport):
 
     # ---------------------------------------------------------------- baseline: one contiguous buffer
     def _baseline_buf(self, nbytes: int) -> memoryview:
-        """A reused contiguous buffer (at most 32 MiB: larger moves loop over it, as a raw stream would)."""
-        want = min(nbytes, 32 << 20)
-        if self._bbuf is None or len(self._bbuf) < want:
-            self._bbuf = memoryview(bytearray(want))
-        return self._bbuf
+        """One contiguous buffer of the whole size, kept for the next call (as a raw user would)."""
+        if self._bbuf is None or len(self._bbuf) < nbytes:
+            self._bbuf = None
+            self._bbuf = memoryview(bytearray(nbytes))
+        return self._bbuf[:nbytes]
 
     def _baseline_send(self, conn: Conn, nbytes: int) -> None:
-        buf = self._baseline_buf(nbytes)
-        left = nbytes
-        while left:
-            k = min(left, len(buf))
-            conn.sock.sendall(buf[:k])
-            left -= k
+        conn.sock.sendall(self._baseline_buf(nbytes))
 
     def _baseline_recv(self, conn: Conn, nbytes: int) -> None:
-        buf = self._baseline_buf(nbytes)
-        left = nbytes
-        while left:
-            k = conn.sock.recv_into(buf, min(left, len(buf)))
+        buf, got = self._baseline_buf(nbytes), 0
+        while got < nbytes:
+            k = conn.sock.recv_into(buf[got:], nbytes - got)
             if k == 0:
                 raise ConnectionResetError("peer closed during the baseline")
-            left -= k
+            got += k
 
     # ---------------------------------------------------------------- CUDA: pinned staging, overlapped
     def _stage(self) -> _Staging:
