@@ -62,3 +62,15 @@ def test_doctor_reports_backends():
     assert proc.returncode == 0
     r = json.loads(proc.stdout)
     assert r["backends"]["tcp"]["ok"] and set(r["backends"]) >= {"tcp", "nccl", "ucx", "cuda_ipc"}
+
+
+@pytest.mark.timeout(180)
+def test_bench_under_torchrun_rank0_is_p_and_writes_the_json(tmp_path):
+    out = tmp_path / "t.json"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "p2pkv", "bench",
+                           "--layers", "2", "--tokens", "64", "--iters", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert len(rows) == 1 and rows[0]["verified"] is True and rows[0]["backend"] == "tcp"
+    assert proc.stdout.count("verified") == 1  # only rank 0 prints the table
