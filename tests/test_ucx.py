@@ -1,0 +1,244 @@
+"""UCX backend across real processes on host memory: byte-exact reads and writes
+for every layout, concurrent requests to one peer, peers that die or stall, the
+idle cost of the progress thread, and a clear error when ucxx is missing."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from kvcheck import assert_same, expected_after
+from p2pkv.layout import PRESETS, make_kv_caches, plan_segments
+from p2pkv.segments import Segments
+from p2pkv.transport import PeerClosedError, TransferError, TransferTimeout, get_transport
+from peer import build
+from procs import peer_process
+
+HAVE_UCXX = importlib.util.find_spec("ucxx") is not None
+needs_ucxx = pytest.mark.skipif(not HAVE_UCXX, reason="ucxx is not installed (pip install 'p2pkv[ucx]')")
+DTYPES = ["bf16", "fp32"] + (["fp8"] if hasattr(torch, "float8_e4m3fn") else [])
+
+
+def local_cache(cfg: dict, seed: int = 777):
+    return build({**cfg, "seed": seed})
+
+
+def _cache(layout="vllm", **kw):
+    args = dict(num_layers=2, num_blocks=24, block_size=4, num_kv_heads=2, head_size=8, dtype="bf16", fill="zeros")
+    args.update(kw)
+    return make_kv_caches(layout, **args)
+
+
+@needs_ucxx
+@pytest.mark.timeout(120)
+def test_read_every_layout_is_byte_exact_and_leaves_other_blocks_alone():
+    configs = [{"layout": lay, "dtype": dt, "seed": i} for i, (lay, dt) in
+               enumerate((lay, dt) for lay in PRESETS for dt in DTYPES)]
+    rng = np.random.default_rng(0)
+    with peer_process("ucx", configs) as p:
+        for cfg, addr in zip(configs, p.addresses):
+            d_tensors, d_spec = local_cache(cfg)
+            before = [t.clone() for t in d_tensors]
+            p_tensors, _ = build(cfg)
+            with get_transport("ucx", timeout=20) as tr:
+                tr.register(d_tensors, d_spec)
+                peer = tr.connect(addr)
+                n = int(rng.integers(1, 12))
+                src, dst = rng.choice(24, n, replace=False), rng.choice(24, n, replace=False)
+                tr.read(peer, plan_segments(peer.spec, d_spec, src, dst), request_id=f"{cfg}").wait(20)
+            assert_same(d_tensors, expected_after(cfg["layout"], before, p_tensors, src, dst))
+
+
+@needs_ucxx
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("layout", PRESETS)
+def test_write_lands_in_exactly_the_destination_blocks(tmp_path, layout):
+    cfg = {"layout": layout, "dtype": "bf16", "seed": 5}
+    with peer_process("ucx", [cfg]) as p:
+        mine, spec = local_cache(cfg, seed=99)
+        theirs_before, _ = build(cfg)
+        with get_transport("ucx", timeout=20) as tr:
+            tr.register(mine, spec)
+            peer = tr.connect(p.addresses[0])
+            src, dst = [3, 4, 5, 17], [20, 2, 9, 10]
+            tr.write(peer, plan_segments(spec, peer.spec, src, dst), "w1", notify={"req": "w1"}).wait(20)
+            raw = p.dump(0, tmp_path / "p.bin")
+        expect = expected_after(layout, theirs_before, mine, src, dst)
+        got = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        assert torch.equal(got, torch.cat([e.reshape(-1) for e in expect]))
+
+
+@needs_ucxx
+@pytest.mark.timeout(60)
+def test_concurrent_requests_to_one_peer_do_not_mix():
+    cfg = {"layout": "block_first", "dtype": "fp16", "seed": 3, "blocks": 64}
+    with peer_process("ucx", [cfg]) as p:
+        d, spec = local_cache(cfg)
+        before = [t.clone() for t in d]
+        ptens, _ = build(cfg)
+        with get_transport("ucx", timeout=20) as tr:
+            tr.register(d, spec)
+            peer = tr.connect(p.addresses[0])
+            perm = np.random.default_rng(1).permutation(64)
+            handles, src_all, dst_all = [], [], []
+            for r in range(8):
+                src, dst = perm[r * 8:(r + 1) * 8], np.roll(perm, 5)[r * 8:(r + 1) * 8]
+                handles.append(tr.read(peer, plan_segments(peer.spec, spec, src, dst), f"req-{r}"))
+                src_all += list(src)
+                dst_all += list(dst)
+            handles.append(tr.read(peer, Segments.empty(), "empty"))
+            for h in handles:
+                h.wait(20)
+                assert h.done() and h.error is None
+        assert_same(d, expected_after("block_first", before, ptens, src_all, dst_all))
+
+
+@needs_ucxx
+@pytest.mark.timeout(60)
+def test_both_directions_and_notifs_between_two_transports_of_one_process():
+    a, b = get_transport("ucx", timeout=10), get_transport("ucx", timeout=10)
+    try:
+        ta, sa = _cache(fill="random", generator=torch.Generator().manual_seed(1))
+        tb, sb = _cache(fill="random", generator=torch.Generator().manual_seed(2))
+        a.register(ta, sa)
+        b.register(tb, sb)
+        pa, pb = b.connect(a.address), a.connect(b.address)
+        b.read(pa, plan_segments(sa, sb, [1, 2], [3, 4]), "b-reads").wait(10)
+        a.write(pb, plan_segments(sa, sb, [5], [6]), "a-writes", notify={"landed": 6}).wait(10)
+        b.write(pa, plan_segments(sb, sa, [7], [8]), "b-writes").wait(10)
+        for la, lb in zip(ta, tb):
+            assert torch.equal(la[:, [1, 2, 5]].view(torch.uint8), lb[:, [3, 4, 6]].view(torch.uint8))
+            assert torch.equal(lb[:, 7].view(torch.uint8), la[:, 8].view(torch.uint8))
+        assert [n.message for n in b.get_notifs()] == [{"landed": 6}]
+        assert b.baseline(pa, 1 << 20, 2) > 0
+    finally:
+        a.close()
+        b.close()
+
+
+@needs_ucxx
+@pytest.mark.timeout(60)
+def test_peer_killed_mid_transfer_fails_pending_requests_with_peer_and_request():
+    cfg = {"layout": "vllm", "dtype": "fp32", "blocks": 512, "layers": 8, "block_size": 16, "heads": 8, "head_size": 64}
+    with peer_process("ucx", [cfg]) as p:
+        d, spec = build({**cfg, "seed": 1})
+        with get_transport("ucx", timeout=5) as tr:
+            tr.register(d, spec)
+            peer = tr.connect(p.addresses[0])
+            handles = [tr.read(peer, plan_segments(peer.spec, spec, np.arange(512), np.arange(512)), f"big-{i}")
+                       for i in range(20)]
+            handles[0].wait(20)
+            os.kill(p.proc.pid, signal.SIGKILL)
+            t0 = time.monotonic()
+            errors = []
+            for h in handles[1:]:
+                try:
+                    h.wait(10)
+                except TransferError as e:
+                    errors.append(e)
+            assert time.monotonic() - t0 < 10
+            assert errors, "killing P must fail the requests still in flight"
+            assert all(isinstance(e, (PeerClosedError, TransferTimeout)) for e in errors)
+            assert errors[-1].request_id == "big-19" and p.addresses[0] in str(errors[-1])
+            late = tr.read(peer, plan_segments(peer.spec, spec, [0], [0]), "late")
+            with pytest.raises(PeerClosedError, match="late"):
+                late.wait(5)
+
+
+@needs_ucxx
+@pytest.mark.timeout(60)
+def test_stalled_peer_times_out_instead_of_hanging():
+    cfg = {"layout": "vllm", "dtype": "bf16", "seed": 2}
+    with peer_process("ucx", [cfg]) as p:
+        d, spec = local_cache(cfg)
+        with get_transport("ucx", timeout=1.5) as tr:
+            tr.register(d, spec)
+            peer = tr.connect(p.addresses[0])
+            tr.read(peer, plan_segments(peer.spec, spec, [1], [1]), "warm").wait(10)
+            os.kill(p.proc.pid, signal.SIGSTOP)
+            try:
+                t0 = time.monotonic()
+                with pytest.raises(TransferTimeout, match="stalled"):
+                    tr.read(peer, plan_segments(peer.spec, spec, [2, 3], [4, 5]), "stalled").wait(10)
+                assert time.monotonic() - t0 < 8
+            finally:
+                os.kill(p.proc.pid, signal.SIGCONT)
+
+
+@needs_ucxx
+@pytest.mark.timeout(30)
+def test_out_of_range_segments_are_refused_by_the_serving_side():
+    a, b = get_transport("ucx"), get_transport("ucx")
+    try:
+        a.register(*_cache(fill="random", generator=torch.Generator().manual_seed(0)))
+        b.register(*_cache())
+        peer = b.connect(a.address)
+        segs = plan_segments(a.spec, b.spec, [1], [1])
+        evil = Segments(segs.region, segs.src + a.spec.regions[0].nbytes, segs.dst, segs.length)
+        with pytest.raises(TransferError, match="runs past the end"):
+            b.read(peer, evil, "evil").wait(10)
+        peer = b.connect(a.address)
+        b.read(peer, segs, "good").wait(10)
+        assert torch.equal(b.tensors[0][:, 1].view(torch.uint8), a.tensors[0][:, 1].view(torch.uint8))
+    finally:
+        a.close()
+        b.close()
+
+
+@needs_ucxx
+@pytest.mark.timeout(60)
+def test_idle_connected_pair_does_not_spin_a_core():
+    """The blocking progress thread sleeps in epoll: a connected, idle process uses a small fraction of a core."""
+    code = (
+        "import time, resource, torch\n"
+        "from p2pkv.layout import make_kv_caches, plan_segments\n"
+        "from p2pkv.transport import get_transport\n"
+        "a, b = get_transport('ucx'), get_transport('ucx')\n"
+        "for t in (a, b): t.register(*make_kv_caches('vllm', num_layers=2, num_blocks=8, block_size=4,"
+        " num_kv_heads=2, head_size=8, dtype='bf16', fill='zeros'))\n"
+        "p = b.connect(a.address); b.read(p, plan_segments(a.spec, b.spec, [1], [2]), 'x').wait(10)\n"
+        "r0 = resource.getrusage(resource.RUSAGE_SELF); t0 = time.monotonic(); time.sleep(3)\n"
+        "r1 = resource.getrusage(resource.RUSAGE_SELF)\n"
+        "cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)\n"
+        "print('IDLE', cpu, time.monotonic() - t0, flush=True); a.close(); b.close()\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50)
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("IDLE")]
+    assert line, out.stderr[-2000:]
+    cpu, wall = map(float, line[0].split()[1:])
+    assert cpu < 0.2 * wall, f"idle process used {cpu:.2f} s of CPU in {wall:.2f} s"
+
+
+@needs_ucxx
+@pytest.mark.timeout(30)
+def test_describe_says_which_path_is_used():
+    from p2pkv.transport.ucx import describe
+    d = describe()
+    assert "cma" in d["host_memory"] and "cuda_ipc" in d["cuda_memory"] and "PUT" in d["data_path"]
+    assert d["ucx"].count(".") == 2 and isinstance(d["transports"], list)
+    json.dumps(d)
+
+
+@pytest.mark.timeout(60)
+def test_without_ucxx_the_backend_says_how_to_install_and_others_still_work():
+    code = (
+        "import sys\n"
+        "sys.modules['ucxx'] = None\n"
+        "import p2pkv\n"
+        "from p2pkv.transport import BackendUnavailable, get_transport\n"
+        "try:\n"
+        "    get_transport('ucx')\n"
+        "except BackendUnavailable as e:\n"
+        "    print('UNAVAILABLE', e)\n"
+        "with get_transport('tcp') as t:\n"
+        "    print('TCP OK', t.address)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50)
+    assert "UNAVAILABLE" in out.stdout and "pip install 'p2pkv[ucx]'" in out.stdout, out.stdout + out.stderr
+    assert "p2pkv[ucx-cu13]" in out.stdout and "TCP OK" in out.stdout
