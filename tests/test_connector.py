@@ -324,3 +324,17 @@ def test_timed_out_load_is_reported_only_after_its_posted_reads_ended():
     finally:
         p.close()
         d.close()
+
+
+@pytest.mark.timeout(30)
+def test_whole_request_read_when_not_layerwise():
+    p, d, (pt, pspec), (dt, dspec) = pair("pull", layerwise=False)
+    try:
+        p.save("w", [1, 5, 9])
+        d.load("w", [0, 2, 4], peer=p.address, remote_block_ids=[1, 5, 9])
+        assert not wait_finished(d, "w").failed and d.wait_layer("w", 2, timeout=1)
+        for s, t in zip([1, 5, 9], [0, 2, 4]):
+            assert block_bytes(pt, pspec, s) == block_bytes(dt, dspec, t)
+    finally:
+        p.close()
+        d.close()

@@ -21,7 +21,7 @@ pytest.importorskip("vllm")
 from tiny_llama import prompts as make_prompts  # noqa: E402
 from tiny_llama import write_tiny_llama  # noqa: E402
 
-pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+pytestmark = [pytest.mark.vllm]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BLOCK = 32
@@ -98,6 +98,15 @@ def wait_metrics(path: str, ok, timeout: float = 60) -> dict:
     return m
 
 
+def test_settings_refuse_unknown_keys_and_modes():
+    from p2pkv.integrations.vllm import Settings
+    assert Settings.from_extra({"mode": "push", "listen": "0.0.0.0:7100"}).mode == "push"
+    with pytest.raises(ValueError, match=r"unknown kv_connector_extra_config keys \['peer_adress'\]"):
+        Settings.from_extra({"peer_adress": "x"})
+    with pytest.raises(ValueError, match="mode must be 'pull' or 'push'"):
+        Settings.from_extra({"mode": "teleport"})
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
@@ -134,6 +143,7 @@ def check_d(out: dict, expected: list, *, loaded: bool) -> None:
             assert cached < full
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_pull_then_producer_killed(setup):
     """Pull ("P then D"), then a second batch where P dies before D loads."""
@@ -171,6 +181,7 @@ def test_pull_then_producer_killed(setup):
         d.kill()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_push_d_then_p(setup):
     """Push ("D then P"): D takes the request first and sends P its block ids; P

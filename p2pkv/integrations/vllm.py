@@ -223,12 +223,17 @@ class P2pKvConnector(KVConnectorBase_V1, SupportsHMA):
         blocks = list(block_ids[0])[:_cdiv(n, self.block_size)]
         if not blocks:
             return False, None
+        try:
+            address = self._my_address()
+        except RuntimeError as e:
+            log.error("request %s: not holding its KV for a decode instance: %s", request.request_id, e)
+            return False, None
         mode = self.settings.mode
         key = str(params.get("transfer_id") or request.request_id)
         self._held[request.request_id] = key
         self._pending.saves.append({"req": request.request_id, "key": key, "blocks": blocks})
         out = {"do_remote_prefill": True, "do_remote_decode": False, "transfer_mode": mode,
-               "remote_address": self._my_address(), "remote_request_id": key, "remote_block_ids": blocks,
+               "remote_address": address, "remote_request_id": key, "remote_block_ids": blocks,
                "remote_num_tokens": n}
         if mode == "push":
             out["transfer_id"] = key
@@ -262,7 +267,7 @@ class P2pKvConnector(KVConnectorBase_V1, SupportsHMA):
         if s.auth_token:
             opts["auth_token"] = s.auth_token
         self.conn = KVConnector(s.backend, mode=s.mode, hold_timeout=s.hold_timeout, load_timeout=s.load_timeout,
-                                checksum=s.checksum, **opts)
+                                checksum=s.checksum, layerwise=False, **opts)
         self.conn.register_kv_caches(tensors, spec)
         log.info("P2pKvConnector worker: %d KV tensors (%d blocks, %d bytes/block) registered on %s (%s, %s mode)",
                  len(tensors), spec.num_blocks, spec.bytes_per_block, self.conn.address, s.backend, s.mode)

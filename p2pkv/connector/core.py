@@ -1,13 +1,6 @@
-"""Engine-neutral KV connector: a producer (P) saves a request's blocks, a consumer
-(D) loads them into its own blocks, in pull ("P then D": D reads) or push ("D then
-P": D tells P its blocks, P writes) mode, layer by layer, over any transport.
-
-P never holds blocks forever: a hold ends when D confirms, or after `hold_timeout`.
-A failed load names exactly the local blocks that did not arrive, so the engine
-can recompute them. Control messages are small msgpack dicts sent as transport
-notifs: D→P "release" (pull, loaded), "cancel" (gave up), "want" (push: D's blocks),
-"sum?" (pull checksum); P→D "landed" (push, per layer), "abort", "sum".
-"""
+"""KVConnector: the producer and consumer halves of the engine-neutral connector,
+its control messages (see the package docstring) and the pump thread that drives
+them over a transport."""
 from __future__ import annotations
 
 import logging
@@ -15,15 +8,15 @@ import threading
 import time
 import zlib
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from p2pkv.connector.records import Finished, Hold as _Hold, Load as _Load, LoadFailure, message as _msg
 from p2pkv.layout import KVCacheSpec, plan_segments
 from p2pkv.segments import Segments
-from p2pkv.transport import Notif, Peer, TransferError, TransferHandle, Transport, get_transport
+from p2pkv.transport import Notif, TransferError, TransferHandle, Transport, get_transport
 
 __all__ = ["KVConnector", "Finished", "LoadFailure", "MODES"]
 
@@ -31,78 +24,23 @@ log = logging.getLogger("p2pkv.connector")
 MODES = ("pull", "push")
 
 
-@dataclass(frozen=True)
-class LoadFailure:
-    """A load that ended without every block: `blocks` are the local block ids to recompute."""
-
-    blocks: tuple[int, ...]
-    reason: str
-
-
-@dataclass
-class Finished:
-    """What ended since the last `get_finished()`: holds released (producer), loads
-    finished (consumer, failed ones included) and, for the failed ones, why."""
-
-    saved: set[str] = field(default_factory=set)
-    loaded: set[str] = field(default_factory=set)
-    failed: dict[str, LoadFailure] = field(default_factory=dict)
-
-
-@dataclass
-class _Hold:
-    """Producer side: blocks of one request kept until D has them."""
-
-    key: str
-    blocks: np.ndarray
-    saved: set[int]
-    deadline: float
-    written: set[int] = field(default_factory=set)
-    inflight: int = 0
-    peer: Peer | None = None
-    want: tuple[np.ndarray, str] | None = None
-    offset: int = 0
-
-
-@dataclass
-class _Load:
-    """Consumer side: one request's blocks being filled from a peer."""
-
-    key: str
-    blocks: np.ndarray
-    peer_address: str
-    remote_key: str
-    remote_blocks: np.ndarray | None
-    remote_offset: int
-    deadline: float
-    done: dict[int, bool] = field(default_factory=dict)
-    bad: set[int] = field(default_factory=set)
-    started: bool = False
-    awaiting_sums: bool = False
-    reads_pending: int = 0
-    peer: Peer | None = None
-    error: str | None = None
-
-
-def _msg(kind: str, key: str, **fields: Any) -> dict[str, Any]:
-    return {"p2pkv": kind, "req": key, **fields}
-
-
 class KVConnector:
     """Save and load requests' KV blocks between engines (see module docstring).
 
     `KVConnector("tcp", mode="pull", hold_timeout=60, load_timeout=30, checksum=False,
-    listen="127.0.0.1:0", auth_token=...)`; extra keywords go to the transport.
+    layerwise=True, listen="127.0.0.1:0", auth_token=...)`; extra keywords go to the
+    transport. `layerwise=False` reads a pull load in one transfer (fewer round
+    trips) when nobody waits per layer.
     """
 
     def __init__(self, backend: str | Transport = "tcp", *, mode: str = "pull", hold_timeout: float = 60.0,
                  load_timeout: float = 30.0, checksum: bool = False, poll_interval: float = 0.005,
-                 **transport_options: Any):
+                 layerwise: bool = True, **transport_options: Any):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {list(MODES)}")
         if hold_timeout <= 0 or load_timeout <= 0:
             raise ValueError("hold_timeout and load_timeout must be positive seconds")
-        self.mode, self.checksum = mode, bool(checksum)
+        self.mode, self.checksum, self.layerwise = mode, bool(checksum), bool(layerwise)
         self.hold_timeout, self.load_timeout, self.poll_interval = float(hold_timeout), float(load_timeout), poll_interval
         self.transport = backend if isinstance(backend, Transport) else get_transport(backend, **transport_options)
         self.spec: KVCacheSpec | None = None
@@ -112,6 +50,7 @@ class KVConnector:
         self._wants: dict[str, tuple[np.ndarray, str, int, float]] = {}
         self._loads: dict[str, _Load] = {}
         self._early: dict[str, tuple[str, float]] = {}
+        self._ended: dict[str, bool] = {}
         self._fin = Finished()
         self._cv = threading.Condition()
         self._stop = threading.Event()
@@ -216,7 +155,7 @@ class KVConnector:
             while True:
                 ld = self._loads.get(request_id)
                 if ld is None:
-                    return request_id in self._fin.loaded and request_id not in self._fin.failed
+                    return self._ended.get(request_id, False)
                 if layer in ld.done:
                     return ld.done[layer]
                 left = None if end is None else end - time.monotonic()
@@ -301,6 +240,9 @@ class KVConnector:
             kind = "release" if self.mode == "pull" else "cancel"
             self._outbox.append((ld.peer_address, _msg(kind, ld.remote_key, ok=error is None and not ld.bad)))
         self._fin.loaded.add(ld.key)
+        self._ended[ld.key] = ld.key not in self._fin.failed
+        if len(self._ended) > 4096:
+            del self._ended[next(iter(self._ended))]
         self._cv.notify_all()
 
     def _pump(self) -> None:
@@ -380,19 +322,21 @@ class KVConnector:
             with self._cv:
                 self._end_load(ld, f"bad plan: {e}")
             return
+        groups = [[layer] for layer in range(self.num_layers)] if self.layerwise else [list(range(self.num_layers))]
         with self._cv:
-            ld.reads_pending = self.num_layers
-        for layer in range(self.num_layers):
-            segs = self._layer_segments(full, layer)
+            ld.reads_pending = len(groups)
+        for layers in groups:
+            segs = full if not self.layerwise else self._layer_segments(full, layers[0])
             h = self.transport.read(ld.peer, segs, request_id=ld.key)
-            h.add_done_callback(lambda hh, ld=ld, layer=layer: self._on_read(ld, layer, hh))
+            h.add_done_callback(lambda hh, ld=ld, layers=layers: self._on_read(ld, layers, hh))
 
-    def _on_read(self, ld: _Load, layer: int, h: TransferHandle) -> None:
+    def _on_read(self, ld: _Load, layers: list[int], h: TransferHandle) -> None:
         with self._cv:
             if self._loads.get(ld.key) is not ld:
                 return
             ld.reads_pending -= 1
-            ld.done[layer] = h.error is None
+            for layer in layers:
+                ld.done[layer] = h.error is None
             if h.error is not None:
                 ld.error = ld.error or str(h.error)
             else:
