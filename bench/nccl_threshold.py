@@ -8,7 +8,8 @@ same bytes, interleaved so each ratio compares runs made seconds apart.
 
 Prints, per segment size, the median of (contiguous time / transfer time) for each
 variant; `pack_threshold` belongs where `pack` stops winning. Extra variants
-`pack:CHUNK:DEPTH` (e.g. `pack:512K:8`) sweep the chunking.
+`pack:CHUNK:DEPTH[:WINDOW]` (e.g. `pack:512K:8:16M`) sweep the chunking and the
+receive window.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def parse_size(s: str) -> int:
 
 
 def variant_options(v: str, chunk_bytes: int, depth: int) -> dict:
-    """'direct' → every segment a view; 'pack' or 'pack:CHUNK:DEPTH' → everything packed."""
+    """'direct' → every segment a view; 'pack' or 'pack:CHUNK:DEPTH[:WINDOW]' → everything packed."""
     if v == "direct":
         return {"pack_threshold": 0}
     parts = v.split(":")
@@ -45,7 +46,10 @@ def variant_options(v: str, chunk_bytes: int, depth: int) -> dict:
         raise SystemExit(f"unknown variant {v!r}: use direct, pack or pack:CHUNK:DEPTH")
     cb = parse_size(parts[1]) if len(parts) > 1 else chunk_bytes
     dp = int(parts[2]) if len(parts) > 2 else depth
-    return {"pack_threshold": 1 << 62, "chunk_bytes": cb, "depth": dp}
+    out = {"pack_threshold": 1 << 62, "chunk_bytes": cb, "depth": dp}
+    if len(parts) > 3:
+        out["recv_window_bytes"] = parse_size(parts[3])
+    return out
 
 
 def region(nbytes: int, seed: int) -> tuple[torch.Tensor, KVCacheSpec]:
@@ -104,7 +108,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
                     row_t[v] = time.perf_counter() - t0
                 b1 = trs[0].baseline(peers[0], total, 1)
                 if it >= args.warmup:
-                    base.append(min(b0, b1))
+                    base.append((b0 + b1) / 2)
                     for v in variants:
                         times[v].append(row_t[v])
             row = {"segment_bytes": size, "segments": n, "total_bytes": n * size,

@@ -20,8 +20,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from p2pkv.transport.base import PeerClosedError, TransferError, TransferTimeout
+from p2pkv import kernels
+from p2pkv.segments import Segments
+from p2pkv.transport.base import Peer, PeerClosedError, TransferError, TransferHandle, TransferTimeout
 from p2pkv.transport.control import Conn, ControlPlaneTransport, parse_address
+from p2pkv.wire import FrameType, send_frame
 
 try:
     import torch.distributed as dist
@@ -33,11 +36,13 @@ __all__ = ["NcclTransport", "plan_chunks"]
 
 log = logging.getLogger("p2pkv.transport.nccl")
 
-DEFAULT_PACK_THRESHOLD = 1 << 20
+DEFAULT_PACK_THRESHOLD = 256 << 10
 DEFAULT_CHUNK_BYTES = 2 << 20
 DEFAULT_DEPTH = 4
+DEFAULT_RECV_WINDOW = 32 << 20
 _DIRECT_TAG = 1 << 20
 _BASELINE_TAG = 1 << 24
+_RDHUP = getattr(select, "POLLRDHUP", 0)
 
 
 def plan_chunks(length: np.ndarray, pack_threshold: int, chunk_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -66,7 +71,7 @@ class _Packer:
     and every same-region run moves with one numpy take/put on a void-dtype view: one
     thread, in C, with the GIL released. A Python loop per segment would hold the GIL and
     stall the thread that posts the sends; torch's gather ops would wake an OpenMP pool
-    that spins on the cores gloo's I/O threads need. CUDA uses torch.cat / _foreach_copy_.
+    that spins on the cores gloo's I/O threads need. CUDA uses p2pkv.kernels (one launch per chunk).
     """
 
     MIN_UNIT = 256
@@ -125,7 +130,8 @@ class _Packer:
                 out[pos:pos + k] = mvs[r][o:o + k]
                 pos += k
         else:
-            torch.cat([self.regions[r][o:o + k] for r, o, k in self._triples(j)], out=buf[:n])
+            a, b = int(self.bounds[j]), int(self.bounds[j + 1])
+            kernels.gather(self.regions, self.reg[a:b], self.off[a:b], self.len[a:b], out=buf)
         return n
 
     def scatter(self, j: int, buf: torch.Tensor) -> None:
@@ -144,8 +150,8 @@ class _Packer:
                 mvs[r][o:o + k] = src[pos:pos + k]
                 pos += k
         else:
-            views = [self.regions[r][o:o + k] for r, o, k in self._triples(j)]
-            torch._foreach_copy_(views, list(torch.split(buf[:n], [v.numel() for v in views])))
+            a, b = int(self.bounds[j]), int(self.bounds[j + 1])
+            kernels.scatter(buf, self.regions, self.reg[a:b], self.off[a:b], self.len[a:b])
 
 
 class _PairGroup:
@@ -154,7 +160,7 @@ class _PairGroup:
     def __init__(self, pg: Any, rank: int, store: Any, backend: str, device: torch.device):
         self.pg, self.rank, self.store, self.backend, self.device = pg, rank, store, backend, device
         self.peer_rank = 1 - rank
-        self.bufs: list[torch.Tensor] = []
+        self.bufs: dict[str, list[torch.Tensor]] = {}
         self.baseline: torch.Tensor | None = None
 
     def send(self, t: torch.Tensor, tag: int) -> Any:
@@ -163,17 +169,29 @@ class _PairGroup:
     def recv(self, t: torch.Tensor, tag: int) -> Any:
         return self.pg.recv([t], self.peer_rank, tag)
 
-    def staging(self, depth: int, nbytes: int) -> list[torch.Tensor]:
-        """`depth` buffers of at least `nbytes`, reused across transfers of this pair."""
-        if len(self.bufs) != depth or self.bufs[0].numel() < nbytes:
-            self.bufs = [torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in range(depth)]
-        return self.bufs
+    def staging(self, kind: str, count: int, nbytes: int) -> list[torch.Tensor]:
+        """`count` buffers of at least `nbytes` for sending or receiving, reused across transfers of this pair."""
+        bufs = self.bufs.get(kind, [])
+        if len(bufs) < count or bufs[0].numel() < nbytes:
+            bufs = [torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in range(count)]
+            self.bufs[kind] = bufs
+        return bufs[:count]
 
     def close(self) -> Future | None:
         """Drop the group (later ops fail with PeerClosedError) and free it on the reaper thread."""
-        self.bufs, self.baseline = [], None
+        self.bufs, self.baseline = {}, None
         held, self.pg, self.store = [self.pg, self.store], None, None
         return _dispose(held, self.backend) if held[0] is not None else None
+
+
+class _Incoming:
+    """Receives posted for one transfer: the direct views' works, and the chunk ring."""
+
+    def __init__(self, works: list[Any]):
+        self.works = works
+        self.packer: _Packer | None = None
+        self.bufs: list[torch.Tensor] = []
+        self.posted: list[Any] = []
 
 
 _REAPER: ThreadPoolExecutor | None = None
@@ -208,7 +226,7 @@ def _dispose(held: list[Any], backend: str) -> Future | None:
 
 class NcclTransport(ControlPlaneTransport):
     """`get_transport("nccl", listen="127.0.0.1:0", timeout=30, auth_token=None,
-    pack_threshold=1 MiB, chunk_bytes=2 MiB, depth=4)`.
+    pack_threshold=256 KiB, chunk_bytes=2 MiB, depth=4, recv_window_bytes=32 MiB)`.
 
     Segments of `pack_threshold` bytes or more are sent as views of the KV memory;
     smaller ones are packed into `chunk_bytes` chunks, `depth` of them in flight.
@@ -220,7 +238,7 @@ class NcclTransport(ControlPlaneTransport):
     name = "nccl"
 
     def __init__(self, *, pack_threshold: int = DEFAULT_PACK_THRESHOLD, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 depth: int = DEFAULT_DEPTH, **kw: Any):
+                 depth: int = DEFAULT_DEPTH, recv_window_bytes: int = DEFAULT_RECV_WINDOW, **kw: Any):
         if not _HAVE_DIST:
             from p2pkv.transport import BackendUnavailable
             raise BackendUnavailable("backend 'nccl' needs a torch build with torch.distributed "
@@ -233,6 +251,7 @@ class NcclTransport(ControlPlaneTransport):
         if not 1 <= depth <= 64:
             raise ValueError(f"depth (chunks in flight) must be in [1, 64], got {depth}")
         self.pack_threshold, self.chunk_bytes, self.depth = pack_threshold, chunk_bytes, depth
+        self.recv_window_bytes = max(0, int(recv_window_bytes))
         self._store: Any = None
         self._store_port = 0
         self._store_lock = threading.Lock()
@@ -367,19 +386,19 @@ class NcclTransport(ControlPlaneTransport):
             raise TransferError(f"{what} failed: {msg}", peer=conn.peer.name, request_id=request_id) from None
 
     def _check_alive(self, conn: Conn, request_id: Any) -> None:
-        """Raise if the control connection shows the peer has gone (EOF or reset), without consuming a byte."""
-        try:
-            if not select.select([conn.sock], [], [], 0)[0]:
-                return
-            if conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b"":
-                return
-        except (BlockingIOError, InterruptedError):
+        """Raise if the control connection shows the peer hung up (TCP FIN/RST); reads nothing, so it works on TLS too."""
+        if _RDHUP == 0:
             return
-        except OSError as e:
+        try:
+            poller = select.poll()
+            poller.register(conn.sock.fileno(), _RDHUP | select.POLLHUP | select.POLLERR)
+            events = poller.poll(0)
+        except (OSError, ValueError) as e:
             raise PeerClosedError(f"control connection lost during the transfer: {e}", peer=conn.peer.name,
                                   request_id=request_id) from None
-        raise PeerClosedError("the peer closed its control connection during the transfer", peer=conn.peer.name,
-                              request_id=request_id)
+        if events:
+            raise PeerClosedError("the peer hung up its control connection during the transfer",
+                                  peer=conn.peer.name, request_id=request_id)
 
     def _views(self, region: np.ndarray, off: np.ndarray, length: np.ndarray, idx: np.ndarray) -> list[torch.Tensor]:
         regions = self.regions
@@ -400,7 +419,7 @@ class NcclTransport(ControlPlaneTransport):
         """This thread packs chunk i+1 while a helper thread posts chunk i and waits for it:
         gloo writes a send in place on the posting thread, so packing and posting on one
         thread would serialise them."""
-        bufs = group.staging(depth, max(packer.sizes))
+        bufs = group.staging("send", depth, max(packer.sizes))
         free: queue.Queue = queue.Queue()
         ready: queue.Queue = queue.Queue()
         for b in range(depth):
@@ -432,24 +451,54 @@ class NcclTransport(ControlPlaneTransport):
             raise failed[0]
 
     def _recv_data(self, conn: Conn, region: np.ndarray, off: np.ndarray, length: np.ndarray, request_id: Any) -> None:
+        self._finish_recvs(conn, self._post_recvs(conn, region, off, length, request_id), request_id)
+
+    def read(self, peer: Peer | str, segments: Segments, request_id: str | None = None) -> TransferHandle:
+        """As the control plane's read, but every receive is posted before P is asked to send.
+
+        A gloo pair's I/O thread holds the pair's lock while bytes stream in, so a receive
+        posted mid-stream waits for the stream to pause; posted up front, none waits."""
+        conn = self._conn(peer)
+        local = [r.nbytes for r in self._require_registered().regions]
+        Segments.check_bounds(segments.region.astype(np.int64), segments.dst, segments.length, local)
+
+        def run(c: Conn) -> None:
+            incoming = self._post_recvs(c, segments.region, segments.dst, segments.length, request_id)
+            send_frame(c.sock, FrameType.READ, {"req": request_id, "segs": segments.pack("src")},
+                       payload_len=segments.nbytes)
+            self._expect_ack(c)
+            self._finish_recvs(c, incoming, request_id)
+        return self._submit(conn, run, request_id, segments.nbytes)
+
+    def _post_recvs(self, conn: Conn, region: np.ndarray, off: np.ndarray, length: np.ndarray,
+                    request_id: Any) -> "_Incoming":
+        """Post the receives of the direct segments and of the first window of chunks."""
         group = self._group(conn, request_id)
         threshold, chunk_bytes, depth = conn.extra["plan"]
         direct, packed, bounds = plan_chunks(length, threshold, chunk_bytes)
-        works = [group.recv(v, _DIRECT_TAG + i) for i, v in enumerate(self._views(region, off, length, direct))]
+        inc = _Incoming([group.recv(v, _DIRECT_TAG + i) for i, v in enumerate(self._views(region, off, length, direct))])
         if len(packed):
-            packer = _Packer(self.regions, region, off, length, packed, bounds)
-            sizes = packer.sizes
-            bufs = group.staging(depth, max(sizes))
-            posted = [group.recv(bufs[i][:sizes[i]], i) for i in range(min(depth, len(sizes)))]
+            inc.packer = _Packer(self.regions, region, off, length, packed, bounds)
+            sizes = inc.packer.sizes
+            window = depth if self.pg_backend == "nccl" else max(depth, self.recv_window_bytes // max(sizes))
+            inc.bufs = group.staging("recv", min(len(sizes), window), max(sizes))
+            inc.posted = [group.recv(inc.bufs[i][:sizes[i]], i) for i in range(len(inc.bufs))]
+        return inc
+
+    def _finish_recvs(self, conn: Conn, inc: "_Incoming", request_id: Any) -> None:
+        """Unpack each chunk as it lands, re-posting its buffer for a later chunk; then wait for the views."""
+        group = self._group(conn, request_id)
+        if inc.packer is not None:
+            sizes, slots = inc.packer.sizes, len(inc.bufs)
             for i in range(len(sizes)):
-                b = i % depth
-                self._wait(conn, posted[b], request_id, f"receiving chunk {i} of {len(sizes)}")
-                packer.scatter(i, bufs[b])
-                if i + depth < len(sizes):
-                    posted[b] = group.recv(bufs[b][:sizes[i + depth]], i + depth)
+                b = i % slots
+                self._wait(conn, inc.posted[b], request_id, f"receiving chunk {i} of {len(sizes)}")
+                inc.packer.scatter(i, inc.bufs[b])
+                if i + slots < len(sizes):
+                    inc.posted[b] = group.recv(inc.bufs[b][:sizes[i + slots]], i + slots)
                 self._check_alive(conn, request_id)
-        for w in works:
-            self._wait(conn, w, request_id, f"receiving {len(direct)} segments")
+        for w in inc.works:
+            self._wait(conn, w, request_id, f"receiving {len(inc.works)} segments")
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
 
