@@ -9,8 +9,9 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export P2PKV_EXT_DIR=${P2PKV_EXT_DIR:-/tmp/p2pkv-ext}
 PY=${PY:-python3}
-STEPS=${STEPS:-"env build test kbench bench"}
-TOKENS=${TOKENS:-"16 512 2048 4096 32768"}
+STEPS=${STEPS:-"env build test kbench pair"}
+TOKENS=${TOKENS:-"16 512 2048 4096"}
+KTOKENS=${KTOKENS:-"16 512 2048 4096 32768"}
 LOG=$OUT/suite.log
 status=0
 
@@ -30,16 +31,18 @@ for s in $STEPS; do
     env) step env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nvcc --version | tail -1; \
            $PY -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(), torch.cuda.device_count())'" ;;
     build) step build 300 "$PY" -m p2pkv.kernels build ;;
-    test) step test 300 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
-            $(ls tests/test_cuda_ipc.py 2>/dev/null) -k "${TEST_K:-not nothing}" ;;
-    tcptest) step tcptest 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_tcp.py -k "${TCP_K:-cuda}" ;;
-    kbench) step kbench 240 "$PY" bench/kernel_bench.py --tokens $TOKENS --json "$OUT/kernel_bench.json" ;;
-    bench)
+    test) step test "${TEST_LIMIT:-240}" "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_cuda_ipc.py \
+            tests/test_tcp_cuda.py -k "${TEST_K:-not nothing}" ;;
+    kbench) step kbench 180 "$PY" bench/kernel_bench.py --tokens $KTOKENS --json "$OUT/kernel_bench.json" ;;
+    pair)  # two processes, cuda_ipc and tcp on CUDA tensors, same-run baselines (bench/gpu_pair_bench.py)
       for b in ${BACKENDS:-cuda_ipc tcp}; do
-        tok=$TOKENS
-        [ "$b" = tcp ] && tok=${TCP_TOKENS:-"16 512 2048 4096"}
-        step "bench-$b" 300 "$PY" -m p2pkv bench --device cuda --backend "$b" --tokens $tok \
-          --requests "${REQUESTS:-4}" --iters "${ITERS:-10}" --warmup 2 --json "$OUT/bench_$b.json"
+        step "pair-$b" "${BENCH_LIMIT:-240}" "$PY" bench/gpu_pair_bench.py --backend "$b" --tokens $TOKENS \
+          --requests "${REQUESTS:-40}" --json "$OUT/pair_$b.json"
+      done ;;
+    bench)  # the lead's `p2pkv bench` (its D process aborted at exit here on 2026-11-25; see docs/gpu.md)
+      for b in ${BACKENDS:-cuda_ipc tcp}; do
+        step "bench-$b" "${BENCH_LIMIT:-240}" "$PY" -m p2pkv bench --device cuda --backend "$b" --tokens $TOKENS \
+          --requests "${REQUESTS:-4}" --iters "${ITERS:-20}" --warmup 2 --json "$OUT/bench_$b.json"
       done ;;
     *) echo "unknown step $s" | tee -a "$LOG"; status=1 ;;
   esac

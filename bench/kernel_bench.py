@@ -18,14 +18,15 @@ from p2pkv import kernels
 from p2pkv.layout import make_kv_caches, plan_segments
 from p2pkv.transport.base import byte_regions
 
-VARIANTS = {  # name: (table, small, hint, grid)
-    "device": ("device", True, 0, 0),
-    "device-g4": ("device", True, 0, -4),
-    "device-rowgrid": ("device", True, 0, 1 << 30),
-    "device-stream": ("device", True, 1, 0),
-    "host": ("host", True, 0, 0),
-    "device-nosmall": ("device", False, 0, 0),
+VARIANTS = {  # name: TUNING overrides
+    "p1k-16k-s2": {},
+    "p256-4k-s3": {"first_piece": 256, "max_piece": 4096, "sides": 3},
+    "p256-16k-s3": {"first_piece": 256, "sides": 3},
+    "p512-8k-s1": {"first_piece": 512, "max_piece": 8192, "sides": 1},
+    "single": {"first_piece": 1 << 30},
+    "dry": {"dry": True},
 }
+DEFAULTS = dict(kernels.TUNING, dry=False)
 
 
 def _time(fn, iters: int, stream: torch.cuda.Stream) -> tuple[float, float, float]:
@@ -83,8 +84,8 @@ def main() -> None:
         row = {"tokens": tokens, "bytes": nbytes, "segments": len(plans[0]), "memcpy_gbps": nbytes / base_ev / 1e9,
                "memcpy_host_us": base_host * 1e6}
         for name in args.variants:
-            table, small, hint, grid = VARIANTS[name]
-            kernels.TUNING.update(table=table, small=small, hint=hint, grid=grid)
+            kernels.TUNING.clear()
+            kernels.TUNING.update(DEFAULTS, **VARIANTS[name])
             k = [0]
 
             def run() -> None:
@@ -100,7 +101,8 @@ def main() -> None:
             row[f"{name}_host_ratio"] = base_host / host
             row[f"{name}_prep_us"] = prep * 1e6
         p = plans[0]
-        kernels.TUNING.update(table="device", small=True, hint=0, grid=0)
+        kernels.TUNING.clear()
+        kernels.TUNING.update(DEFAULTS)
         for r in dst_b:
             r.fill_(0xA5)
         kernels.copy_segments(src, dst, p.region, p.src, p.dst, p.length)

@@ -5,6 +5,7 @@
 #include <pybind11/numpy.h>
 
 #include <algorithm>
+#include <mutex>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -76,12 +77,47 @@ void fill_rows(p2pkv::CopyRow* out, const Side& s, const Side& d, const int64_t*
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// copy(src_bases, src_sizes, dst_bases, dst_sizes, region, src_off|None, dst_off|None, length,
-//      pinned, pinned_cap, dev_table, dev_cap, stream, hint, min_chunk, max_chunk, small, grid) -> rows
-// Returns the rows launched, or -rows when the pinned/device table is too small (nothing launched).
-int64_t copy(I64 src_bases, I64 src_sizes, I64 dst_bases, I64 dst_sizes, I64 region, py::object src_off_obj,
-             py::object dst_off_obj, I64 length, int64_t pinned, int64_t pinned_cap, int64_t dev_table, int64_t dev_cap,
-             int64_t stream_ptr, int hint, int64_t min_chunk, int64_t max_chunk, bool small, int grid) {
+// Side streams that run the pieces of one large copy, so that a piece's tail overlaps the
+// next piece instead of idling the GPU; joined back into the caller's stream.
+constexpr int kSide = 3;
+struct SideStreams {
+  cudaStream_t stream[kSide] = {};
+  cudaEvent_t start = nullptr, done[kSide] = {};
+};
+
+SideStreams& side_streams() {
+  static std::mutex m;
+  static SideStreams per_device[64];
+  int dev = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  if (dev < 0 || dev >= 64) throw std::runtime_error("device index out of range");
+  std::lock_guard<std::mutex> g(m);
+  SideStreams& ss = per_device[dev];
+  if (ss.start == nullptr) {
+    check(cudaEventCreateWithFlags(&ss.start, cudaEventDisableTiming), "cudaEventCreate");
+    for (int j = 0; j < kSide; ++j) {
+      check(cudaStreamCreateWithFlags(&ss.stream[j], cudaStreamNonBlocking), "cudaStreamCreate");
+      check(cudaEventCreateWithFlags(&ss.done[j], cudaEventDisableTiming), "cudaEventCreate");
+    }
+  }
+  return ss;
+}
+
+std::mutex g_copy_mutex;
+
+// copy(src_bases, src_sizes, dst_bases, dst_sizes, region, src_off|None, dst_off|None, length, start, run,
+//      pinned, pinned_rows, stream, hint, min_chunk, max_chunk, small, grid, dry, first_piece, max_piece,
+//      nside) -> (rows, next, run)
+// Copies segments start.. (run: the byte offset of segment `start` in a gather/scatter buffer). Up to
+// kSmallRows rows go in the kernel's parameters. Larger tables are cut into rows in `pinned` (read by
+// the GPU through UVA) piece by piece, each piece launched as soon as it is written, so the host's
+// work overlaps the copy. Stops early when `pinned_rows` is reached: `next` is then the first segment
+// not copied. A bad segment raises ValueError; pieces before it may already have been copied.
+// `dry` does all host work but launches nothing.
+py::tuple copy(I64 src_bases, I64 src_sizes, I64 dst_bases, I64 dst_sizes, I64 region, py::object src_off_obj,
+               py::object dst_off_obj, I64 length, int64_t start, int64_t run, int64_t pinned, int64_t pinned_rows,
+               int64_t stream_ptr, int hint, int64_t min_chunk, int64_t max_chunk, bool small, int grid, bool dry,
+               int64_t first_piece, int64_t max_piece, int nside) {
   const int64_t n = length.size();
   if (region.size() != n) throw std::invalid_argument("region and length arrays differ in size");
   I64 src_off, dst_off;
@@ -96,39 +132,108 @@ int64_t copy(I64 src_bases, I64 src_sizes, I64 dst_bases, I64 dst_sizes, I64 reg
   Side d{dst_bases.data(), dst_sizes.data(), (int64_t)dst_bases.size(), has_dst ? dst_off.data() : nullptr, "destination"};
   const int64_t* reg = region.data();
   const int64_t* len = length.data();
-  const int64_t total = validate(s, d, reg, len, n);
-  if (total == 0) return 0;
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_ptr);
 
-  if (small && n <= p2pkv::kSmallRows) {
+  if (small && start == 0 && n <= p2pkv::kSmallRows) {
+    const int64_t total = validate(s, d, reg, len, n);
+    if (total == 0) return py::make_tuple(0, n, 0);
     // Each segment gets at most kSmallRows / n rows, so the table always fits the kernel parameters.
     int64_t longest = 0;
     for (int64_t i = 0; i < n; ++i) longest = std::max(longest, len[i]);
     const int64_t per = p2pkv::kSmallRows / n;
     const int64_t chunk = std::max({min_chunk, round_up((longest + per - 1) / per, 16), (int64_t)16});
     const int64_t rows = count_rows(len, n, chunk);
-    if (rows <= p2pkv::kSmallRows) {
-      p2pkv::CopyRow buf[p2pkv::kSmallRows];
-      fill_rows(buf, s, d, reg, len, n, chunk);
-      check(p2pkv::launch_small(buf, (int)rows, hint, stream), "p2pkv copy kernel launch");
-      return rows;
+    p2pkv::CopyRow buf[p2pkv::kSmallRows];
+    fill_rows(buf, s, d, reg, len, n, chunk);
+    if (!dry) check(p2pkv::launch_small(buf, (int)rows, hint, stream), "p2pkv copy kernel launch");
+    return py::make_tuple(rows, n, total);
+  }
+  if (start >= n) return py::make_tuple(0, n, run);
+  if (pinned == 0 || pinned_rows <= 0) throw std::invalid_argument("a pinned row table is needed for this copy");
+
+  const int64_t wave = (int64_t)p2pkv::sm_count() * 8;
+  int64_t chunk = max_chunk;
+  if (n - start < wave) {  // few segments: cut them finer so every multiprocessor gets work
+    int64_t total = 0;
+    for (int64_t i = start; i < n; ++i) total += std::max<int64_t>(len[i], 0);
+    chunk = std::min(max_chunk, std::max(min_chunk, round_up((total + wave - 1) / wave, 16)));
+  }
+  std::lock_guard<std::mutex> guard(g_copy_mutex);
+  SideStreams* ss = nullptr;
+  bool used[kSide] = {false, false, false};
+  int next_side = 0;
+  auto* rows = reinterpret_cast<p2pkv::CopyRow*>(pinned);
+  int64_t k = 0, launched = 0, piece = std::max<int64_t>(first_piece, 1), i = start;
+  nside = std::min(std::max(nside, 1), kSide);
+
+  auto launch = [&](bool last) {
+    if (k == launched || dry) {
+      launched = k;
+      return;
     }
+    if (last && ss == nullptr) {  // everything fit in one piece: launch on the caller's stream
+      check(p2pkv::launch_rows(rows + launched, k - launched, grid, hint, stream), "p2pkv copy kernel launch");
+      launched = k;
+      return;
+    }
+    if (ss == nullptr) {
+      ss = &side_streams();
+      check(cudaEventRecord(ss->start, stream), "cudaEventRecord");
+    }
+    const int j = next_side;
+    next_side = (next_side + 1) % nside;
+    if (!used[j]) {
+      check(cudaStreamWaitEvent(ss->stream[j], ss->start, 0), "cudaStreamWaitEvent");
+      used[j] = true;
+    }
+    check(p2pkv::launch_rows(rows + launched, k - launched, grid, hint, ss->stream[j]), "p2pkv copy kernel launch");
+    launched = k;
+  };
+  auto join = [&]() {
+    if (ss == nullptr) return;
+    for (int j = 0; j < kSide; ++j) {
+      if (!used[j]) continue;
+      check(cudaEventRecord(ss->done[j], ss->stream[j]), "cudaEventRecord");
+      check(cudaStreamWaitEvent(stream, ss->done[j], 0), "cudaStreamWaitEvent");
+    }
+  };
+
+  try {
+    for (; i < n; ++i) {
+      const int64_t r = reg[i], l = len[i];
+      const int64_t need = l <= chunk ? 1 : (l + chunk - 1) / chunk;
+      if (k + need > pinned_rows) break;  // the caller continues from segment i with a larger table
+      if (l < 0) throw std::invalid_argument("segment " + std::to_string(i) + " has a negative length " + std::to_string(l));
+      uint64_t addr[2];
+      for (int side = 0; side < 2; ++side) {
+        const Side& sd = side == 0 ? s : d;
+        const int64_t ri = sd.off ? r : 0;
+        const int64_t o = sd.off ? sd.off[i] : run;
+        if (ri < 0 || ri >= sd.n)
+          throw std::invalid_argument("segment " + std::to_string(i) + " names " + sd.name + " region " +
+                                      std::to_string(ri) + ", but only " + std::to_string(sd.n) + " are registered");
+        if (o < 0 || o + l > sd.size[ri])
+          throw std::invalid_argument("segment " + std::to_string(i) + ": " + sd.name + " bytes [" + std::to_string(o) +
+                                      ", " + std::to_string(o + l) + ") run past the end of " + sd.name + " region " +
+                                      std::to_string(ri) + " (" + std::to_string(sd.size[ri]) + " bytes)");
+        addr[side] = (uint64_t)(sd.base[ri] + o);
+      }
+      run += l;
+      for (int64_t o = 0; o < l; o += chunk) {
+        rows[k++] = p2pkv::CopyRow{addr[0] + (uint64_t)o, addr[1] + (uint64_t)o, (uint64_t)std::min(chunk, l - o)};
+      }
+      if (k - launched >= piece && n - i > piece / 2) {
+        launch(false);
+        piece = std::min<int64_t>(piece * 2, std::max(max_piece, piece));
+      }
+    }
+    launch(true);
+  } catch (...) {
+    join();
+    throw;
   }
-  const int64_t target = (int64_t)p2pkv::sm_count() * 8;
-  const int64_t chunk = std::min(max_chunk, std::max(min_chunk, round_up((total + target - 1) / target, 16)));
-  const int64_t rows = count_rows(len, n, chunk);
-  if (rows > pinned_cap || (dev_table && rows > dev_cap)) return -rows;
-  auto* host = reinterpret_cast<p2pkv::CopyRow*>(pinned);
-  fill_rows(host, s, d, reg, len, n, chunk);
-  const p2pkv::CopyRow* table = host;
-  if (dev_table) {
-    check(cudaMemcpyAsync(reinterpret_cast<void*>(dev_table), host, rows * sizeof(p2pkv::CopyRow),
-                          cudaMemcpyHostToDevice, stream),
-          "p2pkv copy table upload");
-    table = reinterpret_cast<const p2pkv::CopyRow*>(dev_table);
-  }
-  check(p2pkv::launch_rows(table, rows, grid, hint, stream), "p2pkv copy kernel launch");
-  return rows;
+  join();
+  return py::make_tuple(k, i, run);
 }
 
 py::tuple ipc_export(int64_t ptr) {
@@ -159,6 +264,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("ROW_BYTES") = (int)sizeof(p2pkv::CopyRow);
   m.attr("SMALL_ROWS") = p2pkv::kSmallRows;
   m.def("copy", &copy, "validate, cut into rows and copy a segment table in one launch");
+
   m.def("sm_count", &p2pkv::sm_count);
   m.def("ipc_export", &ipc_export, "(handle, base, size) of the allocation holding a device pointer");
   m.def("ipc_open", &ipc_open, "map a peer's allocation; returns its base address here");

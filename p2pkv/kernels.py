@@ -20,13 +20,15 @@ __all__ = ["Regions", "gather", "scatter", "copy_segments", "load", "available",
 
 log = logging.getLogger("p2pkv.kernels")
 
-# Knobs of the extension path (the microbench in bench/ sweeps them): where the row table
-# lives ("device": uploaded before the launch; "host": read through UVA from pinned memory),
-# load/store hints (0 plain, 1 streaming), row sizes, and whether tables of up to
-# SMALL_ROWS rows travel inside the kernel's parameters.
-TUNING: dict[str, Any] = {"table": os.environ.get("P2PKV_TABLE", "device"), "hint": int(os.environ.get("P2PKV_HINT", "0")),
+# Knobs of the extension path (the microbench in bench/ sweeps them): load/store hints (0
+# plain, 1 streaming), row sizes, whether tables of up to SMALL_ROWS rows travel inside the
+# kernel's parameters, the grid (0: 8 blocks per multiprocessor, -k: k per multiprocessor)
+# `table_rows` (cap each launch's table, so long requests take several launches: for tests)
+# and `dry` (host work only, nothing launched: to time the host side).
+TUNING: dict[str, Any] = {"hint": int(os.environ.get("P2PKV_HINT", "0")),
                           "min_chunk": 4096, "max_chunk": 65536, "small": os.environ.get("P2PKV_SMALL", "1") == "1",
-                          "grid": int(os.environ.get("P2PKV_GRID", "0"))}
+                          "grid": int(os.environ.get("P2PKV_GRID", "0")), "first_piece": 1024, "max_piece": 16384,
+                          "sides": 2}
 
 _ext: Any = None
 _ext_error: str | None = None
@@ -163,33 +165,32 @@ class Regions:
 # ----------------------------------------------------------------------------------------- tables
 
 class _TablePool:
-    """Pinned (and device) row tables reused once the launch that read them is done."""
+    """Pinned row tables, each reused once the launches that read it are done."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.slots: list[list[Any]] = []  # [pinned tensor, device tensor | None, rows capacity, event | None]
+        self.slots: list[list[Any]] = []  # [pinned tensor, rows capacity, event | None]
         self.next = 0
         self.lock = threading.Lock()
 
-    def acquire(self, rows: int, row_bytes: int, on_device: bool) -> list[Any]:
+    def acquire(self, rows: int, row_bytes: int, exact: bool = False) -> list[Any]:
         for _ in range(len(self.slots)):
             slot = self.slots[self.next]
             self.next = (self.next + 1) % len(self.slots)
-            if slot[3] is None or slot[3].query():
+            if slot[2] is None or slot[2].query():
                 break
         else:
             if len(self.slots) < 4:
-                slot = [None, None, 0, None]
+                slot = [None, 0, None]
                 self.slots.append(slot)
             else:
                 slot = self.slots[self.next]
                 self.next = (self.next + 1) % len(self.slots)
-                slot[3].synchronize()
-        if slot[2] < rows or (on_device and slot[1] is None):
-            cap = max(rows, 1024, slot[2] * 2)
+                slot[2].synchronize()
+        if slot[1] < rows or (exact and slot[1] != rows):
+            cap = rows if exact else max(rows, 4096, slot[1] * 2)
             slot[0] = torch.empty(cap * row_bytes, dtype=torch.uint8, pin_memory=True)
-            slot[1] = torch.empty(cap * row_bytes, dtype=torch.uint8, device=self.device) if on_device else None
-            slot[2] = cap
+            slot[1] = cap
         return slot
 
 
@@ -214,23 +215,27 @@ def _launch(src: Regions, dst: Regions, region: np.ndarray, src_off: np.ndarray 
 def _launch_locked(ext: Any, pool: _TablePool, stream: torch.cuda.Stream, src: Regions, dst: Regions,
                    region: np.ndarray, src_off: np.ndarray | None, dst_off: np.ndarray | None,
                    length: np.ndarray) -> None:
-    on_device = TUNING["table"] == "device"
     args = (src.ptrs, src.sizes, dst.ptrs, dst.sizes, region, src_off, dst_off, length)
-    knobs = (stream.cuda_stream, int(TUNING["hint"]), int(TUNING["min_chunk"]), int(TUNING["max_chunk"]))
-    grid = int(TUNING["grid"])
-    if TUNING["small"] and len(length) <= ext.SMALL_ROWS:
-        if ext.copy(*args, 0, 0, 0, 0, *knobs, True, grid) >= 0:
-            return
-    slot = pool.acquire(max(len(length), 1), ext.ROW_BYTES, on_device)
-    for _ in range(2):
-        dev_ptr = slot[1].data_ptr() if on_device else 0
-        rows = ext.copy(*args, slot[0].data_ptr(), slot[2], dev_ptr, slot[2], *knobs, False, grid)
-        if rows >= 0:
-            break
-        slot = pool.acquire(-rows, ext.ROW_BYTES, on_device)
-    ev = slot[3] or torch.cuda.Event()
-    ev.record(stream)
-    slot[3] = ev
+    t = TUNING
+    knobs = (stream.cuda_stream, int(t["hint"]), int(t["min_chunk"]), int(t["max_chunk"]))
+    tail = (int(t["grid"]), bool(t.get("dry", False)), int(t["first_piece"]), int(t["max_piece"]), int(t["sides"]))
+    n = len(length)
+    if t["small"] and n <= ext.SMALL_ROWS:
+        ext.copy(*args, 0, 0, 0, 0, *knobs, True, *tail)
+        return
+    limit = t.get("table_rows")
+    start, run, want = 0, 0, n + 1024
+    while start < n:
+        slot = pool.acquire(min(want, limit) if limit else want, ext.ROW_BYTES, exact=bool(limit))
+        _, nxt, run = ext.copy(*args, start, run, slot[0].data_ptr(), slot[1], *knobs, False, *tail)
+        ev = slot[2] or torch.cuda.Event()
+        ev.record(stream)
+        slot[2] = ev
+        if nxt == start:
+            limit, want = None, slot[1] * 4
+        else:
+            want = n - nxt + 1024
+        start = nxt
 
 
 # ----------------------------------------------------------------------------------------- fallback

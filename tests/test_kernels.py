@@ -121,15 +121,15 @@ def _fallback_copy(src, dst, segs):
                       kernels._i64(segs.src), kernels._i64(segs.dst), kernels._i64(segs.length), None)
 
 
-TABLE_MODES = [("device", 1, 0), ("device", 0, 0), ("host", 0, 0), ("device", 0, 1)]
+TABLE_MODES = [(1, 0, None), (0, 0, None), (0, 1, None), (0, 0, 37)]  # small tables in parameters, hint, table_rows
 
 
-@pytest.fixture(params=TABLE_MODES, ids=lambda m: f"table={m[0]}-small={m[1]}-hint={m[2]}")
+@pytest.fixture(params=TABLE_MODES, ids=lambda m: f"small={m[0]}-hint={m[1]}-rows={m[2]}")
 def tuning(request, monkeypatch):
-    table, small, hint = request.param
-    monkeypatch.setitem(kernels.TUNING, "table", table)
+    small, hint, rows = request.param
     monkeypatch.setitem(kernels.TUNING, "small", bool(small))
     monkeypatch.setitem(kernels.TUNING, "hint", hint)
+    monkeypatch.setitem(kernels.TUNING, "table_rows", rows)
     return request.param
 
 

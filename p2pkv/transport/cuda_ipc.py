@@ -1,0 +1,360 @@
+"""cuda_ipc backend: P and D on one host (one GPU, or two with peer access). At the
+handshake each side exports CUDA IPC handles of its registered KV memory and an IPC
+event once; a transfer is then one kernel launch by the side that calls it (D pulls
+with `read`, P pushes with `write`), ordered after the peer's last "ready" mark by a
+device-side wait on its IPC event. The control socket carries only the handshake and
+notifications; no payload byte leaves the GPU."""
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from p2pkv import kernels
+from p2pkv.layout import KVCacheSpec
+from p2pkv.segments import Segments
+from p2pkv.transport import BackendUnavailable
+from p2pkv.transport.base import Peer, PeerClosedError, TransferError, TransferHandle, TransferTimeout
+from p2pkv.transport.control import Conn, ControlPlaneTransport
+from p2pkv.wire import FrameType, send_frame
+
+__all__ = ["CudaIpcTransport", "host_id"]
+
+log = logging.getLogger("p2pkv.transport.cuda_ipc")
+
+
+def host_id() -> str:
+    """This machine's identity for the same-host check: hostname plus the kernel's boot id
+    (P2PKV_HOST_ID overrides it, e.g. to test the different-host refusal)."""
+    if os.environ.get("P2PKV_HOST_ID"):
+        return os.environ["P2PKV_HOST_ID"]
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = "?"
+    return f"{socket.gethostname()}/{boot}"
+
+
+class _Mappings:
+    """Process-wide map of opened IPC memory handles with reference counts: a handle may be
+    opened only once per process, and is closed when its last user goes."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.open: dict[bytes, list[int]] = {}
+
+    def acquire(self, ext: Any, handle: bytes) -> int:
+        with self.lock:
+            entry = self.open.get(handle)
+            if entry is None:
+                entry = self.open[handle] = [ext.ipc_open(handle), 0]
+            entry[1] += 1
+            return entry[0]
+
+    def release(self, ext: Any, handle: bytes) -> None:
+        with self.lock:
+            entry = self.open.get(handle)
+            if entry is None:
+                return
+            entry[1] -= 1
+            if entry[1] <= 0:
+                del self.open[handle]
+                ext.ipc_close(entry[0])
+
+
+_MAPPINGS = _Mappings()
+
+
+class _CudaHandle(TransferHandle):
+    """A transfer that is one kernel on a stream: done when its event is."""
+
+    def __init__(self, peer: str, request_id: str | None, nbytes: int, event: torch.cuda.Event,
+                 watcher: "CudaIpcTransport"):
+        super().__init__(peer, request_id, nbytes)
+        self._cuda_event, self._watcher = event, watcher
+
+    def done(self) -> bool:
+        if not self._event.is_set() and self._cuda_event.query():
+            self._finish()
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> None:
+        if not self._event.is_set():
+            ev = self._cuda_event
+            if timeout is None:
+                ev.synchronize()
+            else:
+                deadline = time.perf_counter() + timeout
+                spin_until = time.perf_counter() + 0.002
+                while not ev.query():
+                    now = time.perf_counter()
+                    if now > deadline:
+                        raise TransferTimeout(f"kernel not finished after {timeout:.3g} s", peer=self.peer,
+                                              request_id=self.request_id)
+                    if now > spin_until:
+                        time.sleep(5e-5)
+            self._finish()
+        super().wait(0)
+
+    def add_done_callback(self, fn: Any) -> None:
+        if self.done():
+            fn(self)
+            return
+        super().add_done_callback(fn)
+        self._watcher._watch(self)
+
+
+class CudaIpcTransport(ControlPlaneTransport):
+    """`get_transport("cuda_ipc", listen="127.0.0.1:0", timeout=30, auth_token=None)`; needs CUDA and
+    the p2pkv CUDA extension (built at first use when nvcc is there)."""
+
+    name = "cuda_ipc"
+
+    def __init__(self, **kw: Any):
+        if not torch.cuda.is_available():
+            raise BackendUnavailable(f"cuda_ipc needs a CUDA GPU, and torch {torch.__version__} sees none here; "
+                                     "between CPU processes use 'tcp' (or 'nccl', which runs on gloo for CPU tensors)")
+        self._ext = kernels.load()
+        if self._ext is None:
+            raise BackendUnavailable("cuda_ipc needs the p2pkv CUDA extension, which could not be built or loaded: "
+                                     f"{kernels.unavailable_reason()}; install the CUDA toolkit (nvcc) and ninja, "
+                                     "or build it ahead of time with `python -m p2pkv.kernels build`")
+        super().__init__(**kw)
+        self._host = host_id()
+        self._allocs: list[dict[str, Any]] = []
+        self._region_map: list[list[int]] = []
+        self._local: kernels.Regions | None = None
+        self._ready: torch.cuda.Event | None = None
+        self._baseline_buf: torch.Tensor | None = None
+        self._watch_lock = threading.Lock()
+        self._watching: list[_CudaHandle] = []
+        self._watcher: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ registration and handshake
+    def register(self, tensors: Sequence[torch.Tensor], spec: KVCacheSpec | None = None) -> KVCacheSpec:
+        tensors = list(tensors)
+        devs = {str(t.device) for t in tensors}
+        if any(t.device.type != "cuda" for t in tensors):
+            raise ValueError(f"cuda_ipc registers CUDA tensors only; got tensors on {sorted(devs)} "
+                             "(use 'tcp' for host memory)")
+        spec = super().register(tensors, spec)
+        with torch.cuda.device(self.device):
+            allocs: dict[int, int] = {}
+            self._allocs, self._region_map = [], []
+            for r in self.regions:
+                ptr = r.data_ptr()
+                try:
+                    handle, base, size = self._ext.ipc_export(ptr)
+                except RuntimeError as e:
+                    raise ValueError(f"cuda_ipc cannot export the KV memory at {ptr:#x} on {self.device}: {e} "
+                                     "(memory from torch's caching allocator or cudaMalloc works; expandable "
+                                     "segments and cuMemCreate pools do not)") from None
+                if base not in allocs:
+                    allocs[base] = len(self._allocs)
+                    self._allocs.append({"handle": handle, "base": base, "size": size})
+                self._region_map.append([allocs[base], ptr - base, r.numel(), ptr])
+            self._local = kernels.Regions.of(self.regions)
+            self._ready = torch.cuda.Event(interprocess=True)
+            self._ready.record(torch.cuda.current_stream(self.device))
+        return spec
+
+    def _hello_extra(self) -> dict[str, Any]:
+        assert self._ready is not None
+        props = torch.cuda.get_device_properties(self.device)
+        return {"host": self._host, "pid": os.getpid(), "device_uuid": str(props.uuid), "device_name": props.name,
+                "allocs": [{"handle": a["handle"], "size": a["size"]} for a in self._allocs],
+                "regions": self._region_map, "event": bytes(self._ready.ipc_handle())}
+
+    def _peer_device(self, info: dict[str, Any]) -> int:
+        uuid = info.get("device_uuid")
+        for i in range(torch.cuda.device_count()):
+            if str(torch.cuda.get_device_properties(i).uuid) == uuid:
+                return i
+        raise ValueError(f"cuda_ipc: the peer's GPU {info.get('device_name', '?')} ({uuid}) is not visible in this "
+                         f"process (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); both "
+                         "processes must see each other's GPU")
+
+    def _check_peer(self, info: dict[str, Any]) -> None:
+        super()._check_peer(info)
+        if info.get("host") != self._host:
+            raise ValueError(f"cuda_ipc needs P and D on one host: local host {self._host!r}, peer host "
+                             f"{info.get('host')!r}; use 'tcp', 'ucx' or 'nccl' between hosts")
+        peer_dev = self._peer_device(info)
+        local = self.device.index
+        if peer_dev != local and not torch.cuda.can_device_access_peer(local, peer_dev):
+            raise ValueError(f"cuda_ipc: GPU {local} here cannot access the peer's GPU {peer_dev} (no peer access "
+                             "between them); use 'nccl' or 'tcp'")
+        allocs, regions = info.get("allocs"), info.get("regions")
+        if not isinstance(allocs, list) or not isinstance(regions, list) or len(regions) != len(self.regions):
+            raise ValueError("cuda_ipc: the peer's handshake lacks its IPC handles or region table")
+        for i, entry in enumerate(regions):
+            a, off, nbytes = int(entry[0]), int(entry[1]), int(entry[2])
+            if not 0 <= a < len(allocs) or off < 0 or off + nbytes > int(allocs[a]["size"]):
+                raise ValueError(f"cuda_ipc: the peer's region {i} does not lie inside the memory it exported")
+
+    def _on_connect(self, conn: Conn) -> None:
+        info = conn.peer.info
+        same_process = info.get("pid") == os.getpid()
+        handles: list[bytes] = []
+        try:
+            with torch.cuda.device(self.device):
+                if same_process:
+                    ptrs = [int(r[3]) for r in info["regions"]]
+                else:
+                    bases = []
+                    for a in info["allocs"]:
+                        bases.append(_MAPPINGS.acquire(self._ext, bytes(a["handle"])))
+                        handles.append(bytes(a["handle"]))
+                    ptrs = [bases[int(r[0])] + int(r[1]) for r in info["regions"]]
+                    conn.extra["peer_alloc_bases"] = bases
+                conn.extra["peer"] = kernels.Regions.from_ptrs(ptrs, [int(r[2]) for r in info["regions"]], self.device)
+                conn.extra["handles"] = handles
+                conn.extra["event"] = (None if same_process else
+                                       torch.cuda.Event.from_ipc_handle(self.device, bytes(info["event"])))
+        except Exception as e:
+            for h in handles:
+                _MAPPINGS.release(self._ext, h)
+            conn.close()
+            raise PeerClosedError(f"cuda_ipc cannot map the peer's KV memory: {e}", peer=conn.peer.name) from None
+
+    def _on_disconnect(self, conn: Conn) -> None:
+        handles = conn.extra.pop("handles", [])
+        conn.extra.pop("peer", None)
+        conn.extra.pop("event", None)
+        if handles:
+            with torch.cuda.device(self.device):
+                torch.cuda.current_stream(self.device).synchronize()
+                for h in handles:
+                    _MAPPINGS.release(self._ext, h)
+
+    # ------------------------------------------------------------------ transfers
+    def _send_data(self, conn: Conn, region: np.ndarray, off: np.ndarray, length: np.ndarray, request_id: Any) -> None:
+        raise TransferError("cuda_ipc moves no payload over the control socket", peer=conn.peer.name,
+                            request_id=request_id)
+
+    _recv_data = _send_data
+
+    def mark_ready(self) -> None:
+        """Record "my KV writes so far are done" on the current stream; the peer's next copy waits for it on
+        the device (also done by `send_notif`, so a notif that says "blocks ready" carries the ordering)."""
+        assert self._ready is not None
+        self._ready.record(torch.cuda.current_stream(self.device))
+
+    def _live(self, peer: Peer | str) -> Conn:
+        conn = self._conn(peer)
+        if conn.dead is None:
+            try:  # the control socket of an idle cuda_ipc peer only becomes readable when the peer goes away
+                if select.select([conn.sock], [], [], 0)[0] and conn.sock.recv(1, socket.MSG_PEEK) == b"":
+                    self._drop(conn, PeerClosedError("peer closed", peer=conn.peer.name))
+            except OSError as e:
+                self._drop(conn, PeerClosedError(f"connection lost: {e}", peer=conn.peer.name))
+        if conn.dead is not None or "peer" not in conn.extra:
+            raise PeerClosedError(f"connection is down ({conn.dead})", peer=conn.peer.name)
+        return conn
+
+    def _launch(self, conn: Conn, segments: Segments, pull: bool, request_id: str | None) -> torch.cuda.Event:
+        peer_regions: kernels.Regions = conn.extra["peer"]
+        local = self._local
+        assert local is not None
+        if self.device.index != torch.cuda.current_device():
+            with torch.cuda.device(self.device):
+                return self._launch(conn, segments, pull, request_id)
+        stream = torch.cuda.current_stream(self.device)
+        if conn.extra["event"] is not None:
+            stream.wait_event(conn.extra["event"])
+        src, dst = (peer_regions, local) if pull else (local, peer_regions)
+        try:
+            kernels.copy_segments(src, dst, segments.region, segments.src, segments.dst, segments.length, stream=stream)
+        except ValueError as e:
+            side = "peer's" if pull else "local"
+            raise ValueError(f"request {request_id!r} with peer {conn.peer.name}: {e} (source = {side} regions)") from None
+        done = torch.cuda.Event()
+        done.record(stream)
+        return done
+
+    def read(self, peer: Peer | str, segments: Segments, request_id: str | None = None) -> TransferHandle:
+        conn = self._live(peer)
+        done = self._launch(conn, segments, True, request_id)
+        return _CudaHandle(conn.peer.name, request_id, segments.nbytes, done, self)
+
+    def write(self, peer: Peer | str, segments: Segments, request_id: str | None = None,
+              notify: dict[str, Any] | None = None) -> TransferHandle:
+        conn = self._live(peer)
+        done = self._launch(conn, segments, False, request_id)
+        if notify is None:
+            return _CudaHandle(conn.peer.name, request_id, segments.nbytes, done, self)
+
+        def tell(c: Conn) -> None:
+            done.synchronize()
+            send_frame(c.sock, FrameType.NOTIF, {"msg": notify})
+        return self._submit(conn, tell, request_id, segments.nbytes)
+
+    def send_notif(self, peer: Peer | str, message: dict[str, Any]) -> None:
+        self.mark_ready()
+        super().send_notif(peer, message)
+
+    def baseline(self, peer: Peer | str, nbytes: int, iters: int = 1) -> float:
+        """Seconds for one contiguous device-to-device copy of `nbytes` (cudaMemcpy via torch), from the
+        peer's mapped memory when one of its allocations is large enough, else within local memory."""
+        conn = self._live(peer)
+        nbytes = int(nbytes)
+        with torch.cuda.device(self.device):
+            if self._baseline_buf is None or self._baseline_buf.numel() != nbytes:
+                self._baseline_buf = None
+                self._baseline_buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            dst = self._baseline_buf
+            src = None
+            bases = conn.extra.get("peer_alloc_bases")
+            if bases:
+                sizes = [int(a["size"]) for a in conn.peer.info["allocs"]]
+                big = [b for b, s in zip(bases, sizes) if s >= nbytes]
+                if big:
+                    src = kernels.Regions.from_ptrs([big[0]], [nbytes], self.device).tensors[0]
+            if src is None:
+                src = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            stream = torch.cuda.current_stream(self.device)
+            dst.copy_(src)
+            stream.synchronize()
+            times = []
+            for _ in range(max(1, iters)):
+                t0 = time.perf_counter()
+                dst.copy_(src)
+                stream.synchronize()
+                times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
+    # ------------------------------------------------------------------ callbacks and teardown
+    def _watch(self, h: _CudaHandle) -> None:
+        with self._watch_lock:
+            self._watching.append(h)
+            if self._watcher is None or not self._watcher.is_alive():
+                self._watcher = threading.Thread(target=self._watch_loop, name="p2pkv-cuda_ipc-watch", daemon=True)
+                self._watcher.start()
+
+    def _watch_loop(self) -> None:
+        while True:
+            with self._watch_lock:
+                pending = [h for h in self._watching if not h.done()]
+                self._watching = pending
+                if not pending:
+                    self._watcher = None
+                    return
+            time.sleep(1e-4)
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        if self.tensors:
+            try:
+                torch.cuda.current_stream(self.device).synchronize()
+            except RuntimeError as e:
+                log.warning("cuda_ipc: synchronizing before close failed: %s", e)
+        super().close()

@@ -1,0 +1,197 @@
+"""cuda_ipc backend: the CPU-only refusal (in CI), and on a GPU two processes moving
+KV blocks byte-exact by pull and by push, the same-host / peer-loss / bounds errors,
+and the raw baseline."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from p2pkv import kernels
+from p2pkv.layout import plan_segments
+from p2pkv.transport import BackendUnavailable, get_transport
+from p2pkv.transport.base import PeerClosedError
+from p2pkv.transport.cuda_ipc import host_id
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from cuda_ipc_peer import build  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not CUDA or kernels.load() is None,
+                         reason="needs a CUDA device and the built extension "
+                                f"({kernels.unavailable_reason() if CUDA else 'no CUDA device here'})")
+
+
+def test_cpu_only_machine_gets_a_clear_error():
+    if CUDA:
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(BackendUnavailable, match="cuda_ipc needs a CUDA GPU.*use 'tcp'"):
+        get_transport("cuda_ipc")
+
+
+def test_host_id_names_host_and_boot(monkeypatch):
+    assert "/" in host_id()
+    monkeypatch.setenv("P2PKV_HOST_ID", "elsewhere")
+    assert host_id() == "elsewhere"
+
+
+@contextmanager
+def peer(cfg: dict, env: dict | None = None):
+    import os
+    proc = subprocess.Popen([sys.executable, str(HERE / "cuda_ipc_peer.py"), json.dumps(cfg)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+    try:
+        line = proc.stdout.readline().strip()
+        if not line.startswith("ADDR "):
+            raise RuntimeError(f"cuda_ipc peer failed to start: {line!r}")
+        yield proc, line[5:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=20)
+
+
+def ask(proc, line: str) -> str:
+    proc.stdin.write(line + "\n")
+    proc.stdin.flush()
+    return proc.stdout.readline().strip()
+
+
+def expected(src_t, dst_t, layout, sb, db):
+    bdim = 1 if layout == "vllm" else 0
+    out = []
+    for s, d in zip(src_t, dst_t):
+        e = d.view(torch.uint8).clone()
+        e.index_copy_(bdim, torch.as_tensor(db, device=e.device), s.view(torch.uint8).index_select(bdim, torch.as_tensor(sb, device=e.device)))
+        out.append(e)
+    return out
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("layout,dtype", [("vllm", "bf16"), ("block_first", "fp16"), ("cross_layer", "fp32"),
+                                          ("mla", "bf16"), ("vllm_cpu", "int8")])
+def test_pull_two_processes_byte_exact(layout, dtype):
+    cfg = {"layout": layout, "dtype": dtype, "seed": 5, "blocks": 40}
+    with peer(cfg) as (proc, addr):
+        p_t, _ = build(cfg)
+        d_t, d_spec = build({**cfg, "seed": 9})
+        before = [t.clone() for t in d_t]
+        tr = get_transport("cuda_ipc")
+        try:
+            tr.register(d_t, d_spec)
+            pr = tr.connect(addr)
+            rng = np.random.default_rng(1)
+            for n in (1, 7, 30):
+                sb, db = rng.choice(40, n, replace=False), rng.choice(40, n, replace=False)
+                segs = plan_segments(pr.spec, d_spec, sb, db)
+                tr.read(pr, segs, request_id=f"r{n}").wait(30)
+                want = expected(p_t, before, layout, sb, db)
+                for got, exp in zip(d_t, want):
+                    assert torch.equal(got.view(torch.uint8), exp)
+                before = [t.clone() for t in d_t]
+            assert ask(proc, "mark") == "MARKED"
+        finally:
+            tr.close()
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.timeout(120)
+def test_push_with_notify_two_processes(tmp_path):
+    cfg = {"layout": "vllm", "dtype": "bf16", "seed": 3, "blocks": 64, "fill": "zeros"}
+    with peer(cfg) as (proc, addr):
+        p_t, p_spec = build({**cfg, "seed": 8, "fill": "random"})
+        d_before, _ = build(cfg)
+        tr = get_transport("cuda_ipc")
+        try:
+            tr.register(p_t, p_spec)
+            dp = tr.connect(addr)
+            rng = np.random.default_rng(2)
+            sb, db = rng.choice(64, 50, replace=False), rng.choice(64, 50, replace=False)
+            segs = plan_segments(p_spec, dp.spec, sb, db)
+            tr.write(dp, segs, request_id="push-1", notify={"done": "push-1"}).wait(30)
+            assert json.loads(ask(proc, "notif")[6:]) == {"done": "push-1"}
+            assert ask(proc, f"dump {tmp_path / 'd.bin'}") == "DUMPED"
+            got = np.frombuffer((tmp_path / "d.bin").read_bytes(), dtype=np.uint8)
+            want = torch.cat([e.reshape(-1) for e in expected(p_t, d_before, "vllm", sb, db)]).cpu().numpy()
+            assert np.array_equal(got, want)
+        finally:
+            tr.close()
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.timeout(120)
+def test_errors_bounds_peer_loss_and_other_host():
+    cfg = {"layout": "vllm", "dtype": "bf16", "seed": 5, "blocks": 16}
+    d_t, d_spec = build({**cfg, "seed": 1})
+    with get_transport("cuda_ipc") as cpu_tr, pytest.raises(ValueError, match="CUDA tensors only"):
+        cpu_tr.register([t.cpu() for t in d_t], d_spec)
+    with peer(cfg, env={"P2PKV_HOST_ID": "some-other-host"}) as (_, addr):
+        tr = get_transport("cuda_ipc", timeout=10)
+        try:
+            tr.register(d_t, d_spec)
+            with pytest.raises(Exception, match="needs P and D on one host"):
+                tr.connect(addr)
+        finally:
+            tr.close()
+    with peer(cfg) as (proc, addr):
+        tr = get_transport("cuda_ipc", timeout=10)
+        try:
+            tr.register(d_t, d_spec)
+            pr = tr.connect(addr)
+            segs = plan_segments(pr.spec, d_spec, [1, 2], [3, 4])
+            bad = type(segs)(segs.region, segs.src + (1 << 30), segs.dst, segs.length)
+            with pytest.raises(ValueError, match="request 'bad'.*run past the end of source region"):
+                tr.read(pr, bad, request_id="bad")
+            tr.read(pr, segs, request_id="ok").wait(30)
+            assert tr.baseline(pr, 1 << 20, 3) > 0
+            proc.kill()
+            proc.wait(timeout=20)
+            import time
+            deadline = time.time() + 10
+            with pytest.raises(PeerClosedError, match="peer"):
+                while time.time() < deadline:
+                    tr.read(pr, segs, request_id="after-death").wait(10)
+                    time.sleep(0.05)
+        finally:
+            tr.close()
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.timeout(60)
+def test_same_process_pair_uses_direct_pointers():
+    cfg = {"layout": "block_first", "dtype": "bf16", "seed": 2, "blocks": 20}
+    p_t, p_spec = build(cfg)
+    d_t, d_spec = build({**cfg, "seed": 4})
+    before = [t.clone() for t in d_t]
+    p, d = get_transport("cuda_ipc"), get_transport("cuda_ipc")
+    try:
+        p.register(p_t, p_spec)
+        d.register(d_t, d_spec)
+        pr = d.connect(p.address)
+        segs = plan_segments(p_spec, d_spec, [0, 5, 6], [1, 2, 19])
+        h = d.read(pr, segs, request_id="same")
+        seen = []
+        h.add_done_callback(lambda hh: seen.append(hh.request_id))
+        h.wait(10)
+        for got, exp in zip(d_t, expected(p_t, before, "block_first", [0, 5, 6], [1, 2, 19])):
+            assert torch.equal(got.view(torch.uint8), exp)
+        import time
+        deadline = time.time() + 5
+        while not seen and time.time() < deadline:
+            time.sleep(0.01)
+        assert seen == ["same"]
+    finally:
+        d.close()
+        p.close()
