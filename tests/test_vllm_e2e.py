@@ -107,6 +107,73 @@ def test_settings_refuse_unknown_keys_and_modes():
         Settings.from_extra({"mode": "teleport"})
 
 
+def fake_connector(role: str, mode: str = "pull", **extra):
+    """The adapter's scheduler half with stand-ins for vLLM's config objects (no engine)."""
+    from types import SimpleNamespace as NS
+
+    from vllm.config import KVTransferConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    from p2pkv.integrations.vllm import P2pKvConnector
+    kv = KVTransferConfig(kv_connector="P2pKvConnector", kv_role=role,
+                          kv_connector_extra_config={"mode": mode, "advertise": "10.0.0.1:7100", **extra})
+    cfg = NS(kv_transfer_config=kv, cache_config=NS(block_size=BLOCK),
+             parallel_config=NS(tensor_parallel_size=1, pipeline_parallel_size=1))
+    return P2pKvConnector(cfg, KVConnectorRole.SCHEDULER, NS(kv_cache_groups=[object()]))
+
+
+def fake_request(n_prompt: int, params: dict, status=None, computed: int = 0):
+    from types import SimpleNamespace as NS
+    return NS(request_id="req-1", kv_transfer_params=params, num_prompt_tokens=n_prompt, status=status,
+              num_computed_tokens=computed)
+
+
+def fake_blocks(ids: list[int], cached: int):
+    from types import SimpleNamespace as NS
+    return NS(blocks=([NS(block_id=b, block_hash=("h", b) if i < cached else None, is_null=False)
+                       for i, b in enumerate(ids)],))
+
+
+def test_producer_holds_the_prompt_blocks_and_names_them_for_d():
+    from vllm.v1.request import RequestStatus
+    c = fake_connector("kv_producer")
+    req = fake_request(70, {"do_remote_decode": True}, RequestStatus.FINISHED_LENGTH_CAPPED, computed=70)
+    delay, params = c.request_finished(req, [11, 12, 13, 14])
+    assert delay and params == {"do_remote_prefill": True, "do_remote_decode": False, "transfer_mode": "pull",
+                                "remote_address": "10.0.0.1:7100", "remote_request_id": "req-1",
+                                "remote_block_ids": [11, 12, 13], "remote_num_tokens": 70}
+    assert c.build_connector_meta(None).saves == [{"req": "req-1", "key": "req-1", "blocks": [11, 12, 13]}]
+    aborted = fake_request(70, {"do_remote_decode": True}, RequestStatus.FINISHED_ABORTED, computed=70)
+    assert c.request_finished(aborted, [1, 2, 3]) == (False, None)
+
+
+def test_consumer_loads_only_what_its_prefix_cache_lacks():
+    c = fake_connector("kv_consumer")
+    params = {"do_remote_prefill": True, "transfer_mode": "pull", "remote_address": "10.0.0.1:7100",
+              "remote_request_id": "p-7", "remote_block_ids": [21, 22, 23], "remote_num_tokens": 70}
+    req = fake_request(70, params)
+    assert c.get_num_new_matched_tokens(req, 32) == (38, True)
+    c.update_state_after_alloc(req, fake_blocks([5, 6, 7], cached=1), 38)
+    load, = c.build_connector_meta(None).loads
+    assert load == {"req": "req-1", "key": "p-7", "peer": "10.0.0.1:7100", "offset": 1, "blocks": [6, 7],
+                    "remote_blocks": [22, 23]}
+    assert c.get_num_new_matched_tokens(req, 0) == (0, False)
+
+
+def test_push_consumer_sends_its_blocks_and_an_abort_releases_p():
+    c = fake_connector("kv_consumer", mode="push")
+    params = {"do_remote_prefill": True, "transfer_mode": "push", "remote_address": "10.0.0.1:7100",
+              "transfer_id": "x-1"}
+    req = fake_request(100, params)
+    assert c.get_num_new_matched_tokens(req, 64) == (36, True)
+    c.update_state_after_alloc(req, fake_blocks([8, 9, 10, 11], cached=2), 36)
+    load, = c.build_connector_meta(None).loads
+    assert (load["key"], load["offset"], load["blocks"]) == ("x-1", 2, [10, 11])
+    gone = fake_request(100, dict(params, do_remote_prefill=True))
+    assert c.request_finished(gone, []) == (False, None)
+    assert c.build_connector_meta(None).discards == [{"peer": "10.0.0.1:7100", "key": "x-1"}]
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
