@@ -76,7 +76,7 @@ def run_p(configs: list[dict]) -> None:
     transports = []
     for c in configs:
         tensors, spec = build(c["layout"], c["dtype"], c["shape"], c["seed"])
-        tr = get_transport("ucx", timeout=60)
+        tr = get_transport("ucx", timeout=60, path=c["path"])
         tr.register(tensors, spec)
         transports.append((tr, tensors))
         print(f"ADDR {tr.address}", flush=True)
@@ -144,7 +144,7 @@ def check_layouts(p: PeerP, configs: list[dict], rng: np.random.Generator) -> li
         mine, spec = build(c["layout"], c["dtype"], c["shape"], c["seed"] + 1000)
         theirs, _ = build(c["layout"], c["dtype"], c["shape"], c["seed"])
         nb = c["shape"]["num_blocks"]
-        with get_transport("ucx", timeout=60) as tr:
+        with get_transport("ucx", timeout=60, path=c["path"]) as tr:
             tr.register(mine, spec)
             peer = tr.connect(addr)
             n = int(rng.integers(1, nb // 2))
@@ -162,9 +162,9 @@ def check_layouts(p: PeerP, configs: list[dict], rng: np.random.Generator) -> li
             ia, ic = (torch.as_tensor(x, device=DEV) for x in (a, cc))
             write_ok = all(torch.equal(t.view(torch.uint8).index_select(bd, ia), t.view(torch.uint8).index_select(bd, ic))
                            for t in mine)
-        rows.append({"layout": c["layout"], "dtype": c["dtype"], "blocks": n, "read_exact": read_ok,
-                     "write_exact": write_ok})
-        print(f"  {c['layout']:>12} {c['dtype']:>5}: read {'ok' if read_ok else 'MISMATCH'}, "
+        rows.append({"path": c["path"], "layout": c["layout"], "dtype": c["dtype"], "blocks": n,
+                     "read_exact": read_ok, "write_exact": write_ok})
+        print(f"  {c['path']:>6} {c['layout']:>12} {c['dtype']:>5}: read {'ok' if read_ok else 'MISMATCH'}, "
               f"write {'ok' if write_ok else 'MISMATCH'}", flush=True)
     return rows
 
@@ -185,9 +185,10 @@ def bench(p: PeerP, cfg: dict, addr: str, tokens_list: list[int], iters: int, rn
     theirs, _ = build(cfg["layout"], cfg["dtype"], cfg["shape"], cfg["seed"])
     nb = cfg["shape"]["num_blocks"]
     rows = []
-    with get_transport("ucx", timeout=120) as tr:
+    with get_transport("ucx", timeout=120, path=cfg["path"]) as tr:
         tr.register(mine, spec)
         peer = tr.connect(addr)
+        print(f" path {tr.path}:", flush=True)
         for tokens in tokens_list:
             nblk = -(-tokens // cfg["shape"]["block_size"])
             plans = []
@@ -211,7 +212,7 @@ def bench(p: PeerP, cfg: dict, addr: str, tokens_list: list[int], iters: int, rn
             d2d = timed(lambda: b.copy_(a), iters + 1)[1:]
             del a, b
             gbps = nbytes / statistics.median(lat) / 1e9
-            row = {"tokens": tokens, "bytes": nbytes, "segments": len(plans[-1][2]), "gbps": round(gbps, 3),
+            row = {"path": tr.path, "tokens": tokens, "bytes": nbytes, "segments": len(plans[-1][2]), "gbps": round(gbps, 3),
                    "ucxx_contiguous_gbps": round(nbytes / statistics.median(base) / 1e9, 3),
                    "d2d_copy_gbps": round(nbytes / statistics.median(d2d) / 1e9, 3),
                    "p50_ms": round(float(np.percentile(lat, 50)) * 1e3, 3),
@@ -231,6 +232,7 @@ def main() -> int:
     ap.add_argument("--role", choices=["p"])
     ap.add_argument("--tokens", type=int, nargs="+", default=[64, 512, 2048, 4096, 32768])
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--paths", nargs="+", default=["staged", "put"], help="ucx data paths to check and time")
     args, rest = ap.parse_known_args()
     if args.role == "p":
         run_p(json.loads(args.out if args.out else rest[0]))
@@ -242,21 +244,33 @@ def main() -> int:
     from p2pkv.transport.ucx import describe
     info = {"device": torch.cuda.get_device_name(0) if DEV.startswith("cuda") else "cpu", "torch": torch.__version__, "describe": describe()}
     print(json.dumps(info, indent=1), flush=True)
-    checks = [{"layout": lay, "dtype": dt, "shape": SMALL, "seed": i} for i, (lay, dt) in
-              enumerate((lay, dt) for lay in PRESETS for dt in DTYPES)]
-    perf = {"layout": "vllm", "dtype": "bf16", "shape": perf_shape(max(args.tokens)), "seed": 99}
+    if "staged" in args.paths and DEV.startswith("cuda"):
+        from p2pkv import kernels
+        info["kernels"] = "loaded" if kernels.available() else f"unavailable: {kernels.unavailable_reason()}"
+        print(f"p2pkv CUDA kernels: {info['kernels']}", flush=True)
+        if not kernels.available():
+            args.paths = [p for p in args.paths if p != "staged"]
+    checks = [{"layout": lay, "dtype": dt, "shape": SMALL, "seed": i, "path": path} for path in args.paths
+              for i, (lay, dt) in enumerate((lay, dt) for lay in PRESETS for dt in DTYPES)]
+    perfs = [{"layout": "vllm", "dtype": "bf16", "shape": perf_shape(max(args.tokens)), "seed": 99, "path": path}
+             for path in args.paths]
     rng = np.random.default_rng(0)
-    p = PeerP(checks + [perf])
+    t0 = time.time()
+    p = PeerP(checks + perfs)
+    info["results"] = []
     try:
-        print("byte-exact checks (2 processes on cuda:0):", flush=True)
+        print(f"P ready after {time.time() - t0:.1f} s; byte-exact checks (2 processes on {DEV}):", flush=True)
         info["checks"] = check_layouts(p, checks, rng)
-        print("reads, default shape (32 layers, 8 kv heads, head 128, block 16, bf16):", flush=True)
-        info["results"] = bench(p, perf, p.addrs[-1], sorted(args.tokens), args.iters, rng)
+        print(f"reads, default shape (32 layers, 8 kv heads, head 128, block 16, bf16) at {time.time() - t0:.1f} s:",
+              flush=True)
+        for cfg, addr in zip(perfs, p.addrs[len(checks):]):
+            info["results"] += bench(p, cfg, addr, sorted(args.tokens), args.iters, rng)
     finally:
         p.stop()
         info["proto_info"] = p.proto_tables()
         print("UCX_PROTO_INFO (P, the side that puts):\n  " + "\n  ".join(info["proto_info"]), flush=True)
         (out / "ucx_gpu.json").write_text(json.dumps(info, indent=1))
+    print(f"done after {time.time() - t0:.1f} s", flush=True)
     ok = all(c["read_exact"] and c["write_exact"] for c in info["checks"]) and \
         all(r["verified"] is not False for r in info["results"])
     print("ALL BYTE-EXACT" if ok else "MISMATCH FOUND", flush=True)

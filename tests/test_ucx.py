@@ -37,18 +37,23 @@ def _cache(layout="vllm", **kw):
     return make_kv_caches(layout, **args)
 
 
+STAGED = {"path": "staged", "staging_bytes": 1 << 16}
+PATH_OPTIONS = [pytest.param({"path": "put"}, id="put"), pytest.param(STAGED, id="staged")]
+
+
 @needs_ucxx
 @pytest.mark.timeout(120)
-def test_read_every_layout_is_byte_exact_and_leaves_other_blocks_alone():
+@pytest.mark.parametrize("opts", PATH_OPTIONS)
+def test_read_every_layout_is_byte_exact_and_leaves_other_blocks_alone(opts):
     configs = [{"layout": lay, "dtype": dt, "seed": i} for i, (lay, dt) in
                enumerate((lay, dt) for lay in PRESETS for dt in DTYPES)]
     rng = np.random.default_rng(0)
-    with peer_process("ucx", configs) as p:
+    with peer_process("ucx", configs, opts) as p:
         for cfg, addr in zip(configs, p.addresses):
             d_tensors, d_spec = local_cache(cfg)
             before = [t.clone() for t in d_tensors]
             p_tensors, _ = build(cfg)
-            with get_transport("ucx", timeout=20) as tr:
+            with get_transport("ucx", timeout=20, **opts) as tr:
                 tr.register(d_tensors, d_spec)
                 peer = tr.connect(addr)
                 n = int(rng.integers(1, 12))
@@ -59,13 +64,14 @@ def test_read_every_layout_is_byte_exact_and_leaves_other_blocks_alone():
 
 @needs_ucxx
 @pytest.mark.timeout(90)
+@pytest.mark.parametrize("opts", PATH_OPTIONS)
 @pytest.mark.parametrize("layout", PRESETS)
-def test_write_lands_in_exactly_the_destination_blocks(tmp_path, layout):
+def test_write_lands_in_exactly_the_destination_blocks(tmp_path, layout, opts):
     cfg = {"layout": layout, "dtype": "bf16", "seed": 5}
-    with peer_process("ucx", [cfg]) as p:
+    with peer_process("ucx", [cfg], opts) as p:
         mine, spec = local_cache(cfg, seed=99)
         theirs_before, _ = build(cfg)
-        with get_transport("ucx", timeout=20) as tr:
+        with get_transport("ucx", timeout=20, **opts) as tr:
             tr.register(mine, spec)
             peer = tr.connect(p.addresses[0])
             src, dst = [3, 4, 5, 17], [20, 2, 9, 10]
@@ -78,13 +84,14 @@ def test_write_lands_in_exactly_the_destination_blocks(tmp_path, layout):
 
 @needs_ucxx
 @pytest.mark.timeout(60)
-def test_concurrent_requests_to_one_peer_do_not_mix():
+@pytest.mark.parametrize("opts", PATH_OPTIONS)
+def test_concurrent_requests_to_one_peer_do_not_mix(opts):
     cfg = {"layout": "block_first", "dtype": "fp16", "seed": 3, "blocks": 64}
-    with peer_process("ucx", [cfg]) as p:
+    with peer_process("ucx", [cfg], opts) as p:
         d, spec = local_cache(cfg)
         before = [t.clone() for t in d]
         ptens, _ = build(cfg)
-        with get_transport("ucx", timeout=20) as tr:
+        with get_transport("ucx", timeout=20, **opts) as tr:
             tr.register(d, spec)
             peer = tr.connect(p.addresses[0])
             perm = np.random.default_rng(1).permutation(64)
@@ -99,6 +106,99 @@ def test_concurrent_requests_to_one_peer_do_not_mix():
                 h.wait(20)
                 assert h.done() and h.error is None
         assert_same(d, expected_after("block_first", before, ptens, src_all, dst_all))
+
+
+@needs_ucxx
+@pytest.mark.timeout(60)
+def test_staged_requests_of_many_chunks_both_directions_between_two_processes(tmp_path):
+    """Larger blocks and 64 KiB slots: a request is dozens of chunks through the two-slot ring each way."""
+    cfg = {"layout": "vllm", "dtype": "bf16", "seed": 4, "layers": 4, "blocks": 64, "block_size": 16, "heads": 4,
+           "head_size": 64}
+    with peer_process("ucx", [cfg], STAGED) as p:
+        d, spec = local_cache(cfg)
+        before = [t.clone() for t in d]
+        ptens, _ = build(cfg)
+        rng = np.random.default_rng(7)
+        src, dst = rng.choice(64, 40, replace=False), rng.choice(64, 40, replace=False)
+        with get_transport("ucx", timeout=20, **STAGED) as tr:
+            tr.register(d, spec)
+            peer = tr.connect(p.addresses[0])
+            tr.read(peer, plan_segments(peer.spec, spec, src, dst), "many-chunks").wait(20)
+            assert_same(d, expected_after("vllm", before, ptens, src, dst))
+            back = rng.choice(64, 30, replace=False)
+            tr.write(peer, plan_segments(spec, peer.spec, dst[:30], back), "many-back").wait(20)
+            raw = p.dump(0, tmp_path / "p.bin")
+        expect = expected_after("vllm", ptens, d, dst[:30], back)
+        assert torch.equal(torch.frombuffer(bytearray(raw), dtype=torch.uint8),
+                           torch.cat([e.reshape(-1) for e in expect]))
+
+
+@needs_ucxx
+@pytest.mark.timeout(60)
+def test_staged_reads_in_both_directions_at_once_do_not_deadlock_or_mix():
+    a, b = get_transport("ucx", timeout=10, **STAGED), get_transport("ucx", timeout=10, **STAGED)
+    try:
+        shape = dict(num_layers=2, num_blocks=64, block_size=16, num_kv_heads=4, head_size=64)
+        ta, sa = _cache(fill="random", generator=torch.Generator().manual_seed(1), **shape)
+        tb, sb = _cache(fill="random", generator=torch.Generator().manual_seed(2), **shape)
+        a0, b0 = [t.clone() for t in ta], [t.clone() for t in tb]
+        a.register(ta, sa)
+        b.register(tb, sb)
+        pa, pb = b.connect(a.address), a.connect(b.address)
+        hs = []
+        for r in range(4):
+            blocks = list(range(r * 8, r * 8 + 8))
+            hs.append(b.read(pa, plan_segments(sa, sb, blocks, [x + 32 for x in blocks]), f"b<-a {r}"))
+            hs.append(a.read(pb, plan_segments(sb, sa, blocks, [x + 32 for x in blocks]), f"a<-b {r}"))
+        for h in hs:
+            h.wait(20)
+        moved = list(range(32))
+        assert_same(tb, expected_after("vllm", b0, a0, moved, [x + 32 for x in moved]))
+        assert_same(ta, expected_after("vllm", a0, b0, moved, [x + 32 for x in moved]))
+    finally:
+        a.close()
+        b.close()
+
+
+def test_staged_chunks_cover_every_byte_in_order_within_the_slot():
+    from p2pkv.transport.ucx_staged import plan_chunks
+    rng = np.random.default_rng(3)
+    for slot in (1 << 16, 3 << 16, 1 << 20):
+        n = int(rng.integers(1, 400))
+        length = rng.integers(1, 3 * slot, n)
+        off = rng.integers(0, 1 << 30, n)
+        region = rng.integers(0, 4, n)
+        chunks = plan_chunks(region, off, length, slot)
+        assert all(0 < int(c[3]) <= slot for c in chunks)
+        r = np.concatenate([c[0] for c in chunks])
+        o = np.concatenate([c[1] for c in chunks])
+        ln = np.concatenate([c[2] for c in chunks])
+        assert int(ln.sum()) == int(length.sum()) and ln.max() <= slot // 8
+        start = np.concatenate([[0], np.cumsum(length)[:-1]])
+        seg = np.searchsorted(start, np.concatenate([[0], np.cumsum(ln)[:-1]]), side="right") - 1
+        assert np.array_equal(r, region[seg]) and np.array_equal(o - off[seg] + start[seg],
+                                                                np.concatenate([[0], np.cumsum(ln)[:-1]]))
+    assert plan_chunks(np.zeros(0), np.zeros(0), np.zeros(0), 1 << 16) == []
+
+
+@needs_ucxx
+@pytest.mark.timeout(60)
+def test_a_staged_side_and_a_put_side_agree_on_puts():
+    a = get_transport("ucx", timeout=10, **STAGED)
+    b = get_transport("ucx", timeout=10, path="put")
+    try:
+        ta, sa = _cache(fill="random", generator=torch.Generator().manual_seed(1))
+        tb, sb = _cache()
+        a.register(ta, sa)
+        b.register(tb, sb)
+        assert (a.path, b.path) == ("staged", "put")
+        b.read(b.connect(a.address), plan_segments(sa, sb, [1, 2], [3, 4]), "mixed").wait(10)
+        a.write(a.connect(b.address), plan_segments(sa, sb, [5], [6]), "mixed-w").wait(10)
+        for la, lb in zip(ta, tb):
+            assert torch.equal(la[:, [1, 2, 5]].view(torch.uint8), lb[:, [3, 4, 6]].view(torch.uint8))
+    finally:
+        a.close()
+        b.close()
 
 
 @needs_ucxx
@@ -151,6 +251,41 @@ def test_peer_killed_mid_transfer_fails_pending_requests_with_peer_and_request()
             late = tr.read(peer, plan_segments(peer.spec, spec, [0], [0]), "late")
             with pytest.raises(PeerClosedError, match="late"):
                 late.wait(5)
+
+
+@needs_ucxx
+@pytest.mark.timeout(90)
+def test_server_survives_a_reader_killed_mid_transfer_and_serves_the_next_one():
+    shape = dict(num_layers=8, num_blocks=256, block_size=16, num_kv_heads=8, head_size=64)
+    ptens, pspec = _cache(fill="random", generator=torch.Generator().manual_seed(3), **shape)
+    reader = (
+        "import sys, numpy as np\n"
+        "from p2pkv.layout import make_kv_caches, plan_segments\n"
+        "from p2pkv.transport import get_transport\n"
+        f"t, s = make_kv_caches('vllm', dtype='bf16', fill='zeros', **{shape!r})\n"
+        "tr = get_transport('ucx', timeout=10); tr.register(t, s); peer = tr.connect(sys.argv[1])\n"
+        "print('READING', flush=True)\n"
+        "while True:\n"
+        "    tr.read(peer, plan_segments(peer.spec, s, np.arange(256), np.arange(256)), 'doomed').wait(30)\n")
+    with get_transport("ucx", timeout=5) as server:
+        server.register(ptens, pspec)
+        proc = subprocess.Popen([sys.executable, "-c", reader, server.address], stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline().strip() == "READING"  # type: ignore[union-attr]
+            time.sleep(0.5)
+            proc.kill()
+            proc.wait(10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        time.sleep(0.5)
+        d, dspec = _cache(**shape)
+        with get_transport("ucx", timeout=10) as tr:
+            tr.register(d, dspec)
+            peer = tr.connect(server.address)
+            tr.read(peer, plan_segments(pspec, dspec, [5, 6], [7, 8]), "after-kill").wait(10)
+        for a, b in zip(ptens, d):
+            assert torch.equal(a[:, [5, 6]].view(torch.uint8), b[:, [7, 8]].view(torch.uint8))
 
 
 @needs_ucxx

@@ -1,10 +1,10 @@
-"""UCX backend over ucxx: one UCX endpoint per peer, made at the handshake, and a
-zero-copy data path in which the side that holds the bytes PUTs each merged
-segment straight from its registered KV memory into the peer's (one-sided RMA,
-many in flight, one flush), then tells the peer by a tag message derived from
-the connection and request. ucxx runs the context, worker, endpoints and a
-blocking progress thread; the per-segment calls go to libucp through ctypes,
-since ucxx's Python layer has neither RMA nor scatter-gather receives."""
+"""UCX backend over ucxx: one UCX endpoint per peer, made at the handshake. The side
+that holds the bytes always PUTs them (one-sided RMA) into the peer's registered
+memory, then says so by a tag message derived from the connection and request:
+per merged segment, zero-copy, all in flight and one flush (the `put` path), or
+through registered staging slots (the `staged` path, ucx_staged.py). ucxx runs the
+context, worker, endpoints and a blocking progress thread; libucp (through
+_ucp.py) takes the per-segment calls that ucxx's Python layer has no API for."""
 from __future__ import annotations
 
 import ctypes
@@ -21,177 +21,123 @@ import numpy as np
 import torch
 
 from p2pkv.segments import Segments
-from p2pkv.transport import BackendUnavailable
+from p2pkv.transport._ucp import (ERR_LAST, INPROGRESS, INSTALL_HINT, MEM_CUDA, MEM_HOST, OP_FIELD_MEMH,
+                                  OP_FIELD_MEMORY_TYPE, MapParam, Param, context_config, load)
 from p2pkv.transport.base import Peer, PeerClosedError, TransferError, TransferHandle, TransferTimeout
 from p2pkv.transport.control import Conn, ControlPlaneTransport
+from p2pkv.transport.ucx_staged import StagedPath
 from p2pkv.wire import FrameType, ProtocolError, recv_frame, send_frame
 
-__all__ = ["UcxTransport", "describe", "INSTALL_HINT"]
+__all__ = ["UcxTransport", "describe", "INSTALL_HINT", "PATHS"]
 
 log = logging.getLogger("p2pkv.transport.ucx")
 
-INSTALL_HINT = ("the 'ucx' backend needs ucxx: pip install 'p2pkv[ucx]' (CUDA 12 wheels, also right for CPU-only "
-                "machines) or pip install 'p2pkv[ucx-cu13]' (CUDA 13)")
-
-# UCX settings p2pkv applies to its own context unless the environment sets them:
-# CMA_MEMORY_INVALIDATE lets UCX keep cma (process_vm_writev) zero-copy lanes on
-# endpoints with peer-failure handling; without it every byte goes over tcp/lo.
-CONTEXT_DEFAULTS = {"CMA_MEMORY_INVALIDATE": "y"}
-
-_INPROGRESS, _ERR_LAST = 1, 1 << 64  # ucs_status_ptr_t errors are (void*)(-1..-100)
+PATHS = ("auto", "put", "staged")
+STAGING_CUDA, STAGING_HOST = 64 << 20, 8 << 20  # bytes per staging slot (4 slots per transport)
 _KIND_TABLE, _KIND_DONE, _KIND_BASE = 1, 2, 3
-_MEM_HOST, _MEM_CUDA = 0, 1
-_OP_FIELD_MEMORY_TYPE, _OP_FIELD_MEMH = 1 << 6, 1 << 8
+_FEATURES = ("TAG", "RMA", "WAKEUP")
 
 
-class _Param(ctypes.Structure):
-    """ucp_request_param_t (UCX >= 1.10 layout, x86_64/aarch64)."""
-    _fields_ = [("op_attr_mask", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("request", ctypes.c_void_p),
-                ("cb", ctypes.c_void_p), ("datatype", ctypes.c_uint64), ("user_data", ctypes.c_void_p),
-                ("reply_buffer", ctypes.c_void_p), ("memory_type", ctypes.c_int), ("recv_info", ctypes.c_void_p),
-                ("memh", ctypes.c_void_p)]
+def _kernels_ready() -> bool:
+    try:
+        from p2pkv import kernels
+        return kernels.load() is not None
+    except Exception:  # noqa: BLE001 - no extension means the per-segment put path
+        return False
 
 
-class _MapParam(ctypes.Structure):
-    """ucp_mem_map_params_t."""
-    _fields_ = [("field_mask", ctypes.c_uint64), ("address", ctypes.c_void_p), ("length", ctypes.c_size_t),
-                ("flags", ctypes.c_uint), ("prot", ctypes.c_uint), ("memory_type", ctypes.c_int),
-                ("exported_memh_buffer", ctypes.c_void_p)]
-
-
-class _Ucp:
-    """The few libucp entry points the data path calls, bound once per process."""
-
-    def __init__(self) -> None:
-        import libucx  # the wheel that ships libucp; ucxx loads the same file
-        libdir = os.path.join(os.path.dirname(libucx.__file__), "lib")
-        self.ucp = ctypes.CDLL(os.path.join(libdir, "libucp.so"), ctypes.RTLD_LOCAL)
-        self.ucs = ctypes.CDLL(os.path.join(libdir, "libucs.so"), ctypes.RTLD_LOCAL)
-        vp, sz, u64, st = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint64, ctypes.c_int8
-        pp = ctypes.POINTER(_Param)
-        self.put = self._bind("ucp_put_nbx", vp, vp, vp, sz, u64, vp, pp)
-        self.tag_send = self._bind("ucp_tag_send_nbx", vp, vp, vp, sz, u64, pp)
-        self.tag_recv = self._bind("ucp_tag_recv_nbx", vp, vp, vp, sz, u64, u64, pp)
-        self.flush = self._bind("ucp_ep_flush_nbx", vp, vp, pp)
-        self.check = self._bind("ucp_request_check_status", st, vp)
-        self.cancel = self._bind("ucp_request_cancel", None, vp, vp)
-        self.free = self._bind("ucp_request_free", None, vp)
-        self.progress = self._bind("ucp_worker_progress", ctypes.c_uint, vp)
-        self.mem_map = self._bind("ucp_mem_map", st, vp, ctypes.POINTER(_MapParam), ctypes.POINTER(vp))
-        self.mem_unmap = self._bind("ucp_mem_unmap", st, vp, vp)
-        self.rkey_pack = self._bind("ucp_rkey_pack", st, vp, vp, ctypes.POINTER(vp), ctypes.POINTER(sz))
-        self.rkey_release = self._bind("ucp_rkey_buffer_release", None, vp)
-        self.rkey_unpack = self._bind("ucp_ep_rkey_unpack", st, vp, ctypes.c_char_p, ctypes.POINTER(vp))
-        self.rkey_destroy = self._bind("ucp_rkey_destroy", None, vp)
-        self.ucs.ucs_status_string.restype = ctypes.c_char_p
-        self.ucs.ucs_status_string.argtypes = [st]
-
-    def _bind(self, name: str, res: Any, *args: Any) -> Any:
-        fn = getattr(self.ucp, name)
-        fn.restype, fn.argtypes = res, list(args)
-        return fn
-
-    def status_text(self, status: int) -> str:
-        return f"{self.ucs.ucs_status_string(status).decode()} (UCS status {status})"
-
-    @staticmethod
-    def ptr_status(p: int | None) -> int:
-        """0 for done, 1 for a request in flight, the negative UCS status for an error."""
-        if p is None:
-            return 0
-        return p - _ERR_LAST if p >= _ERR_LAST - 100 else _INPROGRESS
-
-
-_lib: dict[str, Any] = {}
-_lib_lock = threading.Lock()
-
-
-def _load() -> tuple[Any, _Ucp]:
-    """Import ucxx (it sets its UCX environment defaults on import) and bind libucp, or say how to install."""
-    with _lib_lock:
-        if "ucxx" not in _lib:
-            os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")  # ucxx sets a variable UCX >= 1.19 dropped
-            try:
-                import libucx  # libucxx loads libucp only when librmm is importable too; p2pkv needs no rmm
-                libucx.load_library()
-            except ImportError:
-                pass
-            try:
-                import ucxx._lib.libucxx as ucx_api
-            except ImportError as e:
-                raise BackendUnavailable(f"{INSTALL_HINT} ({e})") from None
-            try:
-                ucp = _Ucp()
-            except (ImportError, OSError, AttributeError) as e:
-                raise BackendUnavailable(f"ucxx is installed but libucp could not be bound: {e}; {INSTALL_HINT}") from None
-            _lib.update(ucxx=ucx_api, ucp=ucp)
-    return _lib["ucxx"], _lib["ucp"]
+def resolve_path(path: str, device: torch.device) -> str:
+    """'auto' is `staged` for CUDA memory when p2pkv's gather/scatter kernels are built, else `put`."""
+    if path not in PATHS:
+        raise ValueError(f"ucx path must be one of {PATHS}, got {path!r}")
+    if path != "auto":
+        return path
+    return "staged" if device.type == "cuda" and _kernels_ready() else "put"
 
 
 def describe() -> dict[str, Any]:
     """What the ucx backend uses on this machine (for `p2pkv doctor`): versions, the data path per memory kind,
     the progress mode, and the UCX transports a context here can use."""
-    api, _ = _load()
+    api, _ = load()
     import ucxx
-    ctx = api.UCXContext(_context_config(), feature_flags=(api.Feature.TAG, api.Feature.RMA, api.Feature.WAKEUP))
+    ctx = api.UCXContext(context_config(), feature_flags=tuple(getattr(api.Feature, f) for f in _FEATURES))
     tls = sorted({line.rsplit(" ", 1)[-1].split("/")[0] for line in ctx.info.splitlines() if "resource" in line})
     return {
         "ucxx": ucxx.__version__, "ucx": ".".join(map(str, api.get_ucx_version())),
         "transports": tls, "cuda_support": bool(ctx.cuda_support),
-        "data_path": "one-sided PUT by the side that holds the bytes, one flush, then a tag message",
-        "host_memory": "cma zero-copy put (process_vm_writev); UCX_CMA_MEMORY_INVALIDATE=y keeps it with peer-failure "
-                       "handling on",
-        "cuda_memory": "cuda_ipc put_zcopy (a PUT, so UCX's default-off cuda_ipc GET is never needed)",
-        "progress": "blocking progress thread (epoll), caller-driven progress while a transfer waits",
-        "error_handling": "peer failure (errors, not aborts, when a peer dies) plus control-socket EOF and timeouts",
-        "context_settings": _context_config(),
+        "data_path": "one-sided PUT by the side that holds the bytes, then a tag message; never a GET",
+        "host_memory": "path 'put': one zero-copy cma put per segment (process_vm_writev); "
+                       "UCX_CMA_MEMORY_INVALIDATE=y keeps cma with peer-failure handling on",
+        "cuda_memory": "cuda_ipc put_zcopy; path 'auto' is 'staged' (gather kernel, one put per chunk, scatter "
+                       "kernel) when p2pkv's CUDA kernels load, else 'put'. A PUT, so UCX's default-off cuda_ipc GET "
+                       "(UCX_CUDA_IPC_ENABLE_GET_ZCOPY) is never needed",
+        "progress": "blocking progress thread (epoll); the waiting thread drives progress during a transfer",
+        "error_handling": "peer failure mode (a dead peer is an error, never an abort) plus control-socket EOF "
+                          "and timeouts",
+        "context_settings": context_config(),
     }
 
 
-def _context_config() -> dict[str, str]:
-    return {k: v for k, v in CONTEXT_DEFAULTS.items() if f"UCX_{k}" not in os.environ}
-
-
 class _Link:
-    """The data path to one peer: its endpoint, the unpacked keys of its regions, and the tag space of this
-    connection (requests on it are numbered in the same order on both sides)."""
+    """The data path to one peer: its endpoint, the unpacked keys of its regions and staging, and the tag space of
+    this connection (requests on it are numbered in the same order on both sides)."""
 
-    def __init__(self, ep: Any, rkeys: list[int], bases: np.ndarray, sizes: np.ndarray, cid: int, initiator: bool):
-        self.ep, self.handle, self.rkeys, self.bases, self.sizes = ep, ep.handle, rkeys, bases, sizes
-        self.cid, self.initiator = cid, initiator
-        self.seq = 0
-        self.base_seq = 0
+    def __init__(self, ep: Any, cid: int, initiator: bool):
+        self.ep, self.handle, self.cid, self.initiator = ep, ep.handle, cid, initiator
+        self.rkeys: list[int] = []
+        self.bases = np.zeros(0, dtype=np.uint64)
+        self.sizes = np.zeros(0, dtype=np.int64)
+        self.staged, self.stage_base, self.stage_rkey, self.stage_slot = False, 0, 0, 0
+        self.seq = self.base_seq = 0
         self.lock = threading.Lock()
         self.closed = False
 
-    def tag(self, kind: int, seq: int, *, from_initiator: bool) -> int:
-        return (self.cid << 32) | (int(from_initiator) << 31) | (kind << 28) | (seq & 0x0FFFFFFF)
+    def _tag(self, kind: int, seq: int, chunk: int, from_initiator: bool) -> int:
+        return ((self.cid & 0xFFFFFF) << 40) | (int(from_initiator) << 39) | (kind << 36) | ((seq & 0xFFFFF) << 16) \
+            | (chunk & 0xFFFF)
+
+    def tag_out(self, kind: int, seq: int, chunk: int = 0) -> int:
+        """Tag of a message this side sends."""
+        return self._tag(kind, seq, chunk, self.initiator)
+
+    def tag_in(self, kind: int, seq: int, chunk: int = 0) -> int:
+        """Tag of a message the peer sends."""
+        return self._tag(kind, seq, chunk, not self.initiator)
 
 
-class UcxTransport(ControlPlaneTransport):
-    """`get_transport("ucx", listen="127.0.0.1:0", timeout=30, auth_token=None, ucx_config=None)`.
+class UcxTransport(StagedPath, ControlPlaneTransport):
+    """`get_transport("ucx", listen="127.0.0.1:0", timeout=30, auth_token=None, path="auto",
+    staging_bytes=None (64 MiB per slot for CUDA, 8 MiB for host memory), ucx_config=None)`.
 
-    `ucx_config` adds UCX settings (names without the `UCX_` prefix) to this transport's context."""
+    `path`: 'put' (one zero-copy put per segment), 'staged' (gather, one put per chunk of `staging_bytes`,
+    scatter) or 'auto' (staged for CUDA memory when p2pkv's kernels are built, else put); a connection uses
+    'staged' only when both sides chose it. `ucx_config` adds UCX settings (names without `UCX_`)."""
 
     name = "ucx"
 
-    def __init__(self, *, ucx_config: dict[str, str] | None = None, **kw: Any):
-        self._api, self._ucp = _load()
+    def __init__(self, *, path: str = "auto", staging_bytes: int | None = None,
+                 ucx_config: dict[str, str] | None = None, **kw: Any):
+        if path not in PATHS:
+            raise ValueError(f"ucx path must be one of {PATHS}, got {path!r}")
+        if staging_bytes is not None and staging_bytes < 1 << 16:
+            raise ValueError(f"staging_bytes must be at least 64 KiB, got {staging_bytes}")
+        self._api, self._ucp = load()
         api = self._api
-        cfg = {**_context_config(), **(ucx_config or {})}
-        self._ctx = api.UCXContext(cfg, feature_flags=(api.Feature.TAG, api.Feature.RMA, api.Feature.WAKEUP))
+        self._ctx = api.UCXContext({**context_config(), **(ucx_config or {})},
+                                   feature_flags=tuple(getattr(api.Feature, f) for f in _FEATURES))
         self._worker = api.UCXWorker(self._ctx)
         self._worker.start_progress_thread(polling_mode=False, epoll_timeout=100)
         self._wh = self._worker.handle
         self._addr = bytes(self._worker.address)
+        self._path, self._staging_bytes, self.path = path, staging_bytes, path
         self._memhs: list[int] = []
         self._rkey_blobs: list[bytes] = []
         self._params: list[Any] = []
         self._bases = np.zeros(0, dtype=np.uint64)
-        self._mem = _MEM_HOST
+        self._mem = MEM_HOST
         self._tls = threading.local()
         self._baseline_bufs: dict[int, Any] = {}
-        self._plain = _Param()
+        self._plain = Param()
         self._down = False
         try:
             super().__init__(**kw)
@@ -205,28 +151,33 @@ class UcxTransport(ControlPlaneTransport):
             raise RuntimeError("ucx transport: register() may be called once")
         spec = super().register(tensors, spec)
         dev = self.device
-        self._mem = _MEM_CUDA if dev.type == "cuda" else _MEM_HOST
         if dev.type not in ("cpu", "cuda"):
             raise ValueError(f"ucx transport moves host or CUDA memory, not {dev.type}")
+        self._mem = MEM_CUDA if dev.type == "cuda" else MEM_HOST
         bases = []
         for r in self.regions:
-            addr, n = r.data_ptr(), r.numel()
-            memh = ctypes.c_void_p()
-            mp = _MapParam(field_mask=0b10011, address=addr, length=n, memory_type=self._mem)
-            self._check(self._ucp.mem_map(self._ctx.handle, ctypes.byref(mp), ctypes.byref(memh)), "mapping KV memory")
-            self._memhs.append(memh.value)
-            buf, size = ctypes.c_void_p(), ctypes.c_size_t()
-            self._check(self._ucp.rkey_pack(self._ctx.handle, memh, ctypes.byref(buf), ctypes.byref(size)),
-                        "packing a remote key")
-            self._rkey_blobs.append(ctypes.string_at(buf, size.value))
-            self._ucp.rkey_release(buf)
-            self._params.append(ctypes.byref(_Param(op_attr_mask=_OP_FIELD_MEMH | _OP_FIELD_MEMORY_TYPE,
-                                                    memory_type=self._mem, memh=memh.value)))
-            bases.append(addr)
+            memh = self._map(r.data_ptr(), r.numel(), "mapping KV memory")
+            self._params.append(ctypes.byref(Param(op_attr_mask=OP_FIELD_MEMH | OP_FIELD_MEMORY_TYPE,
+                                                   memory_type=self._mem, memh=memh)))
+            bases.append(r.data_ptr())
         self._bases = np.asarray(bases, dtype=np.uint64)
-        if self._mem == _MEM_CUDA:
+        if self._mem == MEM_CUDA:
             self._restart_progress_on(dev)
+        self.path = resolve_path(self._path, dev)
+        if self.path == "staged":
+            self._init_staging(self._staging_bytes or (STAGING_CUDA if self._mem == MEM_CUDA else STAGING_HOST))
         return spec
+
+    def _map(self, addr: int, nbytes: int, what: str) -> int:
+        memh = ctypes.c_void_p()
+        mp = MapParam(field_mask=0b10011, address=addr, length=nbytes, memory_type=self._mem)
+        self._check(self._ucp.mem_map(self._ctx.handle, ctypes.byref(mp), ctypes.byref(memh)), what)
+        self._memhs.append(memh.value)
+        buf, size = ctypes.c_void_p(), ctypes.c_size_t()
+        self._check(self._ucp.rkey_pack(self._ctx.handle, memh, ctypes.byref(buf), ctypes.byref(size)), "packing a key")
+        self._rkey_blobs.append(ctypes.string_at(buf, size.value))
+        self._ucp.rkey_release(buf)
+        return memh.value
 
     def _restart_progress_on(self, dev: torch.device) -> None:
         """UCX's CUDA transports need the device's context current in every thread that progresses the
@@ -237,7 +188,7 @@ class UcxTransport(ControlPlaneTransport):
         self._worker.start_progress_thread(polling_mode=False, epoll_timeout=100)
 
     def _bind_cuda(self) -> None:
-        if self._mem == _MEM_CUDA:
+        if self._mem == MEM_CUDA:
             torch.cuda.set_device(self.device)
 
     def _check(self, status: int, what: str) -> None:
@@ -248,7 +199,7 @@ class UcxTransport(ControlPlaneTransport):
     def _hello_extra(self) -> dict[str, Any]:
         nonce = int.from_bytes(os.urandom(8), "little")
         self._tls.nonce = nonce
-        return {"ucx": {"addr": self._addr, "nonce": nonce, "mem": self._mem,
+        return {"ucx": {"addr": self._addr, "nonce": nonce, "mem": self._mem, "stage": self._stage_hello(),
                         "regions": [[int(b), k] for b, k in zip(self._bases.tolist(), self._rkey_blobs)]}}
 
     def _on_connect(self, conn: Conn) -> None:
@@ -258,39 +209,40 @@ class UcxTransport(ControlPlaneTransport):
         self._bind_cuda()
         mine, theirs = int(self._tls.nonce), int(info["nonce"])
         pair = (mine, theirs) if conn.initiator else (theirs, mine)
-        cid = int.from_bytes(hashlib.blake2b(b"%d:%d" % pair, digest_size=4).digest(), "little")
-        api = self._api
-        addr = api.UCXAddress.create_from_buffer(np.frombuffer(info["addr"], dtype=np.uint8))
-        ep = self._worker.create_endpoint_from_worker_address(addr, True)
-        rkeys: list[int] = []
+        cid = int.from_bytes(hashlib.blake2b(b"%d:%d" % pair, digest_size=3).digest(), "little")
+        addr = self._api.UCXAddress.create_from_buffer(np.frombuffer(info["addr"], dtype=np.uint8))
+        link = _Link(self._worker.create_endpoint_from_worker_address(addr, True), cid, conn.initiator)
         try:
-            for base, blob in info["regions"]:
-                rk = ctypes.c_void_p()
-                self._check(self._ucp.rkey_unpack(ep.handle, blob, ctypes.byref(rk)), "unpacking the peer's key")
-                rkeys.append(rk.value)
+            link.rkeys = [self._unpack(link, blob) for _, blob in info["regions"]]
+            stage = info.get("stage")
+            if stage and self._stage_hello():
+                link.staged, link.stage_base, link.stage_slot = True, int(stage[0]), int(stage[2])
+                link.stage_rkey = self._unpack(link, stage[1])
         except BaseException:
-            for rk in rkeys:
-                self._ucp.rkey_destroy(rk)
-            self._close_ep(ep)
+            self._release(link)
             raise
-        sizes = np.asarray([r.nbytes for r in conn.peer.spec.regions], dtype=np.int64)  # type: ignore[union-attr]
-        bases = np.asarray([b for b, _ in info["regions"]], dtype=np.uint64)
-        conn.extra["ucx"] = _Link(ep, rkeys, bases, sizes, cid, conn.initiator)
+        link.sizes = np.asarray([r.nbytes for r in conn.peer.spec.regions], dtype=np.int64)  # type: ignore[union-attr]
+        link.bases = np.asarray([b for b, _ in info["regions"]], dtype=np.uint64)
+        conn.extra["ucx"] = link
+
+    def _unpack(self, link: _Link, blob: bytes) -> int:
+        rk = ctypes.c_void_p()
+        self._check(self._ucp.rkey_unpack(link.handle, blob, ctypes.byref(rk)), "unpacking the peer's key")
+        return rk.value  # type: ignore[return-value]
 
     def _on_disconnect(self, conn: Conn) -> None:
         link: _Link | None = conn.extra.pop("ucx", None)
-        if link is None:
-            return
-        link.closed = True
-        with link.lock:
-            for rk in link.rkeys:
-                self._ucp.rkey_destroy(rk)
-            link.rkeys = []
-            self._close_ep(link.ep)
+        if link is not None:
+            link.closed = True
+            with link.lock:
+                self._release(link)
 
-    def _close_ep(self, ep: Any) -> None:
+    def _release(self, link: _Link) -> None:
+        for rk in link.rkeys + ([link.stage_rkey] if link.stage_rkey else []):
+            self._ucp.rkey_destroy(rk)
+        link.rkeys, link.stage_rkey = [], 0
         try:
-            ep.close_blocking(period=1_000_000_000, max_attempts=2)
+            link.ep.close_blocking(period=1_000_000_000, max_attempts=2)
         except Exception as e:  # noqa: BLE001 - a dead peer's endpoint may refuse a clean close
             log.debug("closing a UCX endpoint: %s", e)
 
@@ -307,53 +259,66 @@ class UcxTransport(ControlPlaneTransport):
             seq = self._next(link)
             send_frame(c.sock, FrameType.WRITE, {"req": request_id, "segs": segments.pack("dst"), "notify": notify},
                        payload_len=segments.nbytes)
-            self._put_all(c, link, seq, segments.region, segments.src, segments.dst, segments.length, request_id)
+            if link.staged:
+                self._staged_send(c, link, seq, region, segments.src, segments.length, request_id)
+            else:
+                self._put_all(c, link, seq, region, segments.src, segments.dst, segments.length, request_id)
             self._expect_ack(c)
         return self._submit(conn, run, request_id, segments.nbytes)
 
     def read(self, peer: Peer | str, segments: Segments, request_id: str | None = None) -> TransferHandle:
         conn = self._conn(peer)
-        Segments.check_bounds(segments.region.astype(np.int64), segments.dst, segments.length,
-                              [r.nbytes for r in self._require_registered().regions])
+        region = segments.region.astype(np.int64)
+        Segments.check_bounds(region, segments.dst, segments.length, [r.nbytes for r in self._require_registered().regions])
         table = np.ascontiguousarray(segments.dst, dtype="<i8")
 
         def run(c: Conn) -> None:
             link = self._link(c, request_id)
             seq = self._next(link)
             p = None
-            if len(table):
-                p = self._ucp.tag_send(link.handle, table.ctypes.data, table.nbytes,
-                                       link.tag(_KIND_TABLE, seq, from_initiator=True), ctypes.byref(self._plain))
+            if len(table) and not link.staged:
+                p = self._ucp.tag_send(link.handle, table.ctypes.data, table.nbytes, link.tag_out(_KIND_TABLE, seq),
+                                       ctypes.byref(self._plain))
             try:
                 send_frame(c.sock, FrameType.READ, {"req": request_id, "segs": segments.pack("src")},
                            payload_len=segments.nbytes)
                 self._expect_ack(c)
             except BaseException:
-                if self._ucp.ptr_status(p) == _INPROGRESS:
+                if self._ucp.ptr_status(p) == INPROGRESS:
                     self._abandon(p, True, table)
                 raise
-            self._wait(c, link, p, "sending the destination table", request_id, keep=table, cancel=True)
-            self._wait_done(c, link, seq, request_id, from_initiator=False)
+            if link.staged:
+                self._staged_recv(c, link, seq, region, segments.dst, segments.length, request_id)
+            else:
+                self._wait(c, link, p, "sending the destination table", request_id, keep=table, cancel=True)
+                self._wait_done(c, link, seq, request_id)
         return self._submit(conn, run, request_id, segments.nbytes)
 
     def _send_data(self, conn: Conn, region: np.ndarray, off: np.ndarray, length: np.ndarray, request_id: Any) -> None:
-        """Serving a READ: learn where the bytes go from the initiator's table, then PUT them there."""
+        """Serving a READ: learn where the bytes go (the initiator's table) and PUT them there, or stage them."""
         link = self._link(conn, request_id)
         seq = self._next(link)
+        if link.staged:
+            self._staged_send(conn, link, seq, region, off, length, request_id)
+            return
         dst = np.empty(len(off), dtype="<i8")
         if len(dst):
-            self._tag_recv(conn, link, dst, link.tag(_KIND_TABLE, seq, from_initiator=True), request_id)
+            self._tag_recv(conn, link, dst, link.tag_in(_KIND_TABLE, seq), request_id)
         try:
             Segments.check_bounds(region, dst, length, link.sizes.tolist())
         except ValueError as e:
-            self._send_done(conn, link, seq, request_id, ok=False)
+            self._tag_post(conn, link, link.tag_out(_KIND_DONE, seq), request_id, word=1)
             raise TransferError(f"destination table refused: {e}", peer=conn.peer.name, request_id=request_id) from None
         self._put_all(conn, link, seq, region, off, dst, length, request_id)
 
     def _recv_data(self, conn: Conn, region: np.ndarray, off: np.ndarray, length: np.ndarray, request_id: Any) -> None:
-        """Serving a WRITE: the initiator PUTs into our blocks; return once it says they landed."""
+        """Serving a WRITE: the initiator PUTs into our blocks (or our slots); return once they landed."""
         link = self._link(conn, request_id)
-        self._wait_done(conn, link, self._next(link), request_id, from_initiator=True)
+        seq = self._next(link)
+        if link.staged:
+            self._staged_recv(conn, link, seq, region, off, length, request_id)
+        else:
+            self._wait_done(conn, link, seq, request_id)
 
     def _next(self, link: _Link) -> int:
         link.seq += 1
@@ -370,7 +335,7 @@ class UcxTransport(ControlPlaneTransport):
         """PUT every segment (all in flight at once), flush the endpoint, then send DONE."""
         ucp = self._ucp
         self._bind_cuda()
-        if self._mem == _MEM_CUDA and len(length):
+        if self._mem == MEM_CUDA and len(length):
             torch.cuda.current_stream(self.device).synchronize()
         region = np.asarray(region, dtype=np.int64)
         la = (self._bases[region] + src.astype(np.uint64)).tolist()
@@ -382,26 +347,39 @@ class UcxTransport(ControlPlaneTransport):
             for a, b, n, r in zip(la, ra, length.tolist(), region.tolist()):
                 p = put(ep, a, n, b, rkeys[r], params[r])
                 if p is not None:
-                    if p >= _ERR_LAST - 100:
-                        raise self._ucx_error(conn, p - _ERR_LAST, "posting a put", request_id)
+                    if p >= ERR_LAST - 100:
+                        raise self._ucx_error(conn, p - ERR_LAST, "posting a put", request_id)
                     free(p)
             self._wait(conn, link, ucp.flush(ep, ctypes.byref(self._plain)), "flushing puts", request_id)
-            self._send_done(conn, link, seq, request_id, ok=True, locked=True)
+        self._tag_post(conn, link, link.tag_out(_KIND_DONE, seq), request_id)
 
-    def _send_done(self, conn: Conn, link: _Link, seq: int, request_id: Any, *, ok: bool, locked: bool = False) -> None:
-        word = np.array([0 if ok else 1], dtype="<i8")
-        tag = link.tag(_KIND_DONE, seq, from_initiator=link.initiator)
-        if locked:
-            self._wait(conn, link, self._ucp.tag_send(link.handle, word.ctypes.data, 8, tag, ctypes.byref(self._plain)),
-                       "sending the completion message", request_id, keep=word, watch_socket=False)
-        else:
-            with link.lock:
-                p = self._ucp.tag_send(link.handle, word.ctypes.data, 8, tag, ctypes.byref(self._plain))
-                self._wait(conn, link, p, "sending the completion message", request_id, keep=word, watch_socket=False)
+    def _put_one(self, conn: Conn, link: _Link, local: int, nbytes: int, remote: int, rkey: int, param: Any,
+                 request_id: Any) -> None:
+        """One put of a contiguous range, flushed (the staged path's per-chunk step)."""
+        with link.lock:
+            if link.closed:
+                raise PeerClosedError("UCX endpoint is closed", peer=conn.peer.name, request_id=request_id)
+            p = self._ucp.put(link.handle, local, nbytes, remote, rkey, param)
+            if p is not None:
+                if p >= ERR_LAST - 100:
+                    raise self._ucx_error(conn, p - ERR_LAST, "posting a put", request_id)
+                self._ucp.free(p)
+            self._wait(conn, link, self._ucp.flush(link.handle, ctypes.byref(self._plain)), "flushing a put",
+                       request_id)
 
-    def _wait_done(self, conn: Conn, link: _Link, seq: int, request_id: Any, *, from_initiator: bool) -> None:
+    def _tag_post(self, conn: Conn, link: _Link, tag: int, request_id: Any, word: int = 0) -> None:
+        """Send an 8-byte control word (0: ok) and wait for local completion. The peer may already be answering
+        on the control socket, so this wait never treats socket traffic as an abort."""
+        buf = np.array([word], dtype="<i8")
+        with link.lock:
+            if link.closed:
+                raise PeerClosedError("UCX endpoint is closed", peer=conn.peer.name, request_id=request_id)
+            p = self._ucp.tag_send(link.handle, buf.ctypes.data, 8, tag, ctypes.byref(self._plain))
+            self._wait(conn, link, p, "sending a control message", request_id, keep=buf, watch_socket=False)
+
+    def _wait_done(self, conn: Conn, link: _Link, seq: int, request_id: Any) -> None:
         word = np.full(1, -1, dtype="<i8")
-        self._tag_recv(conn, link, word, link.tag(_KIND_DONE, seq, from_initiator=from_initiator), request_id)
+        self._tag_recv(conn, link, word, link.tag_in(_KIND_DONE, seq), request_id)
         if int(word[0]) != 0:
             raise TransferError("the peer could not complete the transfer (see its log)", peer=conn.peer.name,
                                 request_id=request_id)
@@ -418,13 +396,13 @@ class UcxTransport(ControlPlaneTransport):
         into a TransferError naming peer and request."""
         ucp = self._ucp
         st = ucp.ptr_status(p)
-        if st == _INPROGRESS:
+        if st == INPROGRESS:
             self._bind_cuda()
-            deadline = time.monotonic() + self.timeout
-            spins, next_check = 0, time.monotonic() + 0.01
+            now = time.monotonic()
+            deadline, next_check, spins = now + self.timeout, now + 0.01, 0
             while True:
                 st = ucp.check(p)
-                if st != _INPROGRESS:
+                if st != INPROGRESS:
                     break
                 if ucp.progress(self._wh) == 0:
                     spins += 1
@@ -459,7 +437,7 @@ class UcxTransport(ControlPlaneTransport):
         if cancel:
             self._ucp.cancel(self._wh, p)
         for _ in range(100):
-            if self._ucp.check(p) != _INPROGRESS:
+            if self._ucp.check(p) != INPROGRESS:
                 self._ucp.free(p)
                 return
             self._ucp.progress(self._wh)
@@ -481,7 +459,7 @@ class UcxTransport(ControlPlaneTransport):
         buf = self._baseline_bufs.get(nbytes)
         if buf is None:
             self._baseline_bufs.clear()
-            if self._mem == _MEM_CUDA:
+            if self._mem == MEM_CUDA:
                 buf = torch.ones(nbytes, dtype=torch.uint8, device=self.device)
             else:
                 buf = np.ones(nbytes, dtype=np.uint8)
@@ -492,14 +470,14 @@ class UcxTransport(ControlPlaneTransport):
         link = self._link(conn, "baseline")
         link.base_seq += 1
         req = link.ep.tag_send(self._array(self._baseline_buf(nbytes)),
-                               self._api.UCXXTag(link.tag(_KIND_BASE, link.base_seq, from_initiator=link.initiator)))
+                               self._api.UCXXTag(link.tag_out(_KIND_BASE, link.base_seq)))
         self._wait_ucxx(conn, link, req)
 
     def _baseline_recv(self, conn: Conn, nbytes: int) -> None:
         link = self._link(conn, "baseline")
         link.base_seq += 1
         req = link.ep.tag_recv(self._array(self._baseline_buf(nbytes)),
-                               self._api.UCXXTag(link.tag(_KIND_BASE, link.base_seq, from_initiator=not link.initiator)))
+                               self._api.UCXXTag(link.tag_in(_KIND_BASE, link.base_seq)))
         self._wait_ucxx(conn, link, req)
 
     def _array(self, buf: Any) -> Any:
@@ -525,6 +503,7 @@ class UcxTransport(ControlPlaneTransport):
             super().close()
         finally:
             self._baseline_bufs.clear()
+            self._free_staging()
             for m in self._memhs:
                 self._ucp.mem_unmap(self._ctx.handle, m)
             self._memhs = []
