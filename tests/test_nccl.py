@@ -99,6 +99,21 @@ def test_read_every_layout_is_byte_exact(mode):
 
 
 @pytest.mark.timeout(60)
+def test_the_accepting_sides_settings_cut_the_messages():
+    cfg = {"layout": "vllm_cpu", "seed": 6, "head_size": 64}
+    with peer_process("nccl", [cfg], {"pack_threshold": 0}) as p:
+        d_tensors, d_spec = build({**cfg, "seed": 31})
+        before = [t.clone() for t in d_tensors]
+        p_tensors, _ = build(cfg)
+        with get_transport("nccl", timeout=20, pack_threshold=1 << 40, chunk_bytes=4096, depth=1) as tr:
+            tr.register(d_tensors, d_spec)
+            peer = tr.connect(p.addresses[0])
+            src, dst = [0, 5, 6, 7, 23], [1, 2, 3, 12, 8]
+            tr.read(peer, plan_segments(peer.spec, d_spec, src, dst), "mixed-settings").wait(20)
+    assert_same(d_tensors, expected_after(cfg["layout"], before, p_tensors, src, dst))
+
+
+@pytest.mark.timeout(60)
 def test_write_lands_in_exactly_the_destination_blocks(tmp_path):
     cfg = {"layout": "block_first", "seed": 5, "head_size": 64}
     with peer_process("nccl", [cfg]) as p:

@@ -39,7 +39,7 @@ log = logging.getLogger("p2pkv.transport.nccl")
 DEFAULT_PACK_THRESHOLD = 256 << 10
 DEFAULT_CHUNK_BYTES = 2 << 20
 DEFAULT_DEPTH = 4
-DEFAULT_RECV_WINDOW = 32 << 20
+DEFAULT_RECV_WINDOW = 256 << 20
 _DIRECT_TAG = 1 << 20
 _BASELINE_TAG = 1 << 24
 _RDHUP = getattr(select, "POLLRDHUP", 0)
@@ -226,7 +226,7 @@ def _dispose(held: list[Any], backend: str) -> Future | None:
 
 class NcclTransport(ControlPlaneTransport):
     """`get_transport("nccl", listen="127.0.0.1:0", timeout=30, auth_token=None,
-    pack_threshold=256 KiB, chunk_bytes=2 MiB, depth=4, recv_window_bytes=32 MiB)`.
+    pack_threshold=256 KiB, chunk_bytes=2 MiB, depth=4, recv_window_bytes=256 MiB)`.
 
     Segments of `pack_threshold` bytes or more are sent as views of the KV memory;
     smaller ones are packed into `chunk_bytes` chunks, `depth` of them in flight.
@@ -310,7 +310,8 @@ class NcclTransport(ControlPlaneTransport):
         mine = getattr(self._tls, "nonce", None)
         if conn.initiator:
             rank, prefix = 1, f"p2pkv/{info['pg_nonce']}/{mine}/"
-            host, port = parse_address(info["pg_store"])
+            # The store listens where the control plane does: dial the host we reached it at.
+            host, port = parse_address(conn.peer.address)[0], parse_address(info["pg_store"])[1]
             settings = info
         else:
             rank, prefix = 0, f"p2pkv/{mine}/{info['pg_nonce']}/"
