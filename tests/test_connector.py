@@ -338,3 +338,23 @@ def test_whole_request_read_when_not_layerwise():
     finally:
         p.close()
         d.close()
+
+
+@pytest.mark.timeout(30)
+def test_an_open_hold_is_reported_only_once_the_producer_makes_it_final():
+    """An engine that sends layers during its last prefill step must not hear "sent"
+    before it has finished the request itself (it would free blocks it still uses)."""
+    p, d, *_ = pair("push", hold_timeout=0.3)
+    try:
+        d.load("open", [1, 2], peer=p.address)
+        for layer in range(3):
+            p.save("open", [5, 6], layer=layer, final=False)
+        assert not wait_finished(d, "open").failed
+        time.sleep(0.6)
+        assert "open" not in p.get_finished().saved and p.holding() == {"open": [5, 6]}
+        p.save("open", [5, 6])
+        wait_finished(p, "open", "saved", timeout=5)
+        assert p.metrics["released_confirmed"] == 1 and p.metrics["released_timeout"] == 0
+    finally:
+        p.close()
+        d.close()

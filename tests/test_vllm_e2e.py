@@ -147,6 +147,23 @@ def test_producer_holds_the_prompt_blocks_and_names_them_for_d():
     assert c.request_finished(aborted, [1, 2, 3]) == (False, None)
 
 
+def test_push_producer_sends_layers_in_the_step_that_completes_the_prefill():
+    from types import SimpleNamespace as NS
+
+    from vllm.v1.request import RequestStatus
+    c = fake_connector("kv_producer", mode="push")
+    c._kv_cache_manager = NS(get_block_ids=lambda rid: ([4, 5, 6, 7],))
+    req = fake_request(70, {"do_remote_decode": True, "transfer_id": "x-9"})
+    c.update_state_after_alloc(req, fake_blocks([4, 5, 6], cached=0), 0)
+    assert c.build_connector_meta(NS(num_scheduled_tokens={"req-1": 40})).layer_saves == []
+    req.num_computed_tokens = 40
+    meta = c.build_connector_meta(NS(num_scheduled_tokens={"req-1": 30}))
+    assert meta.layer_saves == [{"req": "req-1", "key": "x-9", "blocks": [4, 5, 6]}]
+    req.status = RequestStatus.FINISHED_ABORTED
+    assert c.request_finished(req, [4, 5, 6]) == (False, None)
+    assert c.build_connector_meta(NS(num_scheduled_tokens={})).drops == ["x-9"]
+
+
 def test_consumer_loads_only_what_its_prefix_cache_lacks():
     c = fake_connector("kv_consumer")
     params = {"do_remote_prefill": True, "transfer_mode": "pull", "remote_address": "10.0.0.1:7100",
@@ -273,7 +290,9 @@ def test_push_d_then_p(setup):
         assert dmet.get("loaded_requests") == 8 and not dmet.get("load_failures")
         pmet = wait_metrics(pm, lambda m: m.get("reported_finished_sending") == 8)
         assert pmet["released_confirmed"] == 8 and not pmet.get("released_timeout")
-        assert pmet["held_requests"] == 0
+        assert pmet["held_requests"] == 0 and pmet["saved_requests"] == 8
+        # D asked first, so P sent each layer as its prefill computed it, before finishing the request.
+        assert pmet["layers_pushed_before_final"] > 0
     finally:
         p.kill()
         d.kill()

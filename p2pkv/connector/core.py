@@ -8,7 +8,7 @@ import threading
 import time
 import zlib
 from collections import Counter
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -82,10 +82,16 @@ class KVConnector:
         return len(self.layers)
 
     # ----------------------------------------------------------------------- producer
-    def save(self, request_id: str, block_ids: Sequence[int], *, layer: int | None = None) -> None:
+    def save(self, request_id: str, block_ids: Sequence[int], *, layer: int | None = None,
+             ready: Callable[[], None] | None = None, final: bool | None = None) -> None:
         """Publish (pull) or send (push) request `request_id`'s blocks; with `layer`,
         only that layer is ready (P may call this per layer while it computes the
-        next one). The blocks stay held until D confirms or `hold_timeout` passes."""
+        next one). `ready`, if given, is called before the layer's bytes are read
+        (e.g. a CUDA event's `synchronize`, for a layer still being computed). The
+        blocks stay held until D confirms or `hold_timeout` passes, counted from the
+        save that makes the request final (by default: once every layer is saved;
+        `final=False` keeps it open, e.g. until the engine has finished the request,
+        so the end is never reported before the engine lets go of the blocks)."""
         layers = set(range(self.num_layers)) if layer is None else {self._check_layer(layer)}
         with self._cv:
             h = self._holds.get(request_id)
@@ -97,6 +103,13 @@ class KVConnector:
                 raise ValueError(f"request {request_id!r}: save() got blocks {list(block_ids)} but earlier layers "
                                  f"were saved from {h.blocks.tolist()}")
             h.saved |= layers
+            if ready is not None:
+                for i in layers:
+                    h.ready[i] = ready
+            if (len(h.saved) == self.num_layers if final is None else final) and not h.final:
+                h.final, h.deadline = True, time.monotonic() + self.hold_timeout
+                if h.pending_end is not None:
+                    self._end_hold(request_id, h.pending_end)
             if request_id in self._early and len(h.saved) == self.num_layers:
                 self._end_hold(request_id, self._early.pop(request_id)[0])
             self._cv.notify_all()
@@ -105,7 +118,7 @@ class KVConnector:
         """Drop a hold now (the engine aborted the request); it is reported as saved."""
         with self._cv:
             if request_id in self._holds:
-                self._end_hold(request_id, "released_aborted")
+                self._end_hold(request_id, "released_aborted", force=True)
 
     def transfer_params(self, request_id: str) -> dict[str, Any]:
         """What D needs to load a held request: where P is, which blocks, which request."""
@@ -215,7 +228,13 @@ class KVConnector:
                     sums[i] = zlib.crc32(arr[start:start + n], sums[i])
         return sums
 
-    def _end_hold(self, key: str, how: str) -> None:
+    def _end_hold(self, key: str, how: str, force: bool = False) -> None:
+        """End a hold and report it, unless the producer has not made it final yet:
+        then the end waits for that save."""
+        h = self._holds.get(key)
+        if h is not None and not h.final and not force:
+            h.pending_end = h.pending_end or how
+            return
         h = self._holds.pop(key, None)
         if h is not None:
             self.metrics[how] += 1
@@ -260,7 +279,7 @@ class KVConnector:
         now = time.monotonic()
         with self._cv:
             for key, h in list(self._holds.items()):
-                if h.deadline < now and h.inflight == 0:
+                if h.final and h.deadline < now and h.inflight == 0:
                     log.warning("request %r: D did not confirm within %.3g s; releasing its %d blocks",
                                 key, self.hold_timeout, len(h.blocks))
                     self._end_hold(key, "released_timeout")
@@ -370,7 +389,13 @@ class KVConnector:
             layers = sorted(h.saved - h.written)
             h.written |= set(layers)
             h.inflight += len(layers)
+            self.metrics["layers_pushed"] += len(layers)
+            if not h.final:
+                self.metrics["layers_pushed_before_final"] += len(layers)
         for layer in layers:
+            fn = h.ready.pop(layer, None)
+            if fn is not None:
+                fn()
             sums = self._block_sums(src, layer) if self.checksum else None
             note = _msg("landed", h.key, layer=layer, sums=sums, n=len(src))
             hh = self.transport.write(h.peer, self._layer_segments(full, layer), request_id=h.key, notify=note)

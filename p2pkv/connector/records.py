@@ -43,6 +43,9 @@ class Hold:
     peer: Peer | None = None
     want: tuple[np.ndarray, str] | None = None
     offset: int = 0
+    ready: dict[int, Any] = field(default_factory=dict)
+    final: bool = False
+    pending_end: str | None = None
 
 
 @dataclass

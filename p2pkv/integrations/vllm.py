@@ -54,7 +54,9 @@ class Settings:
     worker rewrites with its counters. gil_yield_ms: while transfers are in flight,
     the engine thread sleeps this long once per step, because vLLM's worker spins
     on `sched_yield` between steps, which can starve the transport's threads of the
-    GIL for minutes (0 turns it off). transport_options: extra keywords for the
+    GIL for minutes (0 turns it off). push_layers: in push mode, P writes each
+    layer to D as soon as the prefill's last step has computed it, overlapping the
+    transfer with the next layers. transport_options: extra keywords for the
     transport.
     """
 
@@ -68,6 +70,7 @@ class Settings:
     checksum: bool = False
     metrics_path: str | None = None
     gil_yield_ms: float = 1.0
+    push_layers: bool = True
     transport_options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -88,11 +91,15 @@ class Settings:
 class P2pKvMetadata(KVConnectorMetadata):
     """Scheduler → worker, once per step: plain lists of plain dicts.
 
-    saves: {req, key, blocks} (P: hold / push these blocks). loads: {req, key, peer,
-    blocks, remote_blocks, offset} (D: fill these). discards: {peer, key} (D: tell P
-    it can drop a request D will not load)."""
+    saves: {req, key, blocks} (P: hold / push these blocks). layer_saves: the same,
+    for prefills that complete in this step (P, push: send each layer once computed).
+    drops: keys P no longer holds for (aborted). loads: {req, key, peer, blocks,
+    remote_blocks, offset} (D: fill these). discards: {peer, key} (D: tell P it can
+    drop a request D will not load)."""
 
     saves: list[dict[str, Any]] = field(default_factory=list)
+    layer_saves: list[dict[str, Any]] = field(default_factory=list)
+    drops: list[str] = field(default_factory=list)
     loads: list[dict[str, Any]] = field(default_factory=list)
     discards: list[dict[str, Any]] = field(default_factory=list)
 
@@ -131,11 +138,15 @@ class P2pKvConnector(KVConnectorBase_V1, SupportsHMA):
         self._address: str | None = self.settings.advertise
         self._pending = P2pKvMetadata()
         self._held: dict[str, str] = {}
+        self._p_push: dict[str, Any] = {}
+        self._layered: dict[str, str] = {}
         # worker half
         self.conn: KVConnector | None = None
         self._key_to_req: dict[str, str] = {}
         self._invalid: set[int] = set()
         self._metrics_written: dict[str, int] = {}
+        self._layer_index: dict[str, int] = {}
+        self._dropped: set[str] = set()
 
     # ================================================================ scheduler side
     def set_xfer_handshake_metadata(self, metadata: dict[int, KVConnectorHandshakeMetadata]) -> None:
@@ -170,6 +181,10 @@ class P2pKvConnector(KVConnectorBase_V1, SupportsHMA):
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
         params = request.kv_transfer_params
+        if (params and params.get("do_remote_decode") and self.is_producer and self.settings.mode == "push"
+                and self.settings.push_layers and params.get("transfer_id")
+                and request.request_id not in self._layered):
+            self._p_push[request.request_id] = request
         if not params or not params.get("do_remote_prefill") or not self.is_consumer:
             return
         params["do_remote_prefill"] = False
@@ -196,6 +211,17 @@ class P2pKvConnector(KVConnectorBase_V1, SupportsHMA):
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         meta, self._pending = self._pending, P2pKvMetadata()
+        if self._p_push and self._kv_cache_manager is not None:
+            for req_id, n in (scheduler_output.num_scheduled_tokens or {}).items():
+                req = self._p_push.get(req_id)
+                if req is None or req.num_computed_tokens + n < req.num_prompt_tokens:
+                    continue
+                del self._p_push[req_id]
+                key = str(req.kv_transfer_params["transfer_id"])
+                blocks = list(self._kv_cache_manager.get_block_ids(req_id)[0])[:_cdiv(req.num_prompt_tokens,
+                                                                                        self.block_size)]
+                self._layered[req_id] = key
+                meta.layer_saves.append({"req": req_id, "key": key, "blocks": blocks})
         return meta
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
@@ -217,7 +243,11 @@ class P2pKvConnector(KVConnectorBase_V1, SupportsHMA):
             return False, None
         if not params.get("do_remote_decode") or not self.is_producer:
             return False, None
+        self._p_push.pop(request.request_id, None)
+        layered = self._layered.pop(request.request_id, None)
         if request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED):
+            if layered is not None:
+                self._pending.drops.append(layered)
             return False, None
         n = request.num_computed_tokens
         blocks = list(block_ids[0])[:_cdiv(n, self.block_size)]
@@ -259,6 +289,7 @@ class P2pKvConnector(KVConnectorBase_V1, SupportsHMA):
         s = self.settings
         names = list(kv_caches)
         tensors = [kv_caches[n] for n in names]
+        self._layer_index = {n: i for i, n in enumerate(names)}
         spec = KVCacheSpec.from_tensors(tensors, num_blocks=self._kv_cache_config.num_blocks,
                                         block_size=self.block_size, num_layers=len(tensors), layout="vllm-engine")
         opts = dict(s.transport_options)
@@ -283,13 +314,22 @@ class P2pKvConnector(KVConnectorBase_V1, SupportsHMA):
             return
         for s in meta.saves:
             self._key_to_req[s["key"]] = s["req"]
-            self.conn.save(s["key"], s["blocks"])
+            try:
+                self.conn.save(s["key"], s["blocks"])
+            except ValueError as e:  # preempted after its layers went out: hold the blocks it ended in
+                log.warning("request %s: %s; holding its final blocks instead", s["req"], e)
+                self.conn.release(s["key"])
+                self.conn.save(s["key"], s["blocks"])
+        for key in meta.drops:
+            self._key_to_req.pop(key, None)
+            self._dropped.add(key)
+            self.conn.release(key)
         for ld in meta.loads:
             self.conn.load(ld["req"], ld["blocks"], peer=ld["peer"], remote_request_id=ld["key"],
                            remote_block_ids=ld["remote_blocks"], remote_offset=ld["offset"])
         for d in meta.discards:
             self.conn.discard(d["peer"], d["key"])
-        meta.saves, meta.loads, meta.discards = [], [], []
+        meta.saves, meta.loads, meta.discards, meta.drops = [], [], [], []
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         self._drive()
@@ -298,7 +338,22 @@ class P2pKvConnector(KVConnectorBase_V1, SupportsHMA):
         """Loads are asynchronous (the request waits between steps), so nothing to wait for here."""
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
-        """Saves happen when a request finishes (its blocks are then held), not per layer."""
+        """Push mode: hand each layer of prefills completing in this step to the connector
+        as soon as it is computed, so it travels while the next layers compute."""
+        meta = self._connector_metadata
+        if not isinstance(meta, P2pKvMetadata) or not meta.layer_saves or self.conn is None:
+            return
+        layer = self._layer_index.get(layer_name)
+        if layer is None:
+            return
+        ready = None
+        if kv_layer.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+            ready = event.synchronize
+        for s in meta.layer_saves:
+            self._key_to_req[s["key"]] = s["req"]
+            self.conn.save(s["key"], s["blocks"], layer=layer, ready=ready, final=False)
 
     def wait_for_save(self) -> None:
         self._drive()
@@ -311,6 +366,9 @@ class P2pKvConnector(KVConnectorBase_V1, SupportsHMA):
             time.sleep(self.settings.gil_yield_ms / 1000)
         f = self.conn.get_finished()
         for key in f.saved:
+            if key in self._dropped:  # vLLM freed those blocks itself when the request was aborted
+                self._dropped.discard(key)
+                continue
             out.finished_sending.add(self._key_to_req.pop(key, key))
         out.finished_recving |= f.loaded
         for req, failure in f.failed.items():
