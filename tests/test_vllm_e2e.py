@@ -134,6 +134,15 @@ def fake_blocks(ids: list[int], cached: int):
                        for i, b in enumerate(ids)],))
 
 
+def test_block_dim_is_found_when_another_dim_has_the_same_size():
+    import torch
+
+    from p2pkv.integrations.vllm import _block_dim
+    assert _block_dim(torch.empty(64, 2, 32, 64), 64) == 0          # CPU: [blocks, heads, tokens, 2*head]
+    assert _block_dim(torch.empty(2, 16, 16, 4, 8), 16) == 1        # GPU: [2, blocks, tokens, heads, head]
+    assert _block_dim(torch.empty(8, 2, 16, 4, 16).permute(1, 0, 2, 3, 4), 8) == 1
+
+
 def test_producer_holds_the_prompt_blocks_and_names_them_for_d():
     from vllm.v1.request import RequestStatus
     c = fake_connector("kv_producer")

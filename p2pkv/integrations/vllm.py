@@ -115,6 +115,14 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _block_dim(t: torch.Tensor, num_blocks: int) -> int | None:
+    """The dim of a vLLM KV tensor that indexes blocks: of the dims of size
+    `num_blocks`, the one with the largest stride (blocks are outermost within a
+    layer in every vLLM layout; a head or token dim of the same size is inside)."""
+    cands = [d for d in range(t.dim()) if t.shape[d] == num_blocks]
+    return max(cands, key=lambda d: t.stride(d)) if cands else None
+
+
 class P2pKvConnector(KVConnectorBase_V1, SupportsHMA):
     """vLLM v1 KV connector over p2pkv; roles kv_producer, kv_consumer and kv_both."""
 
@@ -290,7 +298,8 @@ class P2pKvConnector(KVConnectorBase_V1, SupportsHMA):
         names = list(kv_caches)
         tensors = [kv_caches[n] for n in names]
         self._layer_index = {n: i for i, n in enumerate(names)}
-        spec = KVCacheSpec.from_tensors(tensors, num_blocks=self._kv_cache_config.num_blocks,
+        num_blocks = self._kv_cache_config.num_blocks
+        spec = KVCacheSpec.from_tensors(tensors, num_blocks=num_blocks, block_dim=_block_dim(tensors[0], num_blocks),
                                         block_size=self.block_size, num_layers=len(tensors), layout="vllm-engine")
         opts = dict(s.transport_options)
         if s.backend != "loopback":
