@@ -17,10 +17,12 @@ P_PARAMS = {"do_remote_prefill": True, "do_remote_decode": False, "remote_addres
             "remote_request_id": "cmpl-1", "remote_block_ids": [3, 4], "remote_num_tokens": 40}
 
 
-def stub(name: str, seen: list, params: dict | None = None) -> web.Application:
+def stub(name: str, seen: list, params: dict | None = None, status: int = 200) -> web.Application:
     async def completions(request: web.Request) -> web.StreamResponse:
         body = await request.json()
         seen.append((name, body))
+        if status != 200:
+            return web.json_response({"error": "boom"}, status=status)
         if body.get("stream"):
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await resp.prepare(request)
@@ -35,9 +37,9 @@ def stub(name: str, seen: list, params: dict | None = None) -> web.Application:
     return app
 
 
-async def run_flow(mode: str, stream: bool):
+async def run_flow(mode: str, stream: bool, p_status: int = 200):
     seen: list = []
-    p = TestServer(stub("P", seen, P_PARAMS))
+    p = TestServer(stub("P", seen, P_PARAMS, p_status))
     d = TestServer(stub("D", seen))
     await p.start_server()
     await d.start_server()
@@ -87,3 +89,11 @@ def test_push_sends_both_with_one_transfer_id_and_ps_kv_address():
 def test_push_without_p_kv_address_is_refused():
     with pytest.raises(ValueError, match="prefill-kv-address"):
         Router(["http://p"], ["http://d"], "push")
+
+
+@pytest.mark.timeout(30)
+def test_pull_falls_back_to_d_alone_when_p_fails():
+    seen, text = asyncio.run(run_flow("pull", False, p_status=500))
+    assert [n for n, _ in seen] == ["P", "D"]
+    assert "kv_transfer_params" not in seen[1][1] and seen[1][1]["max_tokens"] == 9
+    assert json.loads(text)["choices"][0]["text"] == "D-answer"

@@ -10,7 +10,8 @@ needs, which go to D unchanged with the original request; D's answer (streamed o
 not) goes back to the client. push ("D then P"): the router names a transfer id,
 sends the request to D with P's p2pkv address and that id (D allocates its blocks
 and sends their ids to P itself), and at the same time to P with the id and one
-output token; P writes the prompt's KV straight into D's blocks. Several --prefill
+output token; P writes the prompt's KV straight into D's blocks. If P fails in
+pull mode, D gets the plain request and computes the prompt itself. Several --prefill
 / --decode URLs are used in turn (with push, --prefill-kv-address pairs with
 --prefill by position).
 """
@@ -94,11 +95,16 @@ class Router:
         p_url, p_kv = next(self._p)
         d_url = next(self._d)
         if self.mode == "pull":
-            out = await self._prefill(p_url, request.path, body, {"do_remote_decode": True})
-            params = out.get("kv_transfer_params")
-            if not params:
-                raise web.HTTPBadGateway(text=f"prefill instance {p_url} returned no kv_transfer_params; is it "
-                                              "started with P2pKvConnector as kv_producer or kv_both?")
+            try:
+                out = await self._prefill(p_url, request.path, body, {"do_remote_decode": True})
+                params = out.get("kv_transfer_params")
+                if not params:
+                    raise web.HTTPBadGateway(text=f"prefill instance {p_url} returned no kv_transfer_params; is "
+                                                  "it started with P2pKvConnector as kv_producer or kv_both?")
+            except (aiohttp.ClientError, asyncio.TimeoutError, web.HTTPBadGateway) as e:
+                log.warning("prefill on %s failed (%s); %s computes the prompt itself", p_url,
+                            getattr(e, "text", None) or e, d_url)
+                return await self._relay(request, d_url, body)
             return await self._relay(request, d_url, dict(body, kv_transfer_params=params))
         tid = f"p2pkv-{uuid.uuid4().hex}"
         d_params = {"do_remote_prefill": True, "transfer_mode": "push", "remote_address": p_kv, "transfer_id": tid}
