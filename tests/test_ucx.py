@@ -62,10 +62,13 @@ def test_read_every_layout_is_byte_exact_and_leaves_other_blocks_alone(opts):
             assert_same(d_tensors, expected_after(cfg["layout"], before, p_tensors, src, dst))
 
 
+WRITE_CASES = [pytest.param(lay, {"path": "put"}, id=f"{lay}-put") for lay in PRESETS] + \
+    [pytest.param(lay, STAGED, id=f"{lay}-staged", marks=[] if lay == "vllm" else [pytest.mark.slow]) for lay in PRESETS]
+
+
 @needs_ucxx
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("opts", PATH_OPTIONS)
-@pytest.mark.parametrize("layout", PRESETS)
+@pytest.mark.parametrize("layout,opts", WRITE_CASES)
 def test_write_lands_in_exactly_the_destination_blocks(tmp_path, layout, opts):
     cfg = {"layout": layout, "dtype": "bf16", "seed": 5}
     with peer_process("ucx", [cfg], opts) as p:
@@ -253,6 +256,7 @@ def test_peer_killed_mid_transfer_fails_pending_requests_with_peer_and_request()
                 late.wait(5)
 
 
+@pytest.mark.slow
 @needs_ucxx
 @pytest.mark.timeout(90)
 def test_server_survives_a_reader_killed_mid_transfer_and_serves_the_next_one():
@@ -329,6 +333,7 @@ def test_out_of_range_segments_are_refused_by_the_serving_side():
         b.close()
 
 
+@pytest.mark.slow
 @needs_ucxx
 @pytest.mark.timeout(60)
 def test_idle_connected_pair_does_not_spin_a_core():
