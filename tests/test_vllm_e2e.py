@@ -204,7 +204,7 @@ def test_push_consumer_sends_its_blocks_and_an_abort_releases_p():
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     model = write_tiny_llama(str(root / "model"), num_layers=3)
-    sets = {name: make_prompts(8, LENGTHS, seed=seed) for seed, name in enumerate(["pull", "push", "kill"])}
+    sets = {name: make_prompts(8, LENGTHS, seed=seed) for seed, name in enumerate(["pull", "push", "kill", "kill_push"])}
     plain = Role("plain", ["plain", model], str(root))
     try:
         plain.next()
@@ -278,12 +278,12 @@ def test_pull_then_producer_killed(setup):
 @pytest.mark.timeout(600)
 def test_push_d_then_p(setup):
     """Push ("D then P"): D takes the request first and sends P its block ids; P
-    prefills and writes straight into them."""
+    prefills and writes straight into them. Then P dies before the next batch."""
     root, model = setup["root"], setup["model"]
     pm, dm = str(root / "p_push.json"), str(root / "d_push.json")
     p_addr = f"127.0.0.1:{free_port()}"
     p = Role("p_push", ["producer", model, "--mode", "push", "--listen", p_addr, "--metrics", pm], str(root))
-    d = Role("d_push", ["consumer", model, "--mode", "push", "--metrics", dm], str(root))
+    d = Role("d_push", ["consumer", model, "--mode", "push", "--metrics", dm, "--load-timeout", "20"], str(root))
     try:
         p.next(), d.next()
         prompts = setup["prompts"]["push"]
@@ -302,6 +302,15 @@ def test_push_d_then_p(setup):
         assert pmet["held_requests"] == 0 and pmet["saved_requests"] == 8
         # D asked first, so P sent each layer as its prefill computed it, before finishing the request.
         assert pmet["layers_pushed_before_final"] > 0
+
+        # P is gone before D asks for the next batch: D recomputes every prompt.
+        p.kill()
+        prompts = setup["prompts"]["kill_push"]
+        d.send(prompts, [{"do_remote_prefill": True, "transfer_mode": "push", "remote_address": p_addr,
+                          "transfer_id": f"gone-{i}"} for i in range(len(prompts))], MAX_TOKENS)
+        check_d(d.next(), setup["expected"]["kill_push"], loaded=False)
+        dmet = read_metrics(dm)
+        assert dmet.get("load_failures") == 8 and dmet.get("loaded_requests") == 8
     finally:
         p.kill()
         d.kill()
