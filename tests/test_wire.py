@@ -60,7 +60,7 @@ def test_truncated_frame_on_a_socket_is_a_connection_error():
 
 FUZZ_EXAMPLES = int(os.environ.get("P2PKV_FUZZ_EXAMPLES", "300"))
 
-meta_values = st.recursive(st.none() | st.booleans() | st.integers() | st.binary(max_size=40) | st.text(max_size=20),
+meta_values = st.recursive(st.none() | st.booleans() | st.integers(-(1 << 63), (1 << 64) - 1) | st.binary(max_size=40) | st.text(max_size=20),
                            lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
                            max_leaves=12)
 

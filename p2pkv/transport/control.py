@@ -254,7 +254,11 @@ class ControlPlaneTransport(Transport):
                 except OSError:
                     pass
             self._drop(c, PeerClosedError("transport closed locally", peer=c.peer.name))
-        self._accept_thread.join(timeout=2)
+        # no thread of ours may still run when the interpreter finalizes (a daemon thread woken
+        # then is torn down through C++ frames and aborts the process)
+        for t in [self._accept_thread] + [c.thread for c in conns if c.thread is not None]:
+            if t is not threading.current_thread():
+                t.join(timeout=2)
 
     # -------------------------------------------------------------- internals
     def _conn(self, peer: Peer | str) -> Conn:
@@ -361,6 +365,7 @@ class ControlPlaneTransport(Transport):
             return
         conn = Conn(sock, Peer(f"{info.get('name', '?')}@{where}", where, KVCacheSpec.from_dict(info["spec"]), info),
                     initiator=False)
+        conn.thread = threading.current_thread()
         try:
             self._on_connect(conn)
         except Exception as e:  # noqa: BLE001

@@ -4,6 +4,8 @@ socket and from the socket into the destination blocks with vectored calls
 a bounded, double-buffered pinned staging area overlapped with the socket."""
 from __future__ import annotations
 
+import bisect
+import itertools
 import os
 import socket
 import ssl
@@ -25,13 +27,28 @@ IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024
 BATCH_BYTES = 32 << 20
 
 
-def _batch_end(views: list[memoryview], i: int) -> int:
-    """End index of the next vectored call: up to IOV_MAX buffers or BATCH_BYTES."""
-    j, acc, n = i, 0, min(len(views), i + IOV_MAX)
-    while j < n and acc < BATCH_BYTES:
-        acc += views[j].nbytes
-        j += 1
-    return j
+def _batches(views: list[memoryview]) -> list[tuple[int, int, int]]:
+    """(start, end, bytes) of each vectored call: up to IOV_MAX buffers or BATCH_BYTES."""
+    cum = list(itertools.accumulate((v.nbytes for v in views), initial=0))
+    out, i, n = [], 0, len(views)
+    while i < n:
+        j = min(n, i + IOV_MAX, max(i + 1, bisect.bisect_right(cum, cum[i] + BATCH_BYTES) - 1))
+        out.append((i, j, cum[j] - cum[i]))
+        i = j
+    return out
+
+
+def _advance(views: list[memoryview], i: int, moved: int) -> int:
+    """Index of the first view not fully moved after `moved` more bytes; trims a partly moved view."""
+    while moved:
+        k = views[i].nbytes
+        if moved >= k:
+            moved -= k
+            i += 1
+        else:
+            views[i] = views[i][moved:]
+            moved = 0
+    return i
 
 
 @contextmanager
@@ -52,18 +69,15 @@ def kernel_timeouts(sock: socket.socket, timeout: float) -> Iterator[None]:
 
 
 def sendv(sock: socket.socket, views: list[memoryview]) -> None:
-    """Send every view, in order, with as few syscalls as the kernel allows."""
-    i, n = 0, len(views)
-    while i < n:
-        sent = sock.sendmsg(views[i:_batch_end(views, i)])
-        while sent:
-            k = views[i].nbytes
-            if sent >= k:
-                sent -= k
-                i += 1
-            else:
-                views[i] = views[i][sent:]
-                sent = 0
+    """Send every view, in order, with as few syscalls as the kernel allows (a blocking
+    socket takes a whole batch per call; a partial send is resumed exactly)."""
+    for i, j, nbytes in _batches(views):
+        while i < j:
+            sent = sock.sendmsg(views[i:j])
+            if sent == nbytes:
+                break
+            nbytes -= sent
+            i = _advance(views, i, sent)
 
 
 def _recv_into(sock: socket.socket, view: memoryview) -> None:
@@ -77,19 +91,15 @@ def _recv_into(sock: socket.socket, view: memoryview) -> None:
 
 def recvv(sock: socket.socket, views: list[memoryview], flags: int = 0) -> None:
     """Fill every view, in order; ConnectionResetError if the peer closes early."""
-    i, n = 0, len(views)
-    while i < n:
-        got = sock.recvmsg_into(views[i:_batch_end(views, i)], 0, flags)[0]
-        if got == 0:
-            raise ConnectionResetError(f"peer closed the connection with {n - i} segments still to receive")
-        while got:
-            k = views[i].nbytes
-            if got >= k:
-                got -= k
-                i += 1
-            else:
-                views[i] = views[i][got:]
-                got = 0
+    for i, j, nbytes in _batches(views):
+        while i < j:
+            got = sock.recvmsg_into(views[i:j], 0, flags)[0]
+            if got == 0:
+                raise ConnectionResetError(f"peer closed the connection with {nbytes} bytes of this batch still to come")
+            if got == nbytes:
+                break
+            nbytes -= got
+            i = _advance(views, i, got)
 
 
 class _Staging:
