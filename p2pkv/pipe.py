@@ -14,7 +14,7 @@ import torch
 
 from p2pkv.layout import KVCacheSpec
 from p2pkv.segments import Segments
-from p2pkv.transport import get_transport
+from p2pkv.transport import TransferError, get_transport
 
 __all__ = ["TensorPipe"]
 
@@ -128,7 +128,11 @@ class TensorPipe:
             if k > 0:
                 out[i * self.slot_bytes:i * self.slot_bytes + k].copy_(self._flat[s * self.slot_bytes:s * self.slot_bytes + k])
         if self._peer is not None:
-            self.transport.send_notif(self._peer, {"credit": ids})
+            try:
+                self.transport.send_notif(self._peer, {"credit": ids})
+            except TransferError:
+                pass  # the sender is gone; what it sent has arrived, and nobody needs the credit
+
         return out.view(dtype).reshape(shape) if n else torch.empty(shape, dtype=dtype)
 
     def close(self) -> None:
