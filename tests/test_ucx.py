@@ -62,27 +62,24 @@ def test_read_every_layout_is_byte_exact_and_leaves_other_blocks_alone(opts):
             assert_same(d_tensors, expected_after(cfg["layout"], before, p_tensors, src, dst))
 
 
-WRITE_CASES = [pytest.param(lay, {"path": "put"}, id=f"{lay}-put") for lay in PRESETS] + \
-    [pytest.param(lay, STAGED, id=f"{lay}-staged", marks=[] if lay == "vllm" else [pytest.mark.slow]) for lay in PRESETS]
-
-
 @needs_ucxx
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("layout,opts", WRITE_CASES)
-def test_write_lands_in_exactly_the_destination_blocks(tmp_path, layout, opts):
-    cfg = {"layout": layout, "dtype": "bf16", "seed": 5}
-    with peer_process("ucx", [cfg], opts) as p:
-        mine, spec = local_cache(cfg, seed=99)
-        theirs_before, _ = build(cfg)
-        with get_transport("ucx", timeout=20, **opts) as tr:
-            tr.register(mine, spec)
-            peer = tr.connect(p.addresses[0])
-            src, dst = [3, 4, 5, 17], [20, 2, 9, 10]
-            tr.write(peer, plan_segments(spec, peer.spec, src, dst), "w1", notify={"req": "w1"}).wait(20)
-            raw = p.dump(0, tmp_path / "p.bin")
-        expect = expected_after(layout, theirs_before, mine, src, dst)
-        got = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-        assert torch.equal(got, torch.cat([e.reshape(-1) for e in expect]))
+@pytest.mark.parametrize("opts", PATH_OPTIONS)
+def test_write_lands_in_exactly_the_destination_blocks_for_every_layout(tmp_path, opts):
+    configs = [{"layout": lay, "dtype": "bf16", "seed": 5 + i} for i, lay in enumerate(PRESETS)]
+    with peer_process("ucx", configs, opts) as p:
+        for i, (cfg, addr) in enumerate(zip(configs, p.addresses)):
+            mine, spec = local_cache(cfg, seed=99)
+            theirs_before, _ = build(cfg)
+            with get_transport("ucx", timeout=20, **opts) as tr:
+                tr.register(mine, spec)
+                peer = tr.connect(addr)
+                src, dst = [3, 4, 5, 17], [20, 2, 9, 10]
+                tr.write(peer, plan_segments(spec, peer.spec, src, dst), "w1", notify={"req": "w1"}).wait(20)
+                raw = p.dump(i, tmp_path / f"p{i}.bin")
+            expect = expected_after(cfg["layout"], theirs_before, mine, src, dst)
+            got = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+            assert torch.equal(got, torch.cat([e.reshape(-1) for e in expect])), cfg["layout"]
 
 
 @needs_ucxx
