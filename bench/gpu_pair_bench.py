@@ -20,6 +20,7 @@ import time
 import numpy as np
 import torch
 
+from p2pkv import kernels
 from p2pkv.layout import make_kv_caches, plan_segments
 from p2pkv.transport import get_transport
 
@@ -46,6 +47,35 @@ def serve(args: argparse.Namespace) -> None:
     os._exit(0)
 
 
+def _instrument(tr) -> dict:
+    """Wrap the steps of a read with timers (for --breakdown)."""
+    from collections import defaultdict
+    steps: dict = defaultdict(list)
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                steps[name].append(time.perf_counter() - t0)
+        return wrapper
+
+    class ExtProxy:
+        def __init__(self, ext):
+            self._e = ext
+            self.copy = timed("ext.copy", ext.copy)
+
+        def __getattr__(self, name):
+            return getattr(self._e, name)
+
+    tr._live = timed("live", tr._live)
+    tr._launch = timed("transport._launch", tr._launch)
+    kernels.launch = timed("kernels.launch", kernels.launch)
+    kernels._ext = ExtProxy(kernels._ext)
+    return steps
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--backend", default="cuda_ipc")
@@ -57,9 +87,13 @@ def main() -> None:
     ap.add_argument("--json")
     ap.add_argument("--serve", action="store_true")
     ap.add_argument("--blocks", type=int, default=0)
+    ap.add_argument("--verify-every", type=int, default=1, help="check every N-th request (the last one always)")
+    ap.add_argument("--breakdown", action="store_true", help="time the steps inside read() (adds some overhead)")
+    ap.add_argument("--tuning", default="{}", help="JSON of p2pkv.kernels.TUNING overrides")
     args = ap.parse_args()
     nblk_max = max(-(-t // 16) for t in args.tokens)
     args.blocks = args.blocks or 2 * nblk_max + 64
+    kernels.TUNING.update(json.loads(args.tuning))
     if args.serve:
         serve(args)
         return
@@ -75,23 +109,33 @@ def main() -> None:
         tr = get_transport(args.backend, timeout=120)
         tr.register(d_t, d_spec)
         peer = tr.connect(line[5:])
+        steps = _instrument(tr) if args.breakdown else None
         bdim = 1 if args.layout == "vllm" else 0
         rng = np.random.default_rng(0)
         for tokens in args.tokens:
             nblk = -(-tokens // 16)
-            lat, base, ok, nbytes, nseg = [], [], True, 0, 0
+            lat, base, calls, ok, nbytes, nseg = [], [], [], True, 0, 0
             for i in range(args.warmup + args.requests):
                 sb, db = rng.choice(args.blocks, nblk, replace=False), rng.choice(args.blocks, nblk, replace=False)
                 segs = plan_segments(peer.spec, d_spec, sb, db)
                 nbytes, nseg = segs.nbytes, len(segs)
                 torch.cuda.synchronize()
+                # the raw copy and the transfer take turns going first, so neither always finds a warm GPU
+                if i % 2:
+                    b = tr.baseline(peer, nbytes, 1)
                 t0 = time.perf_counter()
-                tr.read(peer, segs, request_id=f"{tokens}-{i}").wait(120)
+                h = tr.read(peer, segs, request_id=f"{tokens}-{i}")
+                t1 = time.perf_counter()
+                h.wait(120)
                 dt = time.perf_counter() - t0
+                calls.append(t1 - t0)
+                if not i % 2:
+                    b = tr.baseline(peer, nbytes, 1)
                 if i >= args.warmup:
                     lat.append(dt)
-                    if i % 4 == 0:
-                        base.append(tr.baseline(peer, nbytes, 1))
+                    base.append(b)
+                if i % args.verify_every and i != args.warmup + args.requests - 1:
+                    continue
                 si, di = torch.as_tensor(sb, device="cuda"), torch.as_tensor(db, device="cuda")
                 ok = ok and all(torch.equal(d.view(torch.uint8).index_select(bdim, di),
                                             p.view(torch.uint8).index_select(bdim, si)) for d, p in zip(d_t, p_expect))
@@ -102,7 +146,12 @@ def main() -> None:
                    "gbps": round(nbytes / p50 / 1e9, 3), "baseline_gbps": round(nbytes / b50 / 1e9, 3),
                    "ratio": round(b50 / p50, 4), "p50_ms": round(p50 * 1e3, 4),
                    "p99_ms": round(float(np.percentile(lat, 99)) * 1e3, 4),
-                   "baseline_p50_ms": round(b50 * 1e3, 4), "verified": bool(ok)}
+                   "baseline_p50_ms": round(b50 * 1e3, 4), "baseline_p99_ms": round(float(np.percentile(base, 99)) * 1e3, 4),
+                   "read_call_p50_ms": round(statistics.median(calls[args.warmup:]) * 1e3, 4),
+                   "verified": bool(ok), "tuning": dict(kernels.TUNING)}
+            if steps is not None:
+                row["steps_p50_us"] = {k: round(statistics.median(v) * 1e6, 1) for k, v in steps.items()}
+                steps.clear()
             rows.append(row)
             print(json.dumps(row), flush=True)
         tr.close()

@@ -38,7 +38,8 @@ for s in $STEPS; do
       for b in ${BACKENDS:-cuda_ipc tcp}; do
         step "pair-$b" "${BENCH_LIMIT:-240}" "$PY" bench/gpu_pair_bench.py --backend "$b" --tokens $TOKENS \
           --requests "${REQUESTS:-40}" --json "$OUT/pair_$b.json"
-      done ;;
+      done
+      step pair-breakdown 120 "$PY" bench/gpu_pair_bench.py --backend cuda_ipc --tokens 16 4096 --breakdown ;;
     bench)  # the lead's `p2pkv bench` (its D process aborted at exit here on 2026-11-25; see docs/gpu.md)
       for b in ${BACKENDS:-cuda_ipc tcp}; do
         step "bench-$b" "${BENCH_LIMIT:-240}" "$PY" -m p2pkv bench --device cuda --backend "$b" --tokens $TOKENS \

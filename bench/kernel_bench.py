@@ -18,11 +18,11 @@ from p2pkv import kernels
 from p2pkv.layout import make_kv_caches, plan_segments
 from p2pkv.transport.base import byte_regions
 
-VARIANTS = {  # name: TUNING overrides
-    "p1k-16k-s2": {},
-    "p256-4k-s3": {"first_piece": 256, "max_piece": 4096, "sides": 3},
-    "p256-16k-s3": {"first_piece": 256, "sides": 3},
-    "p512-8k-s1": {"first_piece": 512, "max_piece": 8192, "sides": 1},
+VARIANTS = {  # name: TUNING overrides (the first is the shipped default)
+    "default": {},
+    "p1k-first": {"first_piece": 1024},
+    "unroll4": {"hint": 0},
+    "p256-4k-s3-u4": {"max_piece": 4096, "sides": 3, "hint": 0},
     "single": {"first_piece": 1 << 30},
     "dry": {"dry": True},
 }

@@ -33,7 +33,7 @@ def main() -> None:
         t = [r["tokens"] for r in rows]
         key = next(k for k in rows[0] if k.endswith("_host_ratio"))
         ax.plot(t, [r["memcpy_gbps"] * r[key] for r in rows], "s-", label="copy kernel, one process, call+sync")
-        ax.plot(t, [r["memcpy_gbps"] for r in rows], "k:", label="contiguous cudaMemcpy D2D")
+        ax.plot(t, [r["memcpy_gbps"] for r in rows], "k:", label="contiguous cudaMemcpy D2D (GPU time)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("tokens per request (Llama-3-8B shape, bf16, 32 layers)")

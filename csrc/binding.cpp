@@ -105,38 +105,66 @@ SideStreams& side_streams() {
 
 std::mutex g_copy_mutex;
 
-// copy(src_bases, src_sizes, dst_bases, dst_sizes, region, src_off|None, dst_off|None, length, start, run,
+// copy(tables, region, src_off|None, dst_off|None, length, start, run,
 //      pinned, pinned_rows, stream, hint, min_chunk, max_chunk, small, grid, dry, first_piece, max_piece,
-//      nside) -> (rows, next, run)
+//      nside, wait_event, done_event, slot_event) -> (rows, next, run)
+// The copy waits for `wait_event` on the device first; `done_event` and `slot_event` are recorded once
+// every piece is done (raw cudaEvent_t handles; 0 for none).
 // Copies segments start.. (run: the byte offset of segment `start` in a gather/scatter buffer). Up to
 // kSmallRows rows go in the kernel's parameters. Larger tables are cut into rows in `pinned` (read by
 // the GPU through UVA) piece by piece, each piece launched as soon as it is written, so the host's
 // work overlaps the copy. Stops early when `pinned_rows` is reached: `next` is then the first segment
 // not copied. A bad segment raises ValueError; pieces before it may already have been copied.
 // `dry` does all host work but launches nothing.
-py::tuple copy(I64 src_bases, I64 src_sizes, I64 dst_bases, I64 dst_sizes, I64 region, py::object src_off_obj,
-               py::object dst_off_obj, I64 length, int64_t start, int64_t run, int64_t pinned, int64_t pinned_rows,
-               int64_t stream_ptr, int hint, int64_t min_chunk, int64_t max_chunk, bool small, int grid, bool dry,
-               int64_t first_piece, int64_t max_piece, int nside) {
+py::tuple copy(I64 tables, py::array region_arr, py::object src_off_obj, py::object dst_off_obj, I64 length,
+               int64_t start, int64_t run, int64_t pinned, int64_t pinned_rows, int64_t stream_ptr, int hint,
+               int64_t min_chunk, int64_t max_chunk, bool small, int grid, bool dry, int64_t first_piece,
+               int64_t max_piece, int nside, int64_t wait_event, int64_t done_event, int64_t slot_event) {
   const int64_t n = length.size();
-  if (region.size() != n) throw std::invalid_argument("region and length arrays differ in size");
+  // tables = [n_src, n_dst, src bases..., src sizes..., dst bases..., dst sizes...]
+  const int64_t* tab = tables.data();
+  if (tables.size() < 2 || tab[0] < 0 || tab[1] < 0 || tables.size() != 2 + 2 * (tab[0] + tab[1]))
+    throw std::invalid_argument("malformed region table");
+  const int64_t ns = tab[0], nd = tab[1];
+  // Region ids arrive as int32 (what plan_segments makes) or int64; only other types are converted.
+  I64 region64;
+  std::vector<int64_t> widened;
+  const int64_t* reg = nullptr;
+  if (py::isinstance<py::array_t<int32_t>>(region_arr) && (region_arr.flags() & py::array::c_style)) {
+    auto r32 = region_arr.unchecked<int32_t, 1>();
+    if (r32.shape(0) != n) throw std::invalid_argument("region and length arrays differ in size");
+    widened.resize(n);
+    for (int64_t i = 0; i < n; ++i) widened[i] = r32(i);
+    reg = widened.data();
+  } else {
+    region64 = region_arr.cast<I64>();
+    if (region64.size() != n) throw std::invalid_argument("region and length arrays differ in size");
+    reg = region64.data();
+  }
   I64 src_off, dst_off;
   const bool has_src = !src_off_obj.is_none(), has_dst = !dst_off_obj.is_none();
   if (has_src) src_off = src_off_obj.cast<I64>();
   if (has_dst) dst_off = dst_off_obj.cast<I64>();
   if ((has_src && src_off.size() != n) || (has_dst && dst_off.size() != n))
     throw std::invalid_argument("offset and length arrays differ in size");
-  if (src_bases.size() != src_sizes.size() || dst_bases.size() != dst_sizes.size())
-    throw std::invalid_argument("base and size tables differ in length");
-  Side s{src_bases.data(), src_sizes.data(), (int64_t)src_bases.size(), has_src ? src_off.data() : nullptr, "source"};
-  Side d{dst_bases.data(), dst_sizes.data(), (int64_t)dst_bases.size(), has_dst ? dst_off.data() : nullptr, "destination"};
-  const int64_t* reg = region.data();
+  Side s{tab + 2, tab + 2 + ns, ns, has_src ? src_off.data() : nullptr, "source"};
+  Side d{tab + 2 + 2 * ns, tab + 2 + 2 * ns + nd, nd, has_dst ? dst_off.data() : nullptr, "destination"};
   const int64_t* len = length.data();
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_ptr);
+  auto record = [&]() {
+    if (dry) return;
+    if (done_event) check(cudaEventRecord(reinterpret_cast<cudaEvent_t>(done_event), stream), "cudaEventRecord");
+    if (slot_event) check(cudaEventRecord(reinterpret_cast<cudaEvent_t>(slot_event), stream), "cudaEventRecord");
+  };
+  if (wait_event && !dry)
+    check(cudaStreamWaitEvent(stream, reinterpret_cast<cudaEvent_t>(wait_event), 0), "cudaStreamWaitEvent");
 
   if (small && start == 0 && n <= p2pkv::kSmallRows) {
     const int64_t total = validate(s, d, reg, len, n);
-    if (total == 0) return py::make_tuple(0, n, 0);
+    if (total == 0) {
+      record();
+      return py::make_tuple(0, n, 0);
+    }
     // Each segment gets at most kSmallRows / n rows, so the table always fits the kernel parameters.
     int64_t longest = 0;
     for (int64_t i = 0; i < n; ++i) longest = std::max(longest, len[i]);
@@ -146,9 +174,13 @@ py::tuple copy(I64 src_bases, I64 src_sizes, I64 dst_bases, I64 dst_sizes, I64 r
     p2pkv::CopyRow buf[p2pkv::kSmallRows];
     fill_rows(buf, s, d, reg, len, n, chunk);
     if (!dry) check(p2pkv::launch_small(buf, (int)rows, hint, stream), "p2pkv copy kernel launch");
+    record();
     return py::make_tuple(rows, n, total);
   }
-  if (start >= n) return py::make_tuple(0, n, run);
+  if (start >= n) {
+    record();
+    return py::make_tuple(0, n, run);
+  }
   if (pinned == 0 || pinned_rows <= 0) throw std::invalid_argument("a pinned row table is needed for this copy");
 
   const int64_t wave = (int64_t)p2pkv::sm_count() * 8;
@@ -230,9 +262,11 @@ py::tuple copy(I64 src_bases, I64 src_sizes, I64 dst_bases, I64 dst_sizes, I64 r
     launch(true);
   } catch (...) {
     join();
+    record();
     throw;
   }
   join();
+  record();
   return py::make_tuple(k, i, run);
 }
 

@@ -16,18 +16,18 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-__all__ = ["Regions", "gather", "scatter", "copy_segments", "load", "available", "unavailable_reason", "TUNING"]
+__all__ = ["Regions", "gather", "scatter", "copy_segments", "launch", "load", "available", "unavailable_reason", "TUNING"]
 
 log = logging.getLogger("p2pkv.kernels")
 
-# Knobs of the extension path (the microbench in bench/ sweeps them): load/store hints (0
-# plain, 1 streaming), row sizes, whether tables of up to SMALL_ROWS rows travel inside the
+# Knobs of the extension path (the microbench in bench/ sweeps them): `hint` bit 0 streaming
+# loads/stores, bit 1 eight 16-byte loads in flight per thread (measured best on the H100), row sizes, whether tables of up to SMALL_ROWS rows travel inside the
 # kernel's parameters, the grid (0: 8 blocks per multiprocessor, -k: k per multiprocessor)
 # `table_rows` (cap each launch's table, so long requests take several launches: for tests)
 # and `dry` (host work only, nothing launched: to time the host side).
-TUNING: dict[str, Any] = {"hint": int(os.environ.get("P2PKV_HINT", "0")),
+TUNING: dict[str, Any] = {"hint": int(os.environ.get("P2PKV_HINT", "2")),
                           "min_chunk": 4096, "max_chunk": 65536, "small": os.environ.get("P2PKV_SMALL", "1") == "1",
-                          "grid": int(os.environ.get("P2PKV_GRID", "0")), "first_piece": 1024, "max_piece": 16384,
+                          "grid": int(os.environ.get("P2PKV_GRID", "0")), "first_piece": 256, "max_piece": 16384,
                           "sides": 2}
 
 _ext: Any = None
@@ -130,6 +130,7 @@ class Regions:
     sizes: np.ndarray
     device: torch.device
     _tensors: list[torch.Tensor] | None = field(default=None, repr=False)
+    _pairs: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def of(cls, tensors: Sequence[torch.Tensor] | "Regions") -> "Regions":
@@ -165,11 +166,11 @@ class Regions:
 # ----------------------------------------------------------------------------------------- tables
 
 class _TablePool:
-    """Pinned row tables, each reused once the launches that read it are done."""
+    """Pinned row tables, each reused once the launches that read it are done (its event)."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.slots: list[list[Any]] = []  # [pinned tensor, rows capacity, event | None]
+        self.slots: list[list[Any]] = []  # [pinned tensor, rows capacity, event]
         self.next = 0
         self.lock = threading.Lock()
 
@@ -177,11 +178,13 @@ class _TablePool:
         for _ in range(len(self.slots)):
             slot = self.slots[self.next]
             self.next = (self.next + 1) % len(self.slots)
-            if slot[2] is None or slot[2].query():
+            if slot[2].query():
                 break
         else:
             if len(self.slots) < 4:
-                slot = [None, 0, None]
+                ev = torch.cuda.Event()
+                ev.record(torch.cuda.current_stream(self.device))  # creates the CUDA event, so C++ can record it
+                slot = [None, 0, ev]
                 self.slots.append(slot)
             else:
                 slot = self.slots[self.next]
@@ -197,6 +200,27 @@ class _TablePool:
 _pools: dict[Any, _TablePool] = {}
 
 
+def launch(src: Regions, dst: Regions, region: np.ndarray, src_off: np.ndarray | None, dst_off: np.ndarray | None,
+           length: np.ndarray, stream_ptr: int, *, wait_event: int = 0, done_event: int = 0) -> None:
+    """The extension path with no checks around it, for transports on their hot path: CUDA regions on the
+    current device, the extension loaded. The copy waits on the device for `wait_event` and then records
+    `done_event` (raw cudaEvent_t handles, e.g. `torch.cuda.Event().cuda_event`; 0 for none)."""
+    ext, t = _ext, TUNING
+    knobs = (stream_ptr, int(t["hint"]), int(t["min_chunk"]), int(t["max_chunk"]))
+    n = len(length)
+    tables = pair_table(src, dst)
+    if t["small"] and n <= ext.SMALL_ROWS:
+        ext.copy(tables, region, src_off, dst_off, length, 0, 0, 0, 0, *knobs, True, int(t["grid"]),
+                 bool(t.get("dry", False)), 0, 0, 1, wait_event, done_event, 0)
+        return
+    key = (torch.cuda.current_device(), stream_ptr)
+    pool = _pools.get(key)
+    if pool is None:
+        pool = _pools[key] = _TablePool(torch.device("cuda", key[0]))
+    with pool.lock:
+        _launch_locked(ext, pool, stream_ptr, tables, region, src_off, dst_off, length, wait_event, done_event)
+
+
 def _launch(src: Regions, dst: Regions, region: np.ndarray, src_off: np.ndarray | None, dst_off: np.ndarray | None,
             length: np.ndarray, stream: torch.cuda.Stream | None) -> None:
     dev = src.device if src.on_cuda else dst.device
@@ -204,33 +228,38 @@ def _launch(src: Regions, dst: Regions, region: np.ndarray, src_off: np.ndarray 
         with torch.cuda.device(dev):
             return _launch(src, dst, region, src_off, dst_off, length, stream)
     stream = stream or torch.cuda.current_stream(dev)
-    key = (dev.index, stream.cuda_stream)
-    pool = _pools.get(key)
-    if pool is None:
-        pool = _pools[key] = _TablePool(dev)
-    with pool.lock:
-        _launch_locked(_ext, pool, stream, src, dst, region, src_off, dst_off, length)
+    launch(src, dst, region, src_off, dst_off, length, stream.cuda_stream)
 
 
-def _launch_locked(ext: Any, pool: _TablePool, stream: torch.cuda.Stream, src: Regions, dst: Regions,
-                   region: np.ndarray, src_off: np.ndarray | None, dst_off: np.ndarray | None,
-                   length: np.ndarray) -> None:
-    args = (src.ptrs, src.sizes, dst.ptrs, dst.sizes, region, src_off, dst_off, length)
+def pair_table(src: Regions, dst: Regions) -> np.ndarray:
+    """The extension's region table for a (source, destination) pair: counts, bases and sizes in one
+    array (cached on the source Regions per destination, since transports reuse the same pair)."""
+    key = id(dst)
+    hit = src._pairs.get(key)
+    if hit is not None and hit[0] is dst:
+        return hit[1]
+    table = np.concatenate([[len(src.ptrs), len(dst.ptrs)], src.ptrs, src.sizes, dst.ptrs, dst.sizes]).astype(np.int64)
+    if len(src._pairs) > 64:
+        src._pairs.clear()
+    src._pairs[key] = (dst, table)
+    return table
+
+
+def _launch_locked(ext: Any, pool: _TablePool, stream_ptr: int, tables: np.ndarray, region: np.ndarray,
+                   src_off: np.ndarray | None, dst_off: np.ndarray | None, length: np.ndarray, wait_event: int,
+                   done_event: int) -> None:
+    args = (tables, region, src_off, dst_off, length)
     t = TUNING
-    knobs = (stream.cuda_stream, int(t["hint"]), int(t["min_chunk"]), int(t["max_chunk"]))
+    knobs = (stream_ptr, int(t["hint"]), int(t["min_chunk"]), int(t["max_chunk"]))
     tail = (int(t["grid"]), bool(t.get("dry", False)), int(t["first_piece"]), int(t["max_piece"]), int(t["sides"]))
     n = len(length)
-    if t["small"] and n <= ext.SMALL_ROWS:
-        ext.copy(*args, 0, 0, 0, 0, *knobs, True, *tail)
-        return
     limit = t.get("table_rows")
     start, run, want = 0, 0, n + 1024
     while start < n:
         slot = pool.acquire(min(want, limit) if limit else want, ext.ROW_BYTES, exact=bool(limit))
-        _, nxt, run = ext.copy(*args, start, run, slot[0].data_ptr(), slot[1], *knobs, False, *tail)
-        ev = slot[2] or torch.cuda.Event()
-        ev.record(stream)
-        slot[2] = ev
+        _, nxt, run = ext.copy(*args, start, run, slot[0].data_ptr(), slot[1], *knobs, False, *tail, wait_event,
+                               done_event, slot[2].cuda_event)
+        wait_event = 0
         if nxt == start:
             limit, want = None, slot[1] * 4
         else:
@@ -304,7 +333,9 @@ def copy_segments(src: Sequence[torch.Tensor] | Regions, dst: Sequence[torch.Ten
     """Copy `length[i]` bytes from `src[region[i]] + src_off[i]` to `dst[region[i]] + dst_off[i]`
     for every i, in one launch on `stream` (default: the current stream). Asynchronous on CUDA."""
     s, d = Regions.of(src), Regions.of(dst)
-    region, length = _i64(region), _i64(length)
+    region, length = np.ascontiguousarray(region).reshape(-1), _i64(length)
+    if region.dtype not in (np.int32, np.int64):
+        region = _i64(region)
     so, do = _i64(src_off), _i64(dst_off)
     if not (len(region) == len(so) == len(do) == len(length)):
         raise ValueError("region, offset and length arrays differ in size")

@@ -121,7 +121,7 @@ def _fallback_copy(src, dst, segs):
                       kernels._i64(segs.src), kernels._i64(segs.dst), kernels._i64(segs.length), None)
 
 
-TABLE_MODES = [(1, 0, None), (0, 0, None), (0, 1, None), (0, 0, 37)]  # small tables in parameters, hint, table_rows
+TABLE_MODES = [(1, 2, None), (0, 0, None), (0, 1, None), (0, 3, 37)]  # small tables in parameters, hint, table_rows
 
 
 @pytest.fixture(params=TABLE_MODES, ids=lambda m: f"small={m[0]}-hint={m[1]}-rows={m[2]}")
