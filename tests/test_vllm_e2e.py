@@ -200,6 +200,74 @@ def test_push_consumer_sends_its_blocks_and_an_abort_releases_p():
     assert c.build_connector_meta(None).discards == [{"peer": "10.0.0.1:7100", "key": "x-1"}]
 
 
+class CallbackSink:
+    """A stand-in for the router's need endpoint: collects the JSON bodies D posts."""
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        got = self.got = queue.Queue()
+
+        class H(BaseHTTPRequestHandler):
+            def do_POST(self):
+                got.put(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *a):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/p2pkv/need"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def next(self, timeout: float = 10) -> dict:
+        return self.got.get(timeout=timeout)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_push_consumer_tells_the_router_whether_it_needs_p():
+    sink = CallbackSink()
+    c = fake_connector("kv_consumer", mode="push")
+    try:
+        params = {"do_remote_prefill": True, "transfer_mode": "push", "remote_address": "10.0.0.1:7100",
+                  "transfer_id": "x-2", "router_callback": sink.url}
+        req = fake_request(100, params)
+        assert c.get_num_new_matched_tokens(req, 64) == (36, True)
+        c.update_state_after_alloc(req, fake_blocks([8, 9, 10, 11], cached=2), 36)
+        assert sink.next() == {"transfer_id": "x-2", "need_prefill": True, "tokens": 36}
+        # D's prefix cache holds every full block: only the last, partial one is left, D computes it.
+        cached = fake_request(100, dict(params, do_remote_prefill=True, transfer_id="x-3"))
+        assert c.get_num_new_matched_tokens(cached, 96) == (0, False)
+        assert c.get_num_new_matched_tokens(fake_request(20, dict(params)), 0) == (0, False)
+        c.update_state_after_alloc(cached, fake_blocks([8, 9, 10, 11], cached=3), 0)
+        assert sink.next() == {"transfer_id": "x-3", "need_prefill": False, "tokens": 0}
+        meta = c.build_connector_meta(None)
+        assert [ld["key"] for ld in meta.loads] == ["x-2"]
+        assert meta.discards == [{"peer": "10.0.0.1:7100", "key": "x-3"}]
+    finally:
+        c.shutdown()
+        sink.close()
+
+
+def test_push_consumer_goes_on_when_the_router_is_unreachable():
+    c = fake_connector("kv_consumer", mode="push")
+    try:
+        params = {"do_remote_prefill": True, "transfer_mode": "push", "remote_address": "10.0.0.1:7100",
+                  "transfer_id": "x-4", "router_callback": f"http://127.0.0.1:{free_port()}/p2pkv/need"}
+        req = fake_request(100, params)
+        assert c.get_num_new_matched_tokens(req, 0) == (100, True)
+        c.update_state_after_alloc(req, fake_blocks([1, 2, 3, 4], cached=0), 100)
+        load, = c.build_connector_meta(None).loads
+        assert (load["key"], load["blocks"]) == ("x-4", [1, 2, 3, 4])
+    finally:
+        c.shutdown()
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")

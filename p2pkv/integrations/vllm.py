@@ -13,8 +13,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import tempfile
+import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
@@ -111,6 +114,47 @@ class P2pKvHandshake(KVConnectorHandshakeMetadata):
     address: str
 
 
+class _NeedNotifier:
+    """Push mode, D's scheduler: tells the router whether a transfer needs P, by a
+    small JSON POST to the request's `router_callback` URL. Posts go from one daemon
+    thread with a short timeout, so vLLM's scheduler never waits on the router; a
+    router that cannot be reached only costs it its wait (it then sends to P)."""
+
+    def __init__(self, timeout: float = 2.0):
+        self.timeout = timeout
+        self._q: queue.SimpleQueue[tuple[str, dict[str, Any]] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._warned = False
+
+    def post(self, url: Any, transfer_id: str, need: bool, tokens: int) -> None:
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="p2pkv-router-callback", daemon=True)
+            self._thread.start()
+        self._q.put((url, {"transfer_id": transfer_id, "need_prefill": need, "tokens": tokens}))
+
+    def _run(self) -> None:
+        while (item := self._q.get()) is not None:
+            url, body = item
+            req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                    r.read()
+            except (OSError, ValueError) as e:
+                if not self._warned:
+                    log.warning("could not tell the router at %s whether transfer %s needs P (%s); it will "
+                                "send the request to P after its own wait", url, body["transfer_id"], e)
+                    self._warned = True
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._q.put(None)
+            self._thread.join(timeout=self.timeout + 1)
+            self._thread = None
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -148,6 +192,7 @@ class P2pKvConnector(KVConnectorBase_V1, SupportsHMA):
         self._held: dict[str, str] = {}
         self._p_push: dict[str, Any] = {}
         self._layered: dict[str, str] = {}
+        self._notifier = _NeedNotifier()
         # worker half
         self.conn: KVConnector | None = None
         self._key_to_req: dict[str, str] = {}
@@ -184,6 +229,10 @@ class P2pKvConnector(KVConnectorBase_V1, SupportsHMA):
             n = min(n, int(params.get("remote_num_tokens") or n))
         elif not params.get("remote_address") or not params.get("transfer_id"):
             return 0, False
+        elif n - num_computed_tokens <= self.block_size:
+            # D's own prefix cache holds every full block of the prompt it can hold (a
+            # prefix cache never holds the last token): P is not needed for the rest.
+            return 0, False
         count = n - num_computed_tokens
         return (count, True) if count > 0 else (0, False)
 
@@ -202,6 +251,8 @@ class P2pKvConnector(KVConnectorBase_V1, SupportsHMA):
         if not peer or not key:
             log.warning("request %s: kv_transfer_params lack remote_address/request id: %s", request.request_id, params)
             return
+        if mode == "push":
+            self._notifier.post(params.get("router_callback"), key, num_external_tokens > 0, num_external_tokens)
         if num_external_tokens <= 0:
             self._pending.discards.append({"peer": peer, "key": key})
             return
@@ -248,6 +299,8 @@ class P2pKvConnector(KVConnectorBase_V1, SupportsHMA):
             key = params.get("remote_request_id") if mode == "pull" else params.get("transfer_id")
             if params.get("remote_address") and key:
                 self._pending.discards.append({"peer": params["remote_address"], "key": key})
+            if mode == "push" and key:
+                self._notifier.post(params.get("router_callback"), key, False, 0)
             return False, None
         if not params.get("do_remote_decode") or not self.is_producer:
             return False, None
@@ -410,6 +463,7 @@ class P2pKvConnector(KVConnectorBase_V1, SupportsHMA):
         self._metrics_written = snap
 
     def shutdown(self) -> None:
+        self._notifier.close()
         if self.conn is not None:
             self._write_metrics()
             self.conn.close()
