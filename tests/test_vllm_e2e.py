@@ -345,20 +345,31 @@ def test_pull_then_producer_killed(setup):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_push_d_then_p(setup):
-    """Push ("D then P"): D takes the request first and sends P its block ids; P
-    prefills and writes straight into them. Then P dies before the next batch."""
+    """Push ("D then P"): D takes the request first, sends P its block ids and tells
+    the router (here: the test) that it needs P; P prefills and writes straight into
+    D's blocks. The same prompts again: D's prefix cache holds them, D says it does
+    not need P, and P is never contacted. Then P dies before the next batch."""
     root, model = setup["root"], setup["model"]
     pm, dm = str(root / "p_push.json"), str(root / "d_push.json")
     p_addr = f"127.0.0.1:{free_port()}"
     p = Role("p_push", ["producer", model, "--mode", "push", "--listen", p_addr, "--metrics", pm], str(root))
     d = Role("d_push", ["consumer", model, "--mode", "push", "--metrics", dm, "--load-timeout", "20"], str(root))
+    sink = CallbackSink()
+    prompts = setup["prompts"]["push"]
+
+    def d_params(tag: str) -> list[dict]:
+        return [{"do_remote_prefill": True, "transfer_mode": "push", "remote_address": p_addr,
+                 "transfer_id": f"{tag}-{i}", "router_callback": sink.url} for i in range(len(prompts))]
+
+    def needs() -> dict[str, bool]:
+        got = [sink.next(timeout=120) for _ in prompts]
+        return {m["transfer_id"]: m["need_prefill"] for m in got}
+
     try:
         p.next(), d.next()
-        prompts = setup["prompts"]["push"]
         ids = [f"xfer-{i}" for i in range(len(prompts))]
-        d.send(prompts, [{"do_remote_prefill": True, "transfer_mode": "push", "remote_address": p_addr,
-                          "transfer_id": t} for t in ids], MAX_TOKENS)
-        time.sleep(1)
+        d.send(prompts, d_params("xfer"), MAX_TOKENS)
+        assert needs() == dict.fromkeys(ids, True)  # D allocated its blocks and asks for P
         p.send(prompts, [{"do_remote_decode": True, "transfer_id": t} for t in ids], 1)
         pout = p.next()
         assert [x["transfer_id"] for x in pout["kv_transfer_params"]] == ids
@@ -371,6 +382,15 @@ def test_push_d_then_p(setup):
         # D asked first, so P sent each layer as its prefill computed it, before finishing the request.
         assert pmet["layers_pushed_before_final"] > 0
 
+        # The same prompts again: D's prefix cache holds every full block, so D needs
+        # nothing from P and says so; P is not sent them and its counters do not move.
+        d.send(prompts, d_params("again"), MAX_TOKENS)
+        assert needs() == {f"again-{i}": False for i in range(len(prompts))}
+        check_d(d.next(), setup["expected"]["push"], loaded=True)
+        dmet = read_metrics(dm)
+        assert dmet.get("loaded_requests") == 8 and not dmet.get("load_failures")
+        assert read_metrics(pm) == pmet
+
         # P is gone before D asks for the next batch: D recomputes every prompt.
         p.kill()
         prompts = setup["prompts"]["kill_push"]
@@ -382,3 +402,4 @@ def test_push_d_then_p(setup):
     finally:
         p.kill()
         d.kill()
+        sink.close()
