@@ -140,6 +140,7 @@ class CudaIpcTransport(ControlPlaneTransport):
         self._watch_lock = threading.Lock()
         self._watching: list[_CudaHandle] = []
         self._watcher: threading.Thread | None = None
+        self._peer_watchers: list[threading.Thread] = []
 
     # ------------------------------------------------------------------ registration and handshake
     def register(self, tensors: Sequence[torch.Tensor], spec: KVCacheSpec | None = None) -> KVCacheSpec:
@@ -229,7 +230,9 @@ class CudaIpcTransport(ControlPlaneTransport):
                 conn.extra["event"] = ev
                 conn.extra["event_ptr"] = ev.cuda_event if ev is not None else 0
             if conn.initiator:
-                threading.Thread(target=self._watch_peer, args=(conn,), name="p2pkv-cuda_ipc-peer", daemon=True).start()
+                t = threading.Thread(target=self._watch_peer, args=(conn,), name="p2pkv-cuda_ipc-peer", daemon=True)
+                self._peer_watchers.append(t)
+                t.start()
         except Exception as e:
             for h in handles:
                 _MAPPINGS.release(self._ext, h)
@@ -379,3 +382,7 @@ class CudaIpcTransport(ControlPlaneTransport):
             except RuntimeError as e:
                 log.warning("cuda_ipc: synchronizing before close failed: %s", e)
         super().close()
+        # joined so that none of them runs while the interpreter finalizes
+        for t in self._peer_watchers + [self._watcher]:
+            if t is not None and t is not threading.current_thread():
+                t.join(timeout=2)
