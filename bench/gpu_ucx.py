@@ -78,7 +78,7 @@ def run_p(configs: list[dict]) -> None:
     transports = []
     for c in configs:
         tensors, spec = build(c["layout"], c["dtype"], c["shape"], c["seed"])
-        tr = get_transport("ucx", timeout=60, path=c["path"])
+        tr = get_transport("ucx", timeout=60, path=c["path"], staging_bytes=c.get("staging") or None)
         tr.register(tensors, spec)
         transports.append((tr, tensors))
         print(f"ADDR {tr.address}", flush=True)
@@ -202,10 +202,10 @@ def bench(p: PeerP, cfg: dict, addr: str, tokens_list: list[int], iters: int, rn
     theirs, _ = build(cfg["layout"], cfg["dtype"], cfg["shape"], cfg["seed"])
     nb = cfg["shape"]["num_blocks"]
     rows = []
-    with get_transport("ucx", timeout=120, path=cfg["path"]) as tr:
+    with get_transport("ucx", timeout=120, path=cfg["path"], staging_bytes=cfg.get("staging") or None) as tr:
         tr.register(mine, spec)
         peer = tr.connect(addr)
-        print(f" path {tr.path}:", flush=True)
+        print(f" path {tr.path}" + (f", {cfg['staging'] >> 20} MiB slots:" if cfg.get("staging") else ":"), flush=True)
         for tokens in tokens_list:
             nblk = -(-tokens // cfg["shape"]["block_size"])
             plans = []
@@ -232,7 +232,7 @@ def bench(p: PeerP, cfg: dict, addr: str, tokens_list: list[int], iters: int, rn
             d2d = timed(lambda: b.copy_(a), iters + 1)[1:]
             del a, b
             gbps = nbytes / statistics.median(lat) / 1e9
-            row = {"path": tr.path, "tokens": tokens, "bytes": nbytes, "segments": len(plans[-1][2]), "gbps": round(gbps, 3),
+            row = {"path": tr.path, "staging_mib": (cfg.get("staging") or 0) >> 20, "tokens": tokens, "bytes": nbytes, "segments": len(plans[-1][2]), "gbps": round(gbps, 3),
                    "ucxx_contiguous_gbps": round(nbytes / statistics.median(base) / 1e9, 3),
                    "d2d_copy_gbps": round(nbytes / statistics.median(d2d) / 1e9, 3),
                    "p50_ms": round(float(np.percentile(lat, 50)) * 1e3, 3),
@@ -255,6 +255,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, nargs="+", default=[64, 512, 2048, 4096, 32768])
     ap.add_argument("--iters", type=int, default=4)
     ap.add_argument("--paths", nargs="+", default=["staged", "put"], help="ucx data paths to check and time")
+    ap.add_argument("--staging-mib", type=int, nargs="+", default=[256], help="staging slot sizes to time (staged)")
     args, rest = ap.parse_known_args()
     if args.role == "p":
         run_p(json.loads(args.out if args.out else rest[0]))
@@ -275,8 +276,8 @@ def main() -> int:
             args.paths = [p for p in args.paths if p != "staged"]
     checks = [{"layout": lay, "dtype": dt, "shape": SMALL, "seed": i, "path": path} for path in args.paths
               for i, (lay, dt) in enumerate((lay, dt) for lay in PRESETS for dt in DTYPES)]
-    perfs = [{"layout": "vllm", "dtype": "bf16", "shape": perf_shape(max(args.tokens)), "seed": 99, "path": path}
-             for path in args.paths]
+    perfs = [{"layout": "vllm", "dtype": "bf16", "shape": perf_shape(max(args.tokens)), "seed": 99, "path": path,
+              "staging": mib << 20} for path in args.paths for mib in (args.staging_mib if path == "staged" else [0])]
     rng = np.random.default_rng(0)
     t0 = time.time()
     p = PeerP(checks + perfs)

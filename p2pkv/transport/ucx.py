@@ -33,7 +33,12 @@ __all__ = ["UcxTransport", "describe", "INSTALL_HINT", "PATHS"]
 log = logging.getLogger("p2pkv.transport.ucx")
 
 PATHS = ("auto", "put", "staged")
-STAGING_CUDA, STAGING_HOST = 64 << 20, 8 << 20  # bytes per staging slot (4 slots per transport)
+# bytes per staging slot (4 slots per transport); on an H100, 256 MiB slots moved large requests 2x faster
+# than 64 MiB ones (docs/benchmarks.md, ## ucx)
+STAGING_CUDA, STAGING_HOST = 256 << 20, 8 << 20
+# A wait polls UCX without sleeping until SPIN_S has passed without progress, then naps NAP_S between polls:
+# short steps (a chunk put, a control word) see no sleep latency, long waits leave the core to others.
+SPIN_S, NAP_S = 0.002, 0.0001
 _KIND_TABLE, _KIND_DONE, _KIND_BASE = 1, 2, 3
 _FEATURES = ("TAG", "RMA", "WAKEUP")
 
@@ -107,7 +112,7 @@ class _Link:
 
 class UcxTransport(StagedPath, ControlPlaneTransport):
     """`get_transport("ucx", listen="127.0.0.1:0", timeout=30, auth_token=None, path="auto",
-    staging_bytes=None (64 MiB per slot for CUDA, 8 MiB for host memory), ucx_config=None)`.
+    staging_bytes=None (256 MiB per slot for CUDA, 8 MiB for host memory), ucx_config=None)`.
 
     `path`: 'put' (one zero-copy put per segment), 'staged' (gather, one put per chunk of `staging_bytes`,
     scatter) or 'auto' (staged for CUDA memory when p2pkv's kernels are built, else put); a connection uses
@@ -399,18 +404,17 @@ class UcxTransport(StagedPath, ControlPlaneTransport):
         if st == INPROGRESS:
             self._bind_cuda()
             now = time.monotonic()
-            deadline, next_check, spins = now + self.timeout, now + 0.01, 0
+            deadline, next_check, busy_until = now + self.timeout, now + 0.01, now + SPIN_S
             while True:
                 st = ucp.check(p)
                 if st != INPROGRESS:
                     break
-                if ucp.progress(self._wh) == 0:
-                    spins += 1
-                    if spins > 64:
-                        time.sleep(min(0.001, 2e-6 * spins))
-                else:
-                    spins = 0
+                made = ucp.progress(self._wh)
                 now = time.monotonic()
+                if made:
+                    busy_until = now + SPIN_S
+                elif now > busy_until:
+                    time.sleep(NAP_S)
                 if now >= next_check:
                     next_check = now + 0.01
                     abort = self._abort_reason(conn, link, now, deadline, watch_socket)
