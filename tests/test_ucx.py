@@ -161,7 +161,7 @@ def test_staged_reads_in_both_directions_at_once_do_not_deadlock_or_mix():
 
 
 def test_staged_chunks_cover_every_byte_in_order_within_the_slot():
-    from p2pkv.transport.ucx_staged import plan_chunks
+    from p2pkv.transport.ucx.staged import plan_chunks
     rng = np.random.default_rng(3)
     for slot in (1 << 16, 3 << 16, 1 << 20):
         n = int(rng.integers(1, 400))

@@ -2,9 +2,9 @@
 that holds the bytes always PUTs them (one-sided RMA) into the peer's registered
 memory, then says so by a tag message derived from the connection and request:
 per merged segment, zero-copy, all in flight and one flush (the `put` path), or
-through registered staging slots (the `staged` path, ucx_staged.py). ucxx runs the
+through registered staging slots (the `staged` path, staged.py). ucxx runs the
 context, worker, endpoints and a blocking progress thread; libucp (through
-_ucp.py) takes the per-segment calls that ucxx's Python layer has no API for."""
+ucp.py) takes the per-segment calls that ucxx's Python layer has no API for."""
 from __future__ import annotations
 
 import ctypes
@@ -21,11 +21,11 @@ import numpy as np
 import torch
 
 from p2pkv.segments import Segments
-from p2pkv.transport._ucp import (ERR_LAST, INPROGRESS, INSTALL_HINT, MEM_CUDA, MEM_HOST, OP_FIELD_MEMH,
+from p2pkv.transport.ucx.ucp import (ERR_LAST, INPROGRESS, INSTALL_HINT, MEM_CUDA, MEM_HOST, OP_FIELD_MEMH,
                                   OP_FIELD_MEMORY_TYPE, MapParam, Param, context_config, load)
 from p2pkv.transport.base import Peer, PeerClosedError, TransferError, TransferHandle, TransferTimeout
 from p2pkv.transport.control import Conn, ControlPlaneTransport
-from p2pkv.transport.ucx_staged import StagedPath
+from p2pkv.transport.ucx.staged import StagedPath
 from p2pkv.wire import FrameType, ProtocolError, recv_frame, send_frame
 
 __all__ = ["UcxTransport", "describe", "INSTALL_HINT", "PATHS"]

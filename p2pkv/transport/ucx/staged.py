@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from p2pkv.transport._ucp import MEM_CUDA, MapParam, OP_FIELD_MEMH, OP_FIELD_MEMORY_TYPE, Param
+from p2pkv.transport.ucx.ucp import MEM_CUDA, MapParam, OP_FIELD_MEMH, OP_FIELD_MEMORY_TYPE, Param
 from p2pkv.transport.base import TransferTimeout
 from p2pkv.transport.control import Conn
 
