@@ -4,7 +4,6 @@ growing); the consumer `drop_select(key)` takes them over a pair of tensor pipes
 from __future__ import annotations
 
 import threading
-import time
 from typing import Sequence
 
 import torch

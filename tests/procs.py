@@ -47,3 +47,15 @@ def peer_process(backend: str, configs: list[dict], options: dict | None = None,
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=10)
+
+
+def wait_errors(handles, timeout: float = 10.0) -> list:
+    """Wait for every handle; return the TransferErrors they ended with, in order."""
+    from p2pkv.transport import TransferError
+    errors = []
+    for h in handles:
+        try:
+            h.wait(timeout)
+        except TransferError as e:
+            errors.append(e)
+    return errors

@@ -1,7 +1,6 @@
 """`p2pkv bench` and `p2pkv doctor` as a user runs them: table, JSON contract, verification that can fail."""
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys

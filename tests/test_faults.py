@@ -12,7 +12,7 @@ import pytest
 from p2pkv.layout import plan_segments
 from p2pkv.transport import PeerClosedError, TransferError, TransferTimeout, get_transport
 from peer import build
-from procs import peer_process
+from procs import peer_process, wait_errors
 
 BIG = {"layout": "vllm", "dtype": "fp32", "blocks": 256, "layers": 8, "block_size": 16, "heads": 8, "head_size": 64}
 
@@ -32,12 +32,7 @@ def test_decode_killed_mid_push_fails_within_timeout_and_prefill_serves_the_next
             handles = push_forever(p, peer1, spec, "to-d1")
             os.kill(d1.proc.pid, signal.SIGKILL)
             t0 = time.monotonic()
-            errors = []
-            for h in handles:
-                try:
-                    h.wait(10)
-                except TransferError as e:
-                    errors.append(e)
+            errors = wait_errors(handles)
             assert time.monotonic() - t0 < 8
             assert errors and isinstance(errors[-1], (PeerClosedError, TransferTimeout))
             assert d1.addresses[0] in str(errors[-1]) and "to-d1-29" in str(errors[-1])

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import shutil
 import socket
-import struct
 import subprocess
-import time
 
-import msgpack
 import numpy as np
 import pytest
 import torch

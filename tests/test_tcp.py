@@ -17,7 +17,7 @@ from p2pkv.layout import PRESETS, make_kv_caches, plan_segments
 from p2pkv.transport import PeerClosedError, TransferError, TransferTimeout, get_transport
 from p2pkv.wire import AuthError, HandshakeError
 from peer import build
-from procs import peer_process
+from procs import peer_process, wait_errors
 
 DTYPES = ["bf16", "fp16", "fp32"] + (["fp8"] if hasattr(torch, "float8_e4m3fn") else [])
 
@@ -206,12 +206,7 @@ def test_peer_killed_mid_transfer_fails_pending_requests_with_peer_and_request()
                        for i in range(20)]
             os.kill(p.proc.pid, signal.SIGKILL)
             t0 = time.monotonic()
-            errors = []
-            for h in handles:
-                try:
-                    h.wait(10)
-                except TransferError as e:
-                    errors.append(e)
+            errors = wait_errors(handles)
             assert time.monotonic() - t0 < 10
             assert errors, "killing P must fail the requests still in flight"
             assert all(isinstance(e, (PeerClosedError, TransferTimeout)) for e in errors)
