@@ -186,6 +186,22 @@ def test_consumer_loads_only_what_its_prefix_cache_lacks():
     assert c.get_num_new_matched_tokens(req, 0) == (0, False)
 
 
+def test_kv_both_serves_as_producer_and_consumer_and_single_roles_stay_in_their_lane():
+    from vllm.v1.request import RequestStatus
+    pull = {"do_remote_prefill": True, "transfer_mode": "pull", "remote_address": "10.0.0.1:7100",
+            "remote_request_id": "p-7", "remote_block_ids": [21, 22, 23], "remote_num_tokens": 70}
+    both = fake_connector("kv_both")
+    assert both.get_num_new_matched_tokens(fake_request(70, pull), 0) == (70, True)
+    delay, params = both.request_finished(
+        fake_request(70, {"do_remote_decode": True}, RequestStatus.FINISHED_LENGTH_CAPPED, computed=70), [1, 2, 3])
+    assert delay and params["remote_block_ids"] == [1, 2, 3]
+    producer, consumer = fake_connector("kv_producer"), fake_connector("kv_consumer")
+    assert producer.get_num_new_matched_tokens(fake_request(70, pull), 0) == (0, False)
+    assert consumer.request_finished(
+        fake_request(70, {"do_remote_decode": True}, RequestStatus.FINISHED_LENGTH_CAPPED, computed=70),
+        [1, 2, 3]) == (False, None)
+
+
 def test_push_consumer_sends_its_blocks_and_an_abort_releases_p():
     c = fake_connector("kv_consumer", mode="push")
     params = {"do_remote_prefill": True, "transfer_mode": "push", "remote_address": "10.0.0.1:7100",
