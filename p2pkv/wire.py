@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 import msgpack
 
 __all__ = ["MAGIC", "VERSION", "HEADER", "FrameType", "Frame", "ProtocolError", "HandshakeError", "AuthError",
-           "encode_frame", "decode_header", "decode_meta", "send_frame", "recv_frame", "recv_exact",
+           "encode_frame", "decode_header", "decode_meta", "send_frame", "recv_frame", "recv_exact", "recv_into_exact",
            "client_handshake", "server_handshake", "MAX_META", "MAX_PAYLOAD"]
 
 MAGIC = b"P2KV"
@@ -101,14 +101,19 @@ def decode_meta(body: bytes) -> dict[str, Any]:
     return meta
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    view, got = memoryview(buf), 0
+def recv_into_exact(sock: socket.socket, view: memoryview) -> None:
+    """Fill `view` from the socket; ConnectionResetError if the peer closes first."""
+    got, n = 0, view.nbytes
     while got < n:
         k = sock.recv_into(view[got:], n - got)
         if k == 0:
             raise ConnectionResetError(f"peer closed the connection after {got} of {n} bytes")
         got += k
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    recv_into_exact(sock, memoryview(buf))
     return bytes(buf)
 
 

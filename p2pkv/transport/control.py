@@ -12,6 +12,7 @@ import select
 import socket
 import ssl
 import threading
+import time
 from abc import abstractmethod
 from typing import Any, Callable
 
@@ -76,6 +77,10 @@ class Conn:
                 fn()
             except OSError:
                 pass
+
+
+def _down(conn: Conn, request_id: Any) -> PeerClosedError:
+    return PeerClosedError(f"connection is down ({conn.dead})", peer=conn.peer.name, request_id=request_id)
 
 
 class ControlPlaneTransport(Transport):
@@ -215,7 +220,6 @@ class ControlPlaneTransport(Transport):
         return out
 
     def baseline(self, peer: Peer | str, nbytes: int, iters: int = 1) -> float:
-        import time
         conn = self._conn(peer)
         times: list[float] = []
 
@@ -279,7 +283,7 @@ class ControlPlaneTransport(Transport):
     def _submit(self, conn: Conn, fn: Callable[[Conn], None], request_id: Any, nbytes: int) -> TransferHandle:
         h = TransferHandle(conn.peer.name, request_id, nbytes)
         if conn.dead is not None:
-            h._finish(PeerClosedError(f"connection is down ({conn.dead})", peer=conn.peer.name, request_id=request_id))
+            h._finish(_down(conn, request_id))
             return h
         conn.ops.put((fn, h))
         if conn.dead is not None:
@@ -294,7 +298,7 @@ class ControlPlaneTransport(Transport):
                 return
             fn, h = item
             if conn.dead is not None:
-                h._finish(PeerClosedError(f"connection is down ({conn.dead})", peer=conn.peer.name, request_id=h.request_id))
+                h._finish(_down(conn, h.request_id))
                 continue
             try:
                 fn(conn)
@@ -324,8 +328,7 @@ class ControlPlaneTransport(Transport):
             except queue.Empty:
                 return
             if item is not None:
-                item[1]._finish(PeerClosedError(f"connection is down ({conn.dead})", peer=conn.peer.name,
-                                                request_id=item[1].request_id))
+                item[1]._finish(_down(conn, item[1].request_id))
 
     def _drop(self, conn: Conn, reason: BaseException) -> None:
         if conn.dead is None:

@@ -18,6 +18,7 @@ import torch
 
 from p2pkv import kernels
 from p2pkv.transport.control import Conn, ControlPlaneTransport
+from p2pkv.wire import recv_into_exact
 
 __all__ = ["TcpTransport", "sendv", "recvv"]
 
@@ -78,15 +79,6 @@ def sendv(sock: socket.socket, views: list[memoryview]) -> None:
                 break
             nbytes -= sent
             i = _advance(views, i, sent)
-
-
-def _recv_into(sock: socket.socket, view: memoryview) -> None:
-    got, n = 0, view.nbytes
-    while got < n:
-        k = sock.recv_into(view[got:], n - got)
-        if k == 0:
-            raise ConnectionResetError(f"peer closed the connection after {got} of {n} bytes")
-        got += k
 
 
 def recvv(sock: socket.socket, views: list[memoryview], flags: int = 0) -> None:
@@ -177,7 +169,7 @@ class TcpTransport(ControlPlaneTransport):
         if isinstance(conn.sock, ssl.SSLSocket):
             if self.device.type == "cpu":
                 for v in self._views(region, off, length):
-                    _recv_into(conn.sock, v)
+                    recv_into_exact(conn.sock, v)
             else:
                 self._recv_staged(conn.sock, region, off, length)
         elif self.device.type == "cpu":
@@ -199,12 +191,7 @@ class TcpTransport(ControlPlaneTransport):
         conn.sock.sendall(self._baseline_buf(nbytes))
 
     def _baseline_recv(self, conn: Conn, nbytes: int) -> None:
-        buf, got = self._baseline_buf(nbytes), 0
-        while got < nbytes:
-            k = conn.sock.recv_into(buf[got:], nbytes - got)
-            if k == 0:
-                raise ConnectionResetError("peer closed during the baseline")
-            got += k
+        recv_into_exact(conn.sock, self._baseline_buf(nbytes))
 
     # ---------------------------------------------------------------- CUDA: pinned staging, overlapped
     def _stage(self) -> _Staging:
@@ -252,7 +239,7 @@ class TcpTransport(ControlPlaneTransport):
             b = i % 2
             st.events[b].synchronize()
             total = sum(p[2] for p in chunk)
-            _recv_into(sock, st.views[b][:total])
+            recv_into_exact(sock, st.views[b][:total])
             rr, oo, nn = (np.array(x, dtype=np.int64) for x in zip(*chunk))
             kernels.scatter(st.bufs[b], self._kregions, rr, oo, nn, stream=st.stream)
             st.events[b].record(st.stream)
