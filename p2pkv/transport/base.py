@@ -4,6 +4,7 @@ local) asynchronously. Transports know nothing of layers, heads or requests
 beyond the id they carry for error messages."""
 from __future__ import annotations
 
+import sys
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from p2pkv.layout import KVCacheSpec
 from p2pkv.segments import Segments
 
 __all__ = ["Transport", "TransferHandle", "Peer", "Notif", "TransferError", "PeerClosedError", "TransferTimeout",
-           "byte_regions"]
+           "byte_regions", "advise_hugepages"]
 
 
 class TransferError(RuntimeError):
@@ -105,6 +106,40 @@ def byte_regions(tensors: Sequence[torch.Tensor], spec: KVCacheSpec) -> list[tor
         start = t.storage_offset() * t.element_size()
         out.append(storage[start:start + r.nbytes])
     return out
+
+
+HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE, _MADV_COLLAPSE = 14, 25
+
+
+def advise_hugepages(regions: Sequence[torch.Tensor]) -> int:
+    """Back registered CPU memory with 2 MiB pages where the kernel allows, as RDMA
+    stacks do with the memory they register: a transfer of many small scattered
+    spans then walks far fewer page tables. Linux only; contents never change.
+    Pages already present are collapsed now (MADV_COLLAPSE, Linux 6.1+, about
+    0.3 s per GiB), else only hinted (MADV_HUGEPAGE). Only the 2 MiB-aligned
+    interior of each contiguous run of regions is touched. Returns the bytes advised."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    import ctypes
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return 0
+    madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    runs: list[list[int]] = []
+    for start, end in sorted((r.data_ptr(), r.data_ptr() + r.numel() * r.element_size())
+                             for r in regions if r.device.type == "cpu" and r.numel()):
+        if runs and start <= runs[-1][1]:
+            runs[-1][1] = max(runs[-1][1], end)
+        else:
+            runs.append([start, end])
+    advised = 0
+    for start, end in runs:
+        lo, hi = -(-start // HUGE_PAGE) * HUGE_PAGE, end // HUGE_PAGE * HUGE_PAGE
+        if hi > lo and (madvise(lo, hi - lo, _MADV_COLLAPSE) == 0 or madvise(lo, hi - lo, _MADV_HUGEPAGE) == 0):
+            advised += hi - lo
+    return advised
 
 
 class Transport(ABC):

@@ -1,61 +1,124 @@
 """TCP backend: payload bytes go straight from the registered KV memory into the
-socket and from the socket into the destination blocks with vectored calls
-(`sendmsg` / `recvmsg_into`, up to IOV_MAX buffers each); CUDA tensors go through
-a bounded, double-buffered pinned staging area overlapped with the socket."""
+socket and from the socket into the destination blocks, with vectored `sendmsg` /
+`recvmsg` calls over iovec arrays built in one numpy step per request (CPU memory,
+hinted to 2 MiB pages); CUDA tensors go through a bounded, double-buffered pinned
+staging area overlapped with the socket."""
 from __future__ import annotations
 
-import bisect
-import itertools
+import ctypes
+import errno
 import os
 import socket
 import ssl
 import struct
+import sys
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from p2pkv import kernels
+from p2pkv.segments import Segments
+from p2pkv.transport.base import advise_hugepages
 from p2pkv.transport.control import Conn, ControlPlaneTransport
 from p2pkv.wire import recv_into_exact
 
-__all__ = ["TcpTransport", "sendv", "recvv"]
+__all__ = ["TcpTransport", "iovecs", "sendv", "recvv"]
 
 IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
+MSG_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
+_LINUX = sys.platform.startswith("linux")
 
 
-BATCH_BYTES = 32 << 20
+class _MsgHdr(ctypes.Structure):
+    """POSIX `struct msghdr` (Linux declares the two lengths as size_t)."""
+    _fields_ = [("msg_name", ctypes.c_void_p), ("msg_namelen", ctypes.c_uint32),
+                ("msg_iov", ctypes.c_void_p), ("msg_iovlen", ctypes.c_size_t if _LINUX else ctypes.c_int),
+                ("msg_control", ctypes.c_void_p), ("msg_controllen", ctypes.c_size_t if _LINUX else ctypes.c_uint32),
+                ("msg_flags", ctypes.c_int)]
 
 
-def _batches(views: list[memoryview]) -> list[tuple[int, int, int]]:
-    """(start, end, bytes) of each vectored call: up to IOV_MAX buffers or BATCH_BYTES."""
-    cum = list(itertools.accumulate((v.nbytes for v in views), initial=0))
-    out, i, n = [], 0, len(views)
+def _libc_msg_calls() -> tuple[Any, Any] | None:
+    """libc's sendmsg/recvmsg, called through ctypes (which releases the GIL), or None."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        calls = libc.sendmsg, libc.recvmsg
+    except (OSError, AttributeError):
+        return None
+    for fn in calls:
+        fn.argtypes, fn.restype = [ctypes.c_int, ctypes.POINTER(_MsgHdr), ctypes.c_int], ctypes.c_ssize_t
+    return calls
+
+
+_LIBC = _libc_msg_calls()
+
+
+def iovecs(bases: np.ndarray, region: np.ndarray, off: np.ndarray, length: np.ndarray) -> np.ndarray:
+    """One `struct iovec` row (address, length) per segment, as a (n, 2) uintp array:
+    what the kernel reads directly, with no Python object per segment."""
+    iov = np.empty((len(off), 2), dtype=np.uintp)
+    iov[:, 0] = bases[region]
+    iov[:, 0] += off.astype(np.uintp)
+    iov[:, 1] = length
+    return iov
+
+
+def _views(iov: np.ndarray) -> list[memoryview]:
+    """Memoryviews of the iovec rows, for the paths that take Python buffers (TLS, no libc)."""
+    return [memoryview((ctypes.c_char * n).from_address(a)).cast("B") for a, n in iov.tolist()]
+
+
+def _advance(iov: np.ndarray, i: int, j: int, moved: int) -> int:
+    """First row of iov[i:j] not fully moved after `moved` bytes; trims a partly moved row in place."""
+    cum = np.cumsum(iov[i:j, 1])
+    k = int(np.searchsorted(cum, moved, side="right"))
+    rest = moved - (int(cum[k - 1]) if k else 0)
+    if rest:
+        iov[i + k, 0] += rest
+        iov[i + k, 1] -= rest
+    return i + k
+
+
+def _move(iov: np.ndarray, call: Callable[[int, int], int]) -> None:
+    """Run `call(i, j)` (one syscall over rows i..j, returning bytes moved) over batches
+    of at most IOV_MAX rows until every byte moved, resuming a partial call exactly."""
+    n, i = len(iov), 0
     while i < n:
-        j = min(n, i + IOV_MAX, max(i + 1, bisect.bisect_right(cum, cum[i] + BATCH_BYTES) - 1))
-        out.append((i, j, cum[j] - cum[i]))
+        j = min(n, i + IOV_MAX)
+        want = int(iov[i:j, 1].sum())
+        while True:
+            got = call(i, j)
+            if got == want:
+                break
+            if got <= 0:
+                raise ConnectionResetError(f"peer closed the connection with {want} bytes of this batch still to come")
+            want -= got
+            i = _advance(iov, i, j, got)
         i = j
-    return out
 
 
-def _advance(views: list[memoryview], i: int, moved: int) -> int:
-    """Index of the first view not fully moved after `moved` more bytes; trims a partly moved view."""
-    while moved:
-        k = views[i].nbytes
-        if moved >= k:
-            moved -= k
-            i += 1
-        else:
-            views[i] = views[i][moved:]
-            moved = 0
-    return i
+def _libc_call(fn: Any, sock: socket.socket, iov: np.ndarray, flags: int) -> Callable[[int, int], int]:
+    hdr = _MsgHdr()
+    fd, base, row = sock.fileno(), iov.ctypes.data, iov.strides[0]
+    ref = ctypes.byref(hdr)
+
+    def call(i: int, j: int) -> int:
+        hdr.msg_iov, hdr.msg_iovlen = base + row * i, j - i
+        while True:
+            got = fn(fd, ref, flags)
+            if got >= 0:
+                return got
+            err = ctypes.get_errno()
+            if err != errno.EINTR:
+                raise OSError(err, os.strerror(err))
+    return call
 
 
 @contextmanager
 def kernel_timeouts(sock: socket.socket, timeout: float) -> Iterator[None]:
     """Run the block in blocking mode with the timeout enforced by the kernel
-    (SO_RCVTIMEO/SO_SNDTIMEO), so one `recvmsg_into(MSG_WAITALL)` can fill a whole
+    (SO_RCVTIMEO/SO_SNDTIMEO), so one `recvmsg(MSG_WAITALL)` can fill a whole
     iovec in one syscall instead of Python polling between partial reads."""
     tv = struct.pack("ll", int(timeout), int((timeout % 1) * 1e6))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
@@ -69,29 +132,22 @@ def kernel_timeouts(sock: socket.socket, timeout: float) -> Iterator[None]:
         sock.settimeout(timeout)
 
 
-def sendv(sock: socket.socket, views: list[memoryview]) -> None:
-    """Send every view, in order, with as few syscalls as the kernel allows (a blocking
-    socket takes a whole batch per call; a partial send is resumed exactly)."""
-    for i, j, nbytes in _batches(views):
-        while i < j:
-            sent = sock.sendmsg(views[i:j])
-            if sent == nbytes:
-                break
-            nbytes -= sent
-            i = _advance(views, i, sent)
+def sendv(sock: socket.socket, iov: np.ndarray) -> None:
+    """Send the memory of every iovec row, in order, from a blocking socket (a whole
+    batch per syscall; a partial send is resumed exactly). `iov` is consumed."""
+    if _LIBC is not None:
+        _move(iov, _libc_call(_LIBC[0], sock, iov, MSG_NOSIGNAL))
+    else:
+        _move(iov, lambda i, j: sock.sendmsg(_views(iov[i:j])))
 
 
-def recvv(sock: socket.socket, views: list[memoryview], flags: int = 0) -> None:
-    """Fill every view, in order; ConnectionResetError if the peer closes early."""
-    for i, j, nbytes in _batches(views):
-        while i < j:
-            got = sock.recvmsg_into(views[i:j], 0, flags)[0]
-            if got == 0:
-                raise ConnectionResetError(f"peer closed the connection with {nbytes} bytes of this batch still to come")
-            if got == nbytes:
-                break
-            nbytes -= got
-            i = _advance(views, i, got)
+def recvv(sock: socket.socket, iov: np.ndarray) -> None:
+    """Fill the memory of every iovec row, in order, with `MSG_WAITALL`;
+    ConnectionResetError if the peer closes early. `iov` is consumed."""
+    if _LIBC is not None:
+        _move(iov, _libc_call(_LIBC[1], sock, iov, socket.MSG_WAITALL))
+    else:
+        _move(iov, lambda i, j: sock.recvmsg_into(_views(iov[i:j]), 0, socket.MSG_WAITALL)[0])
 
 
 class _Staging:
@@ -121,24 +177,29 @@ def _chunks(length: np.ndarray, limit: int) -> list[tuple[int, int]]:
 
 
 class TcpTransport(ControlPlaneTransport):
-    """`get_transport("tcp", listen="127.0.0.1:0", timeout=30, auth_token=None, staging_bytes=16 MiB)`."""
+    """`get_transport("tcp", listen="127.0.0.1:0", timeout=30, auth_token=None, staging_bytes=16 MiB,
+    hugepages=True)`; `hugepages=False` leaves registered CPU memory on the pages it has."""
 
     name = "tcp"
 
-    def __init__(self, *, staging_bytes: int = 16 << 20, sock_buf_bytes: int = 4 << 20, **kw: Any):
+    def __init__(self, *, staging_bytes: int = 16 << 20, sock_buf_bytes: int = 4 << 20, hugepages: bool = True,
+                 **kw: Any):
         super().__init__(**kw)
         if staging_bytes < 1 << 16:
             raise ValueError(f"staging_bytes must be at least 64 KiB, got {staging_bytes}")
         self.staging_bytes = int(staging_bytes)
         self.sock_buf_bytes = int(sock_buf_bytes)
-        self._mvs: list[memoryview] = []
+        self.hugepages = bool(hugepages)
+        self._bases = np.zeros(0, dtype=np.uintp)
         self._staging: _Staging | None = None
         self._bbuf: memoryview | None = None
 
     def register(self, tensors: Sequence[torch.Tensor], spec: Any = None) -> Any:
         spec = super().register(tensors, spec)
         if self.device.type == "cpu":
-            self._mvs = [memoryview(r.numpy()) for r in self.regions]
+            self._bases = np.array([r.data_ptr() for r in self.regions], dtype=np.uintp)
+            if self.hugepages:
+                advise_hugepages(self.regions)
         return spec
 
     def _on_connect(self, conn: Conn) -> None:
@@ -148,36 +209,33 @@ class TcpTransport(ControlPlaneTransport):
             except OSError:
                 pass
 
-    def _views(self, region: np.ndarray, off: np.ndarray, length: np.ndarray) -> list[memoryview]:
-        mvs = self._mvs
-        return [mvs[r][o:o + n] for r, o, n in zip(region.tolist(), off.tolist(), length.tolist())]
+    def _iov(self, region: np.ndarray, off: np.ndarray, length: np.ndarray) -> np.ndarray:
+        """The iovec rows of local segments, checked against the registered regions first
+        (the kernel gets raw addresses, so no segment may point outside them)."""
+        Segments.check_bounds(region, off, length, [r.nbytes for r in self.regions])
+        return iovecs(self._bases, region, off, length)
 
     def _send_data(self, conn: Conn, region: np.ndarray, off: np.ndarray, length: np.ndarray, request_id: Any) -> None:
-        if isinstance(conn.sock, ssl.SSLSocket):
-            for v in self._views(region, off, length) if self.device.type == "cpu" else ():
-                conn.sock.sendall(v)
-            if self.device.type != "cpu":
-                self._send_staged(conn.sock, region, off, length)
-        elif self.device.type == "cpu":
-            views = self._views(region, off, length)
-            with kernel_timeouts(conn.sock, self.timeout):
-                sendv(conn.sock, views)
-        else:
+        if self.device.type != "cpu":
             self._send_staged(conn.sock, region, off, length)
+        elif isinstance(conn.sock, ssl.SSLSocket):
+            for v in _views(self._iov(region, off, length)):
+                conn.sock.sendall(v)
+        else:
+            iov = self._iov(region, off, length)
+            with kernel_timeouts(conn.sock, self.timeout):
+                sendv(conn.sock, iov)
 
     def _recv_data(self, conn: Conn, region: np.ndarray, off: np.ndarray, length: np.ndarray, request_id: Any) -> None:
-        if isinstance(conn.sock, ssl.SSLSocket):
-            if self.device.type == "cpu":
-                for v in self._views(region, off, length):
-                    recv_into_exact(conn.sock, v)
-            else:
-                self._recv_staged(conn.sock, region, off, length)
-        elif self.device.type == "cpu":
-            views = self._views(region, off, length)
-            with kernel_timeouts(conn.sock, self.timeout):
-                recvv(conn.sock, views, socket.MSG_WAITALL)
-        else:
+        if self.device.type != "cpu":
             self._recv_staged(conn.sock, region, off, length)
+        elif isinstance(conn.sock, ssl.SSLSocket):
+            for v in _views(self._iov(region, off, length)):
+                recv_into_exact(conn.sock, v)
+        else:
+            iov = self._iov(region, off, length)
+            with kernel_timeouts(conn.sock, self.timeout):
+                recvv(conn.sock, iov)
 
     # ---------------------------------------------------------------- baseline: one contiguous buffer
     def _baseline_buf(self, nbytes: int) -> memoryview:
