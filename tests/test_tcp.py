@@ -233,3 +233,114 @@ def test_out_of_range_segments_are_refused_by_the_serving_side():
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.timeout(30)
+def test_write_of_segments_outside_the_local_regions_is_refused_before_sending():
+    a, b = get_transport("tcp"), get_transport("tcp")
+    try:
+        a.register(*_cache())
+        tb, sb = _cache(fill="random", generator=torch.Generator().manual_seed(4))
+        b.register(tb, sb)
+        peer = b.connect(a.address)
+        segs = plan_segments(sb, a.spec, [1], [1])
+        from p2pkv.segments import Segments
+        evil = Segments(segs.region, segs.src + sb.regions[0].nbytes, segs.dst, segs.length)
+        with pytest.raises(ValueError, match="runs past the end"):
+            b.write(peer, evil, "evil")
+        b.write(peer, segs, "good").wait(10)
+        assert torch.equal(a.tensors[0][:, 1].view(torch.uint8), tb[0][:, 1].view(torch.uint8))
+    finally:
+        a.close()
+        b.close()
+
+
+def _random_iov(rng, arena: np.ndarray, n: int, max_len: int) -> np.ndarray:
+    """n non-overlapping rows of random lengths at random places of `arena`."""
+    lens = rng.integers(1, max_len, n)
+    gaps = rng.integers(0, 64, n)
+    starts = np.cumsum(gaps + lens) - lens
+    assert starts[-1] + lens[-1] <= arena.nbytes
+    order = rng.permutation(n)
+    return np.stack([arena.ctypes.data + starts[order], lens[order]], axis=1).astype(np.uintp)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("libc", [True, False], ids=["libc", "python-buffers"])
+def test_sendv_recvv_move_many_odd_rows_and_large_ones_in_order(monkeypatch, libc):
+    from p2pkv.transport import tcp
+    if not libc:
+        monkeypatch.setattr(tcp, "_LIBC", None)
+    rng = np.random.default_rng(7)
+    src = rng.integers(0, 256, 48 << 20, dtype=np.uint8)
+    dst = np.zeros(48 << 20, dtype=np.uint8)
+    # more rows than IOV_MAX, then rows that cross the 32 MiB per-call cap
+    small = _random_iov(rng, src[:8 << 20], 3000, 2000)
+    big = np.array([[src.ctypes.data + (8 << 20), 24 << 20], [src.ctypes.data + (32 << 20), 16 << 20]], dtype=np.uintp)
+    send_iov = np.concatenate([small, big])
+    recv_iov = send_iov.copy()
+    recv_iov[:, 0] = (send_iov[:, 0].astype(np.int64) - src.ctypes.data + dst.ctypes.data).astype(np.uintp)
+    a, b = socket.socketpair()
+    try:
+        t = threading.Thread(target=tcp.sendv, args=(a, send_iov))
+        t.start()
+        tcp.recvv(b, recv_iov)
+        t.join(30)
+    finally:
+        a.close()
+        b.close()
+    moved = np.zeros(src.nbytes, dtype=bool)
+    for addr, n in np.concatenate([small, big]).tolist():
+        moved[addr - src.ctypes.data:addr - src.ctypes.data + n] = True
+    assert np.array_equal(dst[moved], src[moved]) and not dst[~moved].any()
+
+
+def test_a_partial_call_is_resumed_at_the_exact_byte():
+    from p2pkv.transport import tcp
+    rng = np.random.default_rng(3)
+    iov = np.stack([np.arange(500) * 10_000, rng.integers(1, 5000, 500)], axis=1).astype(np.uintp)
+    seen: list[tuple[int, int]] = []
+
+    def call(i: int, j: int) -> int:
+        take = int(min(iov[i:j, 1].sum(), rng.integers(1, 20_000)))
+        left = take
+        for addr, n in iov[i:j].tolist():
+            step = min(n, left)
+            seen.append((addr, step))
+            left -= step
+            if not left:
+                break
+        return take
+    expect = [(a, n) for a, n in iov.tolist()]
+    tcp._move(iov, call)
+    got: dict[int, int] = {}
+    for addr, n in seen:
+        start = next(a for a, m in expect if a <= addr < a + m)
+        assert addr == start + got.get(start, 0), "resumed at the wrong byte"
+        got[start] = got.get(start, 0) + n
+    assert got == dict(expect)
+
+
+def test_peer_closing_mid_batch_is_a_connection_reset():
+    from p2pkv.transport import tcp
+    a, b = socket.socketpair()
+    dst = np.zeros(1 << 16, dtype=np.uint8)
+    a.sendall(b"x" * 1000)
+    a.close()
+    try:
+        with pytest.raises(ConnectionResetError, match="still to come"):
+            tcp.recvv(b, np.array([[dst.ctypes.data, dst.nbytes]], dtype=np.uintp))
+    finally:
+        b.close()
+    assert dst[:1000].tolist() == [ord("x")] * 1000
+
+
+def test_advise_hugepages_keeps_the_bytes_and_touches_only_aligned_interiors():
+    from p2pkv.transport.base import HUGE_PAGE, advise_hugepages
+    flat = torch.randint(0, 256, (9 << 20,), dtype=torch.uint8)
+    before = flat.clone()
+    parts = [flat[i * (3 << 20):(i + 1) * (3 << 20)] for i in range(3)]
+    advised = advise_hugepages(parts)
+    assert advised % HUGE_PAGE == 0 and advised <= flat.numel()
+    assert torch.equal(flat, before)
+    assert advise_hugepages([]) == 0

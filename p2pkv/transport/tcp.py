@@ -20,7 +20,7 @@ import torch
 
 from p2pkv import kernels
 from p2pkv.segments import Segments
-from p2pkv.transport.base import advise_hugepages
+from p2pkv.transport.base import Peer, TransferHandle, advise_hugepages
 from p2pkv.transport.control import Conn, ControlPlaneTransport
 from p2pkv.wire import recv_into_exact
 
@@ -221,6 +221,14 @@ class TcpTransport(ControlPlaneTransport):
                 conn.sock.setsockopt(socket.SOL_SOCKET, opt, self.sock_buf_bytes)
             except OSError:
                 pass
+
+    def write(self, peer: Peer | str, segments: Segments, request_id: str | None = None,
+              notify: dict[str, Any] | None = None) -> TransferHandle:
+        """As `Transport.write`; segments outside the local regions are refused here with a
+        ValueError, before the peer is sent anything (the kernel is given raw addresses)."""
+        Segments.check_bounds(segments.region.astype(np.int64), segments.src, segments.length,
+                              [r.nbytes for r in self._require_registered().regions])
+        return super().write(peer, segments, request_id, notify)
 
     def _iov(self, region: np.ndarray, off: np.ndarray, length: np.ndarray) -> np.ndarray:
         """The iovec rows of local segments, checked against the registered regions first
