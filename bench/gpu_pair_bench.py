@@ -72,6 +72,13 @@ def _instrument(tr) -> dict:
     tr._live = timed("live", tr._live)
     tr._launch = timed("transport._launch", tr._launch)
     kernels.launch = timed("kernels.launch", kernels.launch)
+    inner = kernels.launch_blocks
+
+    def launch_blocks(*a, **k):
+        out = inner(*a, **k)
+        steps["_launched_at"].append(time.perf_counter())
+        return out
+    kernels.launch_blocks = launch_blocks
     kernels._ext = ExtProxy(kernels._ext)
     return steps
 
@@ -128,6 +135,9 @@ def main() -> None:
                 t1 = time.perf_counter()
                 h.wait(120)
                 dt = time.perf_counter() - t0
+                if steps is not None and steps.get("_launched_at"):
+                    steps["launch returned after read() began"].append(steps.pop("_launched_at")[-1] - t0)
+                    steps["wait() returned after read() returned"].append(time.perf_counter() - t1)
                 calls.append(t1 - t0)
                 if not i % 2:
                     b = tr.baseline(peer, nbytes, 1)

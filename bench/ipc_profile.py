@@ -34,6 +34,18 @@ def med(fn, n: int = 200) -> float:
     return statistics.median(ts) * 1e6
 
 
+def med_idle(fn, n: int = 100) -> float:
+    """Median host time of `fn` called on an idle GPU (synchronized before each call, untimed)."""
+    ts = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    return statistics.median(ts) * 1e6
+
+
 def gpu_us(fn, n: int = 30) -> float:
     ts = []
     for _ in range(n):
@@ -74,7 +86,26 @@ def main() -> None:
                                  rng.choice(blocks, nblk, replace=False))
             ev = torch.cuda.Event()
             ev.record()
+            table = tr._block_table(conn, segs.plan, conn.extra["peer"], tr._local, True)
+            sb, db = segs.plan.src_blocks, segs.plan.dst_blocks
+            sp = stream.cuda_stream
+            ipc_ev, done_ev = conn.extra["event_ptr"], ev.cuda_event
+            raw = (*kernels.block_args(table), sb, db, sp)
+            ext = kernels._ext
             res = {
+                "blocks: ext.copy_blocks, no events": med_idle(lambda: ext.copy_blocks(*raw, 0, 0, -1)),
+                "blocks: ext.copy_blocks, done event": med_idle(lambda: ext.copy_blocks(*raw, 0, done_ev, -1)),
+                "blocks: ext.copy_blocks, ipc wait": med_idle(lambda: ext.copy_blocks(*raw, ipc_ev, 0, -1)),
+                "blocks: ext.copy_blocks, both": med_idle(lambda: ext.copy_blocks(*raw, ipc_ev, done_ev, -1)),
+                "blocks: launch_blocks, both": med_idle(lambda: kernels.launch_blocks(table, sb, db, sp, wait_event=ipc_ev,
+                                                                                       done_event=done_ev)),
+                "blocks: transport._launch": med_idle(lambda: tr._launch(conn, segs, True, "x")),
+                "blocks: read (call)": med_idle(lambda: tr.read(peer, segs)),
+                "blocks: read+wait": med_idle(lambda: tr.read(peer, segs).wait(60)),
+                "blocks: segs.nbytes": med(lambda: segs.nbytes),
+                "query ipc event": med(lambda: conn.extra["event"].query()),
+                "torch empty launch (_sleep 0)": med_idle(lambda: torch.cuda._sleep(0)),
+                "gpu_blocks_ipc_src": gpu_us(lambda: ext.copy_blocks(*raw, 0, 0, -1)),
                 "live": med(lambda: tr._live(peer)),
                 "wait_ipc_event": med(lambda: stream.wait_event(conn.extra["event"])),
                 "event_create_record": med(lambda: torch.cuda.Event().record(stream)),
@@ -94,10 +125,10 @@ def main() -> None:
                                                                            segs.src, segs.dst, segs.length,
                                                                            stream=stream)),
             }
-            saved = conn.extra["event"]
-            conn.extra["event"] = None
-            res["read+wait(no ipc event wait)"] = med(lambda: tr.read(peer, segs).wait(60), 50)
-            conn.extra["event"] = saved
+            saved = conn.extra["event_ptr"]
+            conn.extra["event_ptr"] = 0
+            res["read+wait(no ipc event wait)"] = med_idle(lambda: tr.read(peer, segs).wait(60), 50)
+            conn.extra["event_ptr"] = saved
             print(f"tokens {tokens} ({segs.nbytes / 2**20:.1f} MiB, {len(segs)} segments):")
             for k, v in res.items():
                 print(f"  {k:32s} {v:10.1f} us")

@@ -15,16 +15,19 @@ import numpy as np
 import torch
 
 from p2pkv import kernels
-from p2pkv.layout import make_kv_caches, plan_segments
+from p2pkv.layout import block_geometry, make_kv_caches, plan_segments
 from p2pkv.transport.base import byte_regions
 
-VARIANTS = {  # name: TUNING overrides (the first is the shipped default)
-    "default": {},
-    "p1k-first": {"first_piece": 1024},
-    "unroll4": {"hint": 0},
-    "p256-4k-s3-u4": {"max_piece": 4096, "sides": 3, "hint": 0},
-    "single": {"first_piece": 1 << 30},
-    "dry": {"dry": True},
+VARIANTS = {  # name: TUNING overrides; "blocks*" run the whole-block kernel (block ids in its parameters)
+    "blocks": {},
+    "blocks-c16k": {"block_max_chunk": 16384},
+    "blocks-c64k": {"block_max_chunk": 65536, "block_min_chunk": 8192},
+    "blocks-g4": {"block_grid": -4},
+    "blocks-g16": {"block_grid": -16},
+    "blocks-gall": {"block_grid": 1 << 30},
+    "blocks-h0": {"hint": 0},
+    "blocks-h3": {"hint": 3},
+    "segments": {},
 }
 DEFAULTS = dict(kernels.TUNING, dry=False)
 
@@ -67,6 +70,7 @@ def main() -> None:
     dst_t, dspec = make_kv_caches("vllm", fill="empty", **shape)
     src_b, dst_b = byte_regions(src_t, sspec), byte_regions(dst_t, dspec)
     src, dst = kernels.Regions.of(src_b), kernels.Regions.of(dst_b)
+    table = kernels.BlockTable.build(src, dst, *block_geometry(sspec, dspec))
     stream = torch.cuda.current_stream()
     rng = np.random.default_rng(0)
     rows = []
@@ -92,9 +96,15 @@ def main() -> None:
                 p = plans[k[0] % len(plans)]
                 k[0] += 1
                 kernels.copy_segments(src, dst, p.region, p.src, p.dst, p.length, stream=stream)
+
+            def run_blocks() -> None:
+                p = plans[k[0] % len(plans)]
+                k[0] += 1
+                kernels.launch_blocks(table, p.plan.src_blocks, p.plan.dst_blocks, stream.cuda_stream)
+            fn = run_blocks if name.startswith("blocks") else run
             for _ in range(3):
-                run()
-            ev, prep, host = _time(run, args.iters, stream)
+                fn()
+            ev, prep, host = _time(fn, args.iters, stream)
             row[f"{name}_gbps"] = nbytes / ev / 1e9
             row[f"{name}_ratio"] = base_ev / ev
             row[f"{name}_host_us"] = host * 1e6
@@ -103,13 +113,18 @@ def main() -> None:
         p = plans[0]
         kernels.TUNING.clear()
         kernels.TUNING.update(DEFAULTS)
-        for r in dst_b:
-            r.fill_(0xA5)
-        kernels.copy_segments(src, dst, p.region, p.src, p.dst, p.length)
         ref = [torch.full_like(r, 0xA5) for r in dst_b]
         kernels._fallback(src, kernels.Regions.of(ref), p.region.astype(np.int64), p.src, p.dst, p.length, None)
-        torch.cuda.synchronize()
-        row["verified"] = all(torch.equal(x, y) for x, y in zip(dst_b, ref))
+        row["verified"] = True
+        for how in ("segments", "blocks"):
+            for r in dst_b:
+                r.fill_(0xA5)
+            if how == "blocks":
+                kernels.copy_blocks(table, p.plan.src_blocks, p.plan.dst_blocks)
+            else:
+                kernels.copy_segments(src, dst, p.region, p.src, p.dst, p.length)
+            torch.cuda.synchronize()
+            row["verified"] = row["verified"] and all(torch.equal(x, y) for x, y in zip(dst_b, ref))
         del ref, a, b
         rows.append(row)
         print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)

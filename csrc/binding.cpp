@@ -54,6 +54,34 @@ int64_t validate(const Side& s, const Side& d, const int64_t* region, const int6
   return total;
 }
 
+// Makes `device` current for one call and restores the caller's device after it.
+struct DeviceGuard {
+  int prev = -1;
+  explicit DeviceGuard(int device) {
+    if (device < 0) return;
+    check(cudaGetDevice(&prev), "cudaGetDevice");
+    if (prev == device) {
+      prev = -1;
+    } else {
+      check(cudaSetDevice(device), "cudaSetDevice");
+    }
+  }
+  ~DeviceGuard() {
+    if (prev >= 0) cudaSetDevice(prev);
+  }
+};
+
+// Orders `stream` after the peer's last "ready" record. A record the host already sees completed needs
+// no device-side wait (the query costs a fraction of cudaStreamWaitEvent on an interprocess event).
+void wait_for(cudaStream_t stream, int64_t event) {
+  cudaEvent_t ev = reinterpret_cast<cudaEvent_t>(event);
+  const cudaError_t q = cudaEventQuery(ev);
+  if (q == cudaSuccess) return;
+  if (q != cudaErrorNotReady) check(q, "cudaEventQuery");
+  if (cudaPeekAtLastError() == cudaErrorNotReady) cudaGetLastError();  // not an error: keep launch checks clean
+  check(cudaStreamWaitEvent(stream, ev, 0), "cudaStreamWaitEvent");
+}
+
 int64_t count_rows(const int64_t* len, int64_t n, int64_t chunk) {
   int64_t rows = 0;
   for (int64_t i = 0; i < n; ++i) rows += len[i] <= chunk ? 1 : (len[i] + chunk - 1) / chunk;
@@ -156,8 +184,7 @@ py::tuple copy(I64 tables, py::array region_arr, py::object src_off_obj, py::obj
     if (done_event) check(cudaEventRecord(reinterpret_cast<cudaEvent_t>(done_event), stream), "cudaEventRecord");
     if (slot_event) check(cudaEventRecord(reinterpret_cast<cudaEvent_t>(slot_event), stream), "cudaEventRecord");
   };
-  if (wait_event && !dry)
-    check(cudaStreamWaitEvent(stream, reinterpret_cast<cudaEvent_t>(wait_event), 0), "cudaStreamWaitEvent");
+  if (wait_event && !dry) wait_for(stream, wait_event);
 
   if (small && start == 0 && n <= p2pkv::kSmallRows) {
     const int64_t total = validate(s, d, reg, len, n);
@@ -270,6 +297,51 @@ py::tuple copy(I64 tables, py::array region_arr, py::object src_off_obj, py::obj
   return py::make_tuple(k, i, run);
 }
 
+// copy_blocks(regions_ptr, nreg, npieces, max_src, max_dst, item_len, pair_bytes, hint, min_chunk, max_chunk, grid,
+//             src_blocks, dst_blocks, stream, wait_event, done_event, device) -> bytes copied
+// Whole-block copy of a request: checks every id against the largest block the registered memory holds
+// on each side (max_src/max_dst, computed once per region table), then waits for `wait_event`, launches
+// (one launch per kLargePairs pairs) and records `done_event`, all in this one call, on `device`.
+int64_t copy_blocks(int64_t regions_ptr, int nreg, int npieces, int64_t max_src, int64_t max_dst, int64_t item_len,
+                    int64_t pair_bytes, int hint, int64_t min_chunk, int64_t max_chunk, int grid, I64 src_blocks,
+                    I64 dst_blocks, int64_t stream_ptr, int64_t wait_event, int64_t done_event, int device) {
+  DeviceGuard on(device);
+  const int64_t n = src_blocks.size();
+  if (dst_blocks.size() != n) throw std::invalid_argument("source and destination block lists differ in length");
+  if (nreg <= 0 || npieces <= 0 || npieces > p2pkv::kMaxPieces) throw std::invalid_argument("malformed block table");
+  const int64_t* sb = src_blocks.data();
+  const int64_t* db = dst_blocks.data();
+  std::vector<int32_t> pairs(2 * (size_t)n);
+  for (int64_t i = 0; i < n; ++i) {
+    if (sb[i] < 0 || sb[i] > max_src)
+      throw std::invalid_argument("source block id " + std::to_string(sb[i]) + " is outside the registered memory (ids 0.." +
+                                  std::to_string(max_src) + ")");
+    if (db[i] < 0 || db[i] > max_dst)
+      throw std::invalid_argument("destination block id " + std::to_string(db[i]) +
+                                  " is outside the registered memory (ids 0.." + std::to_string(max_dst) + ")");
+    pairs[2 * i] = (int32_t)sb[i];
+    pairs[2 * i + 1] = (int32_t)db[i];
+  }
+  cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_ptr);
+  if (wait_event) wait_for(stream, wait_event);
+  if (n > 0 && item_len > 0) {
+    // Units small enough that every multiprocessor gets work, large enough to keep 16-byte loads streaming.
+    const int64_t wave = (int64_t)p2pkv::sm_count() * 8;
+    int64_t chunk = round_up(std::max<int64_t>((pair_bytes * std::min<int64_t>(n, p2pkv::kLargePairs) + wave - 1) / wave, 16), 16);
+    chunk = std::min(std::max(chunk, round_up(min_chunk, 16)), round_up(max_chunk, 16));
+    chunk = std::min(chunk, round_up(item_len, 16));
+    const int split = (int)((item_len + chunk - 1) / chunk);
+    for (int64_t at = 0; at < n; at += p2pkv::kLargePairs) {
+      const int m = (int)std::min<int64_t>(n - at, p2pkv::kLargePairs);
+      check(p2pkv::launch_blocks(reinterpret_cast<const p2pkv::BlockRegion*>(regions_ptr), nreg, npieces,
+                                 pairs.data() + 2 * at, m, chunk, split, grid, hint, stream),
+            "p2pkv block copy launch");
+    }
+  }
+  if (done_event) check(cudaEventRecord(reinterpret_cast<cudaEvent_t>(done_event), stream), "cudaEventRecord");
+  return n * pair_bytes;
+}
+
 py::tuple ipc_export(int64_t ptr) {
   cudaIpcMemHandle_t h;
   uint64_t base = 0, size = 0;
@@ -299,6 +371,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("SMALL_ROWS") = p2pkv::kSmallRows;
   m.def("copy", &copy, "validate, cut into rows and copy a segment table in one launch");
 
+  m.def("copy_blocks", &copy_blocks, "validate block ids and copy whole blocks of every region in one launch");
+  m.attr("BLOCK_REGION_WORDS") = (int)(sizeof(p2pkv::BlockRegion) / 8);
+  m.attr("MAX_PIECES") = p2pkv::kMaxPieces;
   m.def("sm_count", &p2pkv::sm_count);
   m.def("ipc_export", &ipc_export, "(handle, base, size) of the allocation holding a device pointer");
   m.def("ipc_open", &ipc_open, "map a peer's allocation; returns its base address here");

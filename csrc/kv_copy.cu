@@ -103,6 +103,66 @@ __global__ void __launch_bounds__(kThreads) copy_small_kernel(const __grid_const
   copy_row<HINT, UNROLL>(r.src, r.dst, r.len);
 }
 
+template <int NPAIRS>
+struct BlockArgs {
+  const BlockRegion* regions;
+  int64_t units;
+  int64_t chunk;
+  int32_t npairs;
+  int32_t npieces;
+  int32_t split;
+  int32_t pad;
+  int32_t pairs[2 * NPAIRS];
+};
+
+// Unit u -> (region, piece, pair, part): consecutive thread blocks copy consecutive parts of one
+// piece, then the same piece of the next pair, so a wave sweeps one region's blocks at a time.
+template <int HINT, int UNROLL, int NPAIRS>
+__global__ void __launch_bounds__(kThreads) copy_blocks_kernel(const __grid_constant__ BlockArgs<NPAIRS> a) {
+  for (int64_t u = blockIdx.x; u < a.units; u += gridDim.x) {
+    const int64_t item = u / a.split;
+    const int64_t part = u - item * a.split;
+    const int64_t rp = item / a.npairs;
+    const int p = (int)(item - rp * a.npairs);
+    const int64_t r = rp / a.npieces;
+    const int piece = (int)(rp - r * a.npieces);
+    const BlockRegion* reg = a.regions + r;
+    const int64_t len = __ldg(&reg->piece_len[piece]);
+    const int64_t off = part * a.chunk;
+    if (off >= len) continue;
+    const int64_t n = len - off < a.chunk ? len - off : a.chunk;
+    const uint64_t src = __ldg(&reg->src_base) + (int64_t)a.pairs[2 * p] * __ldg(&reg->src_stride) +
+                         __ldg(&reg->piece_src[piece]) + off;
+    const uint64_t dst = __ldg(&reg->dst_base) + (int64_t)a.pairs[2 * p + 1] * __ldg(&reg->dst_stride) +
+                         __ldg(&reg->piece_dst[piece]) + off;
+    copy_row<HINT, UNROLL>(src, dst, (uint64_t)n);
+  }
+}
+
+template <int NPAIRS>
+cudaError_t launch_blocks_n(const BlockRegion* regions, int nreg, int npieces, const int32_t* pairs, int npairs,
+                            int64_t chunk, int split, int grid, int hint, cudaStream_t stream) {
+  BlockArgs<NPAIRS> a;
+  a.regions = regions;
+  a.units = (int64_t)nreg * npieces * npairs * split;
+  a.chunk = chunk;
+  a.npairs = npairs;
+  a.npieces = npieces;
+  a.split = split;
+  a.pad = 0;
+  for (int i = 0; i < 2 * npairs; ++i) a.pairs[i] = pairs[i];
+  int64_t g = grid > 0 ? grid : (int64_t)sm_count() * (2048 / kThreads);
+  if (grid < 0) g = (int64_t)sm_count() * -grid;
+  if (g > a.units) g = a.units;
+  switch (hint & 3) {
+    case 1: copy_blocks_kernel<1, 4, NPAIRS><<<(unsigned)g, kThreads, 0, stream>>>(a); break;
+    case 2: copy_blocks_kernel<0, 8, NPAIRS><<<(unsigned)g, kThreads, 0, stream>>>(a); break;
+    case 3: copy_blocks_kernel<1, 8, NPAIRS><<<(unsigned)g, kThreads, 0, stream>>>(a); break;
+    default: copy_blocks_kernel<0, 4, NPAIRS><<<(unsigned)g, kThreads, 0, stream>>>(a);
+  }
+  return cudaGetLastError();
+}
+
 int g_sm_count[64] = {0};
 
 }  // namespace
@@ -143,6 +203,19 @@ cudaError_t launch_small(const CopyRow* host_rows, int nrows, int hint, cudaStre
     copy_small_kernel<0, 4><<<nrows, kThreads, 0, stream>>>(t);
   }
   return cudaGetLastError();
+}
+
+cudaError_t launch_blocks(const BlockRegion* regions, int nreg, int npieces, const int32_t* pairs, int npairs,
+                          int64_t chunk, int split, int grid, int hint, cudaStream_t stream) {
+  if (npairs <= 0 || nreg <= 0 || npieces <= 0 || split <= 0) return cudaSuccess;
+  if (npieces > kMaxPieces || chunk <= 0 || (chunk & 15) != 0) return cudaErrorInvalidValue;
+  if (npairs <= kSmallPairs)
+    return launch_blocks_n<kSmallPairs>(regions, nreg, npieces, pairs, npairs, chunk, split, grid, hint, stream);
+  if (npairs <= kMediumPairs)
+    return launch_blocks_n<kMediumPairs>(regions, nreg, npieces, pairs, npairs, chunk, split, grid, hint, stream);
+  if (npairs <= kLargePairs)
+    return launch_blocks_n<kLargePairs>(regions, nreg, npieces, pairs, npairs, chunk, split, grid, hint, stream);
+  return cudaErrorInvalidValue;
 }
 
 // ------------------------------------------------------------------------------------------ IPC

@@ -28,6 +28,31 @@ cudaError_t launch_rows(const CopyRow* rows, int64_t nrows, int grid, int hint, 
 // Copy up to kSmallRows rows passed by value in the kernel's parameters.
 cudaError_t launch_small(const CopyRow* host_rows, int nrows, int hint, cudaStream_t stream);
 
+// Whole-block copies: a request is a list of (source block, destination block) id pairs;
+// each region pair knows its bases, block strides and the pieces (spans) of one block, so
+// the host hands the device only the ids, in the kernel's parameters.
+constexpr int kMaxPieces = 4;
+struct BlockRegion {
+  uint64_t src_base;
+  uint64_t dst_base;
+  int64_t src_stride;
+  int64_t dst_stride;
+  int64_t piece_src[kMaxPieces];
+  int64_t piece_dst[kMaxPieces];
+  int64_t piece_len[kMaxPieces];  // 0: no such piece in this region
+};
+// The launch copies the whole parameter block, so the smallest form that holds the ids is used.
+constexpr int kSmallPairs = 120;   // parameters under 1 KiB: the cheapest launch
+constexpr int kMediumPairs = 500;  // under 4 KiB
+constexpr int kLargePairs = 4000;  // under 32 KiB (CUDA 12.1+, Volta and later)
+
+// Copy pieces x regions x pairs items, each cut into `split` units of `chunk` bytes (a
+// multiple of 16), one thread block per unit over a grid of `grid` blocks (0: one per
+// unit up to 8 per multiprocessor). `regions` is a device table of `nreg` rows; `pairs`
+// (host memory, 2 x npairs ints: src, dst, src, dst, ...) travels in the parameters.
+cudaError_t launch_blocks(const BlockRegion* regions, int nreg, int npieces, const int32_t* pairs, int npairs,
+                          int64_t chunk, int split, int grid, int hint, cudaStream_t stream);
+
 // Multiprocessor count of the current device (cached per device).
 int sm_count();
 

@@ -10,13 +10,16 @@ import os
 import sys
 import threading
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["Regions", "gather", "scatter", "copy_segments", "launch", "load", "available", "unavailable_reason", "TUNING"]
+__all__ = ["Regions", "BlockTable", "gather", "scatter", "copy_segments", "copy_blocks", "launch", "launch_blocks",
+           "block_args",
+           "load", "available", "unavailable_reason", "TUNING"]
 
 log = logging.getLogger("p2pkv.kernels")
 
@@ -25,10 +28,41 @@ log = logging.getLogger("p2pkv.kernels")
 # kernel's parameters, the grid (0: 8 blocks per multiprocessor, -k: k per multiprocessor)
 # `table_rows` (cap each launch's table, so long requests take several launches: for tests)
 # and `dry` (host work only, nothing launched: to time the host side).
-TUNING: dict[str, Any] = {"hint": int(os.environ.get("P2PKV_HINT", "2")),
+class _Tuning(dict):
+    """The knobs, with a version that changes on every write, so launch arguments built from them can
+    be cached by the transports and rebuilt only when a knob moves."""
+
+    version = 0
+
+    def _bump(self) -> None:
+        _Tuning.version += 1
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        self._bump()
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        self._bump()
+
+    def update(self, *a: Any, **k: Any) -> None:
+        super().update(*a, **k)
+        self._bump()
+
+    def clear(self) -> None:
+        super().clear()
+        self._bump()
+
+    def pop(self, *a: Any) -> Any:
+        self._bump()
+        return super().pop(*a)
+
+
+TUNING: dict[str, Any] = _Tuning({"hint": int(os.environ.get("P2PKV_HINT", "2")),
                           "min_chunk": 4096, "max_chunk": 65536, "small": os.environ.get("P2PKV_SMALL", "1") == "1",
                           "grid": int(os.environ.get("P2PKV_GRID", "0")), "first_piece": 256, "max_piece": 16384,
-                          "sides": 2}
+                          "sides": 2, "blocks": os.environ.get("P2PKV_BLOCKS", "1") == "1",
+                          "block_min_chunk": 4096, "block_max_chunk": 32768, "block_grid": 1 << 30})
 
 _ext: Any = None
 _ext_error: str | None = None
@@ -265,6 +299,91 @@ def _launch_locked(ext: Any, pool: _TablePool, stream_ptr: int, tables: np.ndarr
         else:
             want = n - nxt + 1024
         start = nxt
+
+
+# ----------------------------------------------------------------------------------------- whole blocks
+
+@dataclass
+class BlockTable:
+    """A device table of region pairs (bases, block strides, the pieces of one block) for
+    `launch_blocks`, built once per (source regions, destination regions, geometry); also
+    the largest block id each side's registered memory holds, so ids are checked in O(1)."""
+
+    rows: torch.Tensor
+    nreg: int
+    npieces: int
+    max_src: int
+    max_dst: int
+    item_len: int
+    pair_bytes: int
+
+    @cached_property
+    def fixed(self) -> tuple:
+        """The leading arguments of the extension's copy_blocks, built once."""
+        return (self.rows.data_ptr(), self.nreg, self.npieces, self.max_src, self.max_dst, self.item_len,
+                self.pair_bytes)
+
+    @classmethod
+    def build(cls, src: Regions, dst: Regions, src_stride: Sequence[int], dst_stride: Sequence[int],
+              pieces: Sequence[np.ndarray]) -> "BlockTable | None":
+        """None when the geometry does not fit the kernel (more pieces per block than it takes):
+        the caller then copies segments instead."""
+        ext = load()
+        nreg = len(pieces)
+        if ext is None or nreg == 0 or nreg != len(src.ptrs) or nreg != len(dst.ptrs):
+            return None
+        npieces = max(len(p) for p in pieces)
+        if npieces == 0 or npieces > ext.MAX_PIECES:
+            return None
+        kp = ext.MAX_PIECES
+        words = np.zeros((nreg, ext.BLOCK_REGION_WORDS), dtype=np.int64)
+        max_src = max_dst = None
+        for r, pc in enumerate(pieces):
+            pc = np.asarray(pc, dtype=np.int64).reshape(-1, 3)
+            words[r, :4] = (src.ptrs[r], dst.ptrs[r], src_stride[r], dst_stride[r])
+            words[r, 4:4 + len(pc)] = pc[:, 0]
+            words[r, 4 + kp:4 + kp + len(pc)] = pc[:, 1]
+            words[r, 4 + 2 * kp:4 + 2 * kp + len(pc)] = pc[:, 2]
+            for side, col, stride, size in ((0, 0, src_stride[r], src.sizes[r]), (1, 1, dst_stride[r], dst.sizes[r])):
+                end = int((pc[:, col] + pc[:, 2]).max()) if len(pc) else 0
+                if (len(pc) and int(pc[:, col].min()) < 0) or end > size:
+                    top = -1
+                elif stride > 0:
+                    top = min((int(size) - end) // int(stride), 2**31 - 1)
+                else:
+                    top = 0
+                if side == 0:
+                    max_src = top if max_src is None else min(max_src, top)
+                else:
+                    max_dst = top if max_dst is None else min(max_dst, top)
+        lens = np.concatenate([np.asarray(p, dtype=np.int64).reshape(-1, 3)[:, 2] for p in pieces])
+        rows = torch.from_numpy(words.reshape(-1)).to(src.device if src.on_cuda else dst.device)
+        return cls(rows, nreg, npieces, int(max_src), int(max_dst), int(lens.max()), int(lens.sum()))
+
+
+def block_args(table: BlockTable) -> tuple:
+    """The leading arguments of the extension's `copy_blocks` for this table and the current knobs
+    (a transport may keep them while `TUNING.version` stays the same)."""
+    t = TUNING
+    return (*table.fixed, int(t["hint"]), int(t["block_min_chunk"]), int(t["block_max_chunk"]), int(t["block_grid"]))
+
+
+def launch_blocks(table: BlockTable, src_blocks: np.ndarray, dst_blocks: np.ndarray, stream_ptr: int, *,
+                  wait_event: int = 0, done_event: int = 0) -> int:
+    """Copy whole blocks (`src_blocks[i]` -> `dst_blocks[i]` in every region) in one call: ids
+    checked against the registered memory, then one launch per 4000 pairs with the ids in the
+    kernel's parameters, on the table's device. Waits on the device for `wait_event`, records
+    `done_event`."""
+    return _ext.copy_blocks(*block_args(table), src_blocks, dst_blocks, stream_ptr, wait_event, done_event,
+                            table.rows.device.index)
+
+
+def copy_blocks(table: BlockTable, src_blocks: Any, dst_blocks: Any, *, stream: torch.cuda.Stream | None = None) -> int:
+    """`launch_blocks` on `stream` (default: the current one) of the table's device."""
+    dev = table.rows.device
+    with torch.cuda.device(dev):
+        stream = stream or torch.cuda.current_stream(dev)
+        return launch_blocks(table, _i64(src_blocks), _i64(dst_blocks), stream.cuda_stream)
 
 
 # ----------------------------------------------------------------------------------------- fallback

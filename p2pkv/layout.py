@@ -14,9 +14,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from p2pkv.segments import Segments
+from p2pkv.segments import BlockPlan, Segments
 
-__all__ = ["KVCacheSpec", "RegionSpec", "PRESETS", "make_kv_caches", "plan_segments", "dtype_from_name"]
+__all__ = ["KVCacheSpec", "RegionSpec", "PRESETS", "make_kv_caches", "plan_segments", "block_geometry", "dtype_from_name"]
 
 _DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -272,7 +272,17 @@ def plan_segments(src: KVCacheSpec, dst: KVCacheSpec, src_blocks: Sequence[int] 
     starts = np.concatenate([[True], ~joins])
     idx = np.flatnonzero(starts)
     total = np.add.reduceat(ln, idx)
-    return Segments(region[idx].astype(np.int32), so[idx], do[idx], total)
+    return Segments(region[idx].astype(np.int32), so[idx], do[idx], total, BlockPlan(src, dst, s, d))
+
+
+def block_geometry(src: KVCacheSpec, dst: KVCacheSpec) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Per region pair: the source and destination block strides and the pieces of one block
+    (rows of src offset, dst offset, length): what a device copy needs to move whole blocks
+    given only their ids (the same bytes `plan_segments` would list)."""
+    src.check_compatible(dst)
+    ss = np.array([r.block_stride for r in src.regions], dtype=np.int64)
+    ds = np.array([r.block_stride for r in dst.regions], dtype=np.int64)
+    return ss, ds, [_pieces(a, b) for a, b in zip(src.regions, dst.regions)]
 
 
 # ----------------------------------------------------------------------------------------------- presets

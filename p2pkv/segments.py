@@ -2,12 +2,28 @@
 the transports (which move them). Four parallel int arrays, packed for the wire."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["Segments"]
+__all__ = ["Segments", "BlockPlan"]
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """Where a set of segments came from: these block ids of the source spec into those of the
+    destination spec. A transport that copies whole blocks on the device (cuda_ipc) launches
+    from this instead of the expanded segments: 64 segments per block become one table entry."""
+
+    src_spec: Any
+    dst_spec: Any
+    src_blocks: np.ndarray
+    dst_blocks: np.ndarray
+
+    def reversed(self) -> "BlockPlan":
+        return BlockPlan(self.dst_spec, self.src_spec, self.dst_blocks, self.src_blocks)
 
 
 @dataclass(frozen=True)
@@ -19,6 +35,7 @@ class Segments:
     src: np.ndarray
     dst: np.ndarray
     length: np.ndarray
+    plan: BlockPlan | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def empty(cls) -> "Segments":
@@ -28,13 +45,14 @@ class Segments:
     def __len__(self) -> int:
         return len(self.length)
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
         return int(self.length.sum())
 
     def reversed(self) -> "Segments":
         """The same segments with source and destination swapped (a read seen from the other side)."""
-        return Segments(self.region, self.dst, self.src, self.length)
+        return Segments(self.region, self.dst, self.src, self.length,
+                        self.plan.reversed() if self.plan is not None else None)
 
     def pack(self, side: str) -> bytes:
         """Region, offset and length of one side ('src' or 'dst') as little-endian int64 rows."""

@@ -79,7 +79,9 @@ def expected(src_t, dst_t, layout, sb, db):
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("layout,dtype", [("vllm", "bf16"), ("block_first", "fp16"), ("cross_layer", "fp32"),
                                           ("mla", "bf16"), ("vllm_cpu", "int8")])
-def test_pull_two_processes_byte_exact(layout, dtype):
+@pytest.mark.parametrize("blocks", [True, False], ids=["block-kernel", "segment-kernel"])
+def test_pull_two_processes_byte_exact(layout, dtype, blocks, monkeypatch):
+    monkeypatch.setitem(kernels.TUNING, "blocks", blocks)
     cfg = {"layout": layout, "dtype": dtype, "seed": 5, "blocks": 40}
     with peer(cfg) as (proc, addr):
         p_t, _ = build(cfg)
@@ -154,6 +156,10 @@ def test_errors_bounds_peer_loss_and_other_host():
             with pytest.raises(ValueError, match="request 'bad'.*run past the end of source region"):
                 tr.read(pr, bad, request_id="bad")
             tr.read(pr, segs, request_id="ok").wait(30)
+            _, big_spec = build({**cfg, "blocks": 32})  # a plan for more blocks than the peer registered
+            over = plan_segments(big_spec, d_spec, [20], [3])
+            with pytest.raises(ValueError, match=r"request 'over'.*source block id 20 is outside the registered memory"):
+                tr.read(pr, over, request_id="over")
             assert tr.baseline(pr, 1 << 20, 3) > 0
             proc.kill()
             proc.wait(timeout=20)

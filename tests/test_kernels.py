@@ -212,3 +212,93 @@ def test_cuda_errors_are_value_errors():
         kernels.copy_segments(src, dst, [0, 0], [0, 0], [0, 20], [4, 20])
     with pytest.raises(ValueError, match="names source region 3"):
         kernels.copy_segments(src, dst, [3], [0], [0], [4])
+
+
+# ------------------------------------------------------------------------------------------ CUDA: whole blocks
+
+BLOCK_KNOBS = [(4096, 32768, 0), (16, 16, 0), (256, 1024, -1), (4096, 65536, 7)]  # min/max chunk, grid
+
+
+@needs_ext
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", PRESETS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("knobs", BLOCK_KNOBS, ids=lambda k: f"chunk={k[0]}-{k[1]}-grid={k[2]}")
+def test_cuda_copy_blocks_matches_segments(layout, dtype, knobs, monkeypatch):
+    from p2pkv.layout import block_geometry
+    for key, v in zip(("block_min_chunk", "block_max_chunk", "block_grid"), knobs):
+        monkeypatch.setitem(kernels.TUNING, key, v)
+    # few pairs (parameters under 1 KiB), 200 pairs (the 32 KiB form), odd head sizes (byte path)
+    for head_size, blocks, moved in ((8, 24, 9), (3, 300, 200), (128, 8, 1)):
+        src, dst, segs, (src_t, dst_t, sb, db) = _case(layout, dtype, "cuda", seed=12, head_size=head_size,
+                                                       blocks=blocks, moved=moved)
+        ref = [r.clone() for r in dst]
+        _fallback_copy(src, ref, segs)
+        ss, ds, pieces = block_geometry(segs.plan.src_spec, segs.plan.dst_spec)
+        table = kernels.BlockTable.build(kernels.Regions.of(src), kernels.Regions.of(dst), ss, ds, pieces)
+        assert table is not None
+        assert kernels.copy_blocks(table, sb, db) == segs.nbytes
+        torch.cuda.synchronize()
+        for got, exp in zip(dst, ref):
+            assert torch.equal(got, exp)
+        _block_check(layout, src_t, dst_t, sb, db)
+
+
+@needs_ext
+@pytest.mark.gpu
+def test_cuda_copy_blocks_over_one_launch_worth_of_pairs():
+    from p2pkv.layout import block_geometry
+    src, dst, segs, (src_t, dst_t, sb, db) = _case("vllm", "bfloat16", "cuda", seed=13, head_size=2, blocks=9000,
+                                                   moved=8500)
+    ref = [r.clone() for r in dst]
+    _fallback_copy(src, ref, segs)
+    table = kernels.BlockTable.build(kernels.Regions.of(src), kernels.Regions.of(dst),
+                                     *block_geometry(segs.plan.src_spec, segs.plan.dst_spec))
+    kernels.copy_blocks(table, sb, db)
+    torch.cuda.synchronize()
+    for got, exp in zip(dst, ref):
+        assert torch.equal(got, exp)
+
+
+@needs_ext
+@pytest.mark.gpu
+def test_cuda_copy_blocks_refuses_ids_outside_the_registered_memory():
+    from p2pkv.layout import block_geometry
+    src, dst, segs, _ = _case("block_first", "float16", "cuda", seed=14, blocks=24, moved=3)
+    small_dst = [r[: r.numel() // 2] for r in dst]  # only the first 12 blocks are registered here
+    table = kernels.BlockTable.build(kernels.Regions.of(src), kernels.Regions.of(small_dst),
+                                     *block_geometry(segs.plan.src_spec, segs.plan.dst_spec))
+    assert (table.max_src, table.max_dst) == (23, 11)
+    before = [r.clone() for r in dst]
+    with pytest.raises(ValueError, match=r"destination block id 12 is outside the registered memory \(ids 0..11\)"):
+        kernels.copy_blocks(table, [0, 1], [3, 12])
+    with pytest.raises(ValueError, match="source block id -1"):
+        kernels.copy_blocks(table, [-1], [0])
+    with pytest.raises(ValueError, match="differ in length"):
+        kernels.copy_blocks(table, [0, 1], [0])
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(dst, before))
+
+
+@pytest.mark.timeout(120)
+def test_binding_compiles_against_the_installed_torch_headers(tmp_path):
+    """The CPU machines cannot load the extension, but they can compile its binding, so a C++ error
+    fails here instead of on the GPU machine."""
+    import os
+    import shutil
+    import subprocess
+    import sysconfig
+    from pathlib import Path
+
+    from torch.utils import cpp_extension
+    cxx = shutil.which("g++") or shutil.which("c++")
+    homes = [cpp_extension.CUDA_HOME, os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
+    cuda_home = next((h for h in homes if h and (Path(h) / "include" / "cuda_runtime_api.h").is_file()), None)
+    if cxx is None or cuda_home is None:
+        pytest.skip("needs a C++ compiler and the CUDA headers (CUDA_HOME)")
+    csrc = Path(__file__).resolve().parent.parent / "csrc"
+    cmd = [cxx, "-std=c++17", "-fsyntax-only", "-w", *[f"-I{p}" for p in cpp_extension.include_paths()],
+           f"-I{cuda_home}/include", f"-I{csrc}", f"-I{sysconfig.get_paths()['include']}",
+           "-DTORCH_EXTENSION_NAME=p2pkv_cuda", str(csrc / "binding.cpp")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=110)
+    assert out.returncode == 0, out.stderr[-4000:]

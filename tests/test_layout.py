@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pkv.layout import PRESETS, KVCacheSpec, make_kv_caches, plan_segments
+from p2pkv.layout import PRESETS, KVCacheSpec, block_geometry, make_kv_caches, plan_segments
 
 DTYPES = ["bf16", "fp16", "fp32"] + (["fp8"] if hasattr(torch, "float8_e4m3fn") else [])
 BLOCK_DIM = {"vllm": 1, "vllm_cpu": 0, "block_first": 0, "mla": 0, "cross_layer": 0}
@@ -157,3 +157,52 @@ def test_plan_32k_tokens_32_layers(benchmark):
     src, dst = rng.choice(4096, 2048, replace=False), rng.choice(4096, 2048, replace=False)
     segs = benchmark(plan_segments, spec, spec, src, dst)
     assert segs.nbytes == 2048 * spec.bytes_per_block
+
+
+def blocks_apply(src_spec, dst_spec, sb, db, src_regions, dst_regions):
+    """Copy whole blocks the way the device block kernel does: from strides and pieces alone."""
+    ss, ds, pieces = block_geometry(src_spec, dst_spec)
+    for r, pc in enumerate(pieces):
+        for s, d in zip(sb, db):
+            for so, do, n in pc:
+                dst_regions[r][d * ds[r] + do:d * ds[r] + do + n] = src_regions[r][s * ss[r] + so:s * ss[r] + so + n]
+
+
+@settings(max_examples=40, deadline=None)
+@given(layout=st.sampled_from(PRESETS), dtype=st.sampled_from(DTYPES), data=st.data())
+def test_block_geometry_moves_the_same_bytes_as_the_segments(layout, dtype, data):
+    nb = 12
+    n = data.draw(st.integers(1, nb))
+    src = data.draw(st.lists(st.integers(0, nb - 1), min_size=n, max_size=n))
+    dst = data.draw(st.permutations(range(nb)))[:n]
+    pt, ps = cache(layout, dtype, blocks=nb)
+    g = torch.Generator().manual_seed(2)
+    for t in pt:
+        t.view(torch.uint8).copy_(torch.randint(0, 256, t.view(torch.uint8).shape, dtype=torch.uint8, generator=g))
+    a, ds = cache(layout, dtype, blocks=nb)
+    b, _ = cache(layout, dtype, blocks=nb)
+    for t in a + b:
+        t.view(torch.uint8).fill_(0xA5)
+    segs = plan_segments(ps, ds, src, dst)
+    assert segs.plan is not None and list(segs.plan.src_blocks) == src and list(segs.plan.dst_blocks) == list(dst)
+    assert segs.reversed().plan.src_blocks is segs.plan.dst_blocks
+    apply(segs, byte_regions(pt), byte_regions(a))
+    blocks_apply(ps, ds, src, dst, byte_regions(pt), byte_regions(b))
+    for x, y in zip(a, b):
+        assert torch.equal(x.view(torch.uint8), y.view(torch.uint8))
+
+
+def test_block_geometry_of_different_but_compatible_layouts():
+    # P's cache is contiguous per block, D's has a gap after every token: pieces split at D's spans
+    N, B, D = 6, 4, 8
+    p = torch.arange(N * B * D, dtype=torch.float32).view(N, B, D)
+    d = torch.zeros(N, B, D + 2)[:, :, :D]
+    ps, ds = KVCacheSpec.from_tensors([p], block_dim=0), KVCacheSpec.from_tensors([d], block_dim=0)
+    ss, dstr, pieces = block_geometry(ps, ds)
+    assert len(pieces[0]) == B and ss[0] == B * D * 4 and dstr[0] == B * (D + 2) * 4
+    segs = plan_segments(ps, ds, [0, 3], [5, 1])
+    want = [np.zeros(d.untyped_storage().nbytes(), dtype=np.uint8) for _ in range(2)]
+    src = [p.view(torch.uint8).reshape(-1).numpy()]
+    apply(segs, src, want[:1])
+    blocks_apply(ps, ds, [0, 3], [5, 1], src, want[1:])
+    assert np.array_equal(want[0], want[1]) and want[0].any()
