@@ -5,7 +5,9 @@
 #include <pybind11/numpy.h>
 
 #include <algorithm>
+#include <chrono>
 #include <mutex>
+#include <thread>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -132,6 +134,7 @@ SideStreams& side_streams() {
 }
 
 std::mutex g_copy_mutex;
+int64_t g_last_steps[4] = {0, 0, 0, 0};  // ns into the last copy_blocks: checked, waited, launched, recorded
 
 // copy(tables, region, src_off|None, dst_off|None, length, start, run,
 //      pinned, pinned_rows, stream, hint, min_chunk, max_chunk, small, grid, dry, first_piece, max_piece,
@@ -305,6 +308,10 @@ py::tuple copy(I64 tables, py::array region_arr, py::object src_off_obj, py::obj
 int64_t copy_blocks(int64_t regions_ptr, int nreg, int npieces, int64_t max_src, int64_t max_dst, int64_t item_len,
                     int64_t pair_bytes, int hint, int64_t min_chunk, int64_t max_chunk, int grid, I64 src_blocks,
                     I64 dst_blocks, int64_t stream_ptr, int64_t wait_event, int64_t done_event, int device) {
+  const auto t0 = std::chrono::steady_clock::now();
+  auto mark = [&](int k) {
+    g_last_steps[k] = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
+  };
   DeviceGuard on(device);
   const int64_t n = src_blocks.size();
   if (dst_blocks.size() != n) throw std::invalid_argument("source and destination block lists differ in length");
@@ -323,7 +330,9 @@ int64_t copy_blocks(int64_t regions_ptr, int nreg, int npieces, int64_t max_src,
     pairs[2 * i + 1] = (int32_t)db[i];
   }
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_ptr);
+  mark(0);
   if (wait_event) wait_for(stream, wait_event);
+  mark(1);
   if (n > 0 && item_len > 0) {
     // Units small enough that every multiprocessor gets work, large enough to keep 16-byte loads streaming.
     const int64_t wave = (int64_t)p2pkv::sm_count() * 8;
@@ -338,8 +347,41 @@ int64_t copy_blocks(int64_t regions_ptr, int nreg, int npieces, int64_t max_src,
             "p2pkv block copy launch");
     }
   }
+  mark(2);
   if (done_event) check(cudaEventRecord(reinterpret_cast<cudaEvent_t>(done_event), stream), "cudaEventRecord");
+  mark(3);
   return n * pair_bytes;
+}
+
+py::tuple last_steps() {
+  return py::make_tuple(g_last_steps[0], g_last_steps[1], g_last_steps[2], g_last_steps[3]);
+}
+
+// Waits for a CUDA event without the GIL: spins on cudaEventQuery for the first 200 us (a copy of a
+// few MiB ends in that time), then yields the core, then sleeps 20 us between queries after 2 ms.
+// True once the event has completed, False when `timeout` seconds passed first.
+bool wait_event(int64_t event, double timeout) {
+  cudaEvent_t ev = reinterpret_cast<cudaEvent_t>(event);
+  cudaError_t q;
+  {
+    py::gil_scoped_release unlocked;
+    const auto t0 = std::chrono::steady_clock::now();
+    for (;;) {
+      q = cudaEventQuery(ev);
+      if (q != cudaErrorNotReady) break;
+      const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (timeout >= 0 && waited > timeout) break;
+      if (waited > 2e-3) {
+        std::this_thread::sleep_for(std::chrono::microseconds(20));
+      } else if (waited > 2e-4) {
+        std::this_thread::yield();
+      }
+    }
+  }
+  if (cudaPeekAtLastError() == cudaErrorNotReady) cudaGetLastError();
+  if (q == cudaErrorNotReady) return false;
+  check(q, "cudaEventQuery");
+  return true;
 }
 
 py::tuple ipc_export(int64_t ptr) {
@@ -372,6 +414,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("copy", &copy, "validate, cut into rows and copy a segment table in one launch");
 
   m.def("copy_blocks", &copy_blocks, "validate block ids and copy whole blocks of every region in one launch");
+  m.def("last_steps", &last_steps, "ns into the last copy_blocks call: ids checked, waited, launched, recorded");
+  m.def("wait_event", &wait_event, "wait for a CUDA event without the GIL; False on timeout (seconds, <0: none)");
   m.attr("BLOCK_REGION_WORDS") = (int)(sizeof(p2pkv::BlockRegion) / 8);
   m.attr("MAX_PIECES") = p2pkv::kMaxPieces;
   m.def("sm_count", &p2pkv::sm_count);

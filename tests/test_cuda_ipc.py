@@ -201,3 +201,32 @@ def test_same_process_pair_uses_direct_pointers():
     finally:
         d.close()
         p.close()
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.timeout(60)
+def test_wait_times_out_while_the_copy_is_queued_and_succeeds_after():
+    from p2pkv.transport.base import TransferTimeout
+    cfg = {"layout": "vllm", "dtype": "bf16", "seed": 2, "blocks": 20}
+    p_t, p_spec = build(cfg)
+    d_t, d_spec = build({**cfg, "seed": 4})
+    before = [t.clone() for t in d_t]
+    p, d = get_transport("cuda_ipc"), get_transport("cuda_ipc")
+    try:
+        p.register(p_t, p_spec)
+        d.register(d_t, d_spec)
+        pr = d.connect(p.address)
+        segs = plan_segments(p_spec, d_spec, [3, 4], [7, 0])
+        d.read(pr, segs, request_id="warm").wait(10)
+        torch.cuda._sleep(1_500_000_000)  # the copy queues behind about a second of GPU sleep
+        h = d.read(pr, segs, request_id="queued")
+        with pytest.raises(TransferTimeout, match="not finished after 0.05 s"):
+            h.wait(0.05)
+        assert not h.done()
+        h.wait(30)
+        for got, exp in zip(d_t, expected(p_t, before, "vllm", [3, 4], [7, 0])):
+            assert torch.equal(got.view(torch.uint8), exp)
+    finally:
+        d.close()
+        p.close()

@@ -90,20 +90,11 @@ class _CudaHandle(TransferHandle):
         return self._event.is_set()
 
     def wait(self, timeout: float | None = None) -> None:
+        """Waits in the extension, without the GIL: spinning briefly, then yielding, then sleeping."""
         if not self._event.is_set():
-            ev = self._cuda_event
-            if timeout is None:
-                ev.synchronize()
-            else:
-                deadline = time.perf_counter() + timeout
-                spin_until = time.perf_counter() + 0.002
-                while not ev.query():
-                    now = time.perf_counter()
-                    if now > deadline:
-                        raise TransferTimeout(f"kernel not finished after {timeout:.3g} s", peer=self.peer,
-                                              request_id=self.request_id)
-                    if now > spin_until:
-                        time.sleep(5e-5)
+            if not self._watcher._ext.wait_event(self._cuda_event.cuda_event, -1.0 if timeout is None else timeout):
+                raise TransferTimeout(f"kernel not finished after {timeout:.3g} s", peer=self.peer,
+                                      request_id=self.request_id)
             self._finish()
         super().wait(0)
 
