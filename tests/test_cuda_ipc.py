@@ -173,31 +173,16 @@ def test_errors_bounds_peer_loss_and_other_host():
             tr.close()
 
 
-@gpu
-@pytest.mark.gpu
-@pytest.mark.timeout(60)
-def test_same_process_pair_uses_direct_pointers():
-    cfg = {"layout": "block_first", "dtype": "bf16", "seed": 2, "blocks": 20}
+@contextmanager
+def same_process_pair(cfg: dict):
+    """P and D transports in this process (they use each other's pointers directly)."""
     p_t, p_spec = build(cfg)
     d_t, d_spec = build({**cfg, "seed": 4})
-    before = [t.clone() for t in d_t]
     p, d = get_transport("cuda_ipc"), get_transport("cuda_ipc")
     try:
         p.register(p_t, p_spec)
         d.register(d_t, d_spec)
-        pr = d.connect(p.address)
-        segs = plan_segments(p_spec, d_spec, [0, 5, 6], [1, 2, 19])
-        h = d.read(pr, segs, request_id="same")
-        seen = []
-        h.add_done_callback(lambda hh: seen.append(hh.request_id))
-        h.wait(10)
-        for got, exp in zip(d_t, expected(p_t, before, "block_first", [0, 5, 6], [1, 2, 19])):
-            assert torch.equal(got.view(torch.uint8), exp)
-        import time
-        deadline = time.time() + 5
-        while not seen and time.time() < deadline:
-            time.sleep(0.01)
-        assert seen == ["same"]
+        yield p_t, p_spec, d_t, d_spec, d, d.connect(p.address)
     finally:
         d.close()
         p.close()
@@ -206,17 +191,32 @@ def test_same_process_pair_uses_direct_pointers():
 @gpu
 @pytest.mark.gpu
 @pytest.mark.timeout(60)
+def test_same_process_pair_uses_direct_pointers():
+    import time
+    cfg = {"layout": "block_first", "dtype": "bf16", "seed": 2, "blocks": 20}
+    with same_process_pair(cfg) as (p_t, p_spec, d_t, d_spec, d, pr):
+        before = [t.clone() for t in d_t]
+        segs = plan_segments(p_spec, d_spec, [0, 5, 6], [1, 2, 19])
+        h = d.read(pr, segs, request_id="same")
+        seen = []
+        h.add_done_callback(lambda hh: seen.append(hh.request_id))
+        h.wait(10)
+        for got, exp in zip(d_t, expected(p_t, before, "block_first", [0, 5, 6], [1, 2, 19])):
+            assert torch.equal(got.view(torch.uint8), exp)
+        deadline = time.time() + 5
+        while not seen and time.time() < deadline:
+            time.sleep(0.01)
+        assert seen == ["same"]
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.timeout(60)
 def test_wait_times_out_while_the_copy_is_queued_and_succeeds_after():
     from p2pkv.transport.base import TransferTimeout
     cfg = {"layout": "vllm", "dtype": "bf16", "seed": 2, "blocks": 20}
-    p_t, p_spec = build(cfg)
-    d_t, d_spec = build({**cfg, "seed": 4})
-    before = [t.clone() for t in d_t]
-    p, d = get_transport("cuda_ipc"), get_transport("cuda_ipc")
-    try:
-        p.register(p_t, p_spec)
-        d.register(d_t, d_spec)
-        pr = d.connect(p.address)
+    with same_process_pair(cfg) as (p_t, p_spec, d_t, d_spec, d, pr):
+        before = [t.clone() for t in d_t]
         segs = plan_segments(p_spec, d_spec, [3, 4], [7, 0])
         d.read(pr, segs, request_id="warm").wait(10)
         torch.cuda._sleep(1_500_000_000)  # the copy queues behind about a second of GPU sleep
@@ -227,6 +227,3 @@ def test_wait_times_out_while_the_copy_is_queued_and_succeeds_after():
         h.wait(30)
         for got, exp in zip(d_t, expected(p_t, before, "vllm", [3, 4], [7, 0])):
             assert torch.equal(got.view(torch.uint8), exp)
-    finally:
-        d.close()
-        p.close()
