@@ -21,9 +21,17 @@ class BlockPlan:
     dst_spec: Any
     src_blocks: np.ndarray
     dst_blocks: np.ndarray
+    regions: tuple[int, ...] | None = None  # only these region indices (one layer's tensors); None: all
 
     def reversed(self) -> "BlockPlan":
-        return BlockPlan(self.dst_spec, self.src_spec, self.dst_blocks, self.src_blocks)
+        return BlockPlan(self.dst_spec, self.src_spec, self.dst_blocks, self.src_blocks, self.regions)
+
+    def only(self, regions: Sequence[int]) -> "BlockPlan":
+        """The same blocks in a subset of the regions (e.g. one layer of a layer-by-layer transfer)."""
+        keep = tuple(sorted(int(r) for r in regions))
+        if self.regions is not None:
+            keep = tuple(r for r in keep if r in self.regions)
+        return BlockPlan(self.src_spec, self.dst_spec, self.src_blocks, self.dst_blocks, keep)
 
 
 @dataclass(frozen=True)

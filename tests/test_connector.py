@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from p2pkv.connector import KVConnector
-from p2pkv.layout import make_kv_caches
+from p2pkv.layout import make_kv_caches, plan_segments
 
 SHAPE = dict(num_layers=3, block_size=4, num_kv_heads=2, head_size=8, dtype="float16")
 
@@ -355,6 +355,19 @@ def test_an_open_hold_is_reported_only_once_the_producer_makes_it_final():
         p.save("open", [5, 6])
         wait_finished(p, "open", "saved", timeout=5)
         assert p.metrics["released_confirmed"] == 1 and p.metrics["released_timeout"] == 0
+    finally:
+        p.close()
+        d.close()
+
+
+def test_a_layer_of_a_planned_request_keeps_its_block_ids_for_device_copies():
+    p, d, (pt, pspec), _ = pair("pull")
+    try:
+        full = plan_segments(pspec, pspec, [7, 3], [2, 5])
+        for layer in range(p.num_layers):
+            one = p._layer_segments(full, layer)
+            assert set(one.region.tolist()) == set(p.layers[layer])
+            assert one.plan.regions == tuple(p.layers[layer]) and list(one.plan.src_blocks) == [7, 3]
     finally:
         p.close()
         d.close()

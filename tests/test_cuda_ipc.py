@@ -175,14 +175,15 @@ def test_errors_bounds_peer_loss_and_other_host():
 
 @contextmanager
 def same_process_pair(cfg: dict):
-    """P and D transports in this process (they use each other's pointers directly)."""
+    """P and D transports in this process (they use each other's pointers directly): yields P's cache and
+    spec, D's cache and spec, D's transport, D's peer for P, and P's transport."""
     p_t, p_spec = build(cfg)
     d_t, d_spec = build({**cfg, "seed": 4})
     p, d = get_transport("cuda_ipc"), get_transport("cuda_ipc")
     try:
         p.register(p_t, p_spec)
         d.register(d_t, d_spec)
-        yield p_t, p_spec, d_t, d_spec, d, d.connect(p.address)
+        yield p_t, p_spec, d_t, d_spec, d, d.connect(p.address), p
     finally:
         d.close()
         p.close()
@@ -194,7 +195,7 @@ def same_process_pair(cfg: dict):
 def test_same_process_pair_uses_direct_pointers():
     import time
     cfg = {"layout": "block_first", "dtype": "bf16", "seed": 2, "blocks": 20}
-    with same_process_pair(cfg) as (p_t, p_spec, d_t, d_spec, d, pr):
+    with same_process_pair(cfg) as (p_t, p_spec, d_t, d_spec, d, pr, p):
         before = [t.clone() for t in d_t]
         segs = plan_segments(p_spec, d_spec, [0, 5, 6], [1, 2, 19])
         h = d.read(pr, segs, request_id="same")
@@ -215,7 +216,7 @@ def test_same_process_pair_uses_direct_pointers():
 def test_wait_times_out_while_the_copy_is_queued_and_succeeds_after():
     from p2pkv.transport.base import TransferTimeout
     cfg = {"layout": "vllm", "dtype": "bf16", "seed": 2, "blocks": 20}
-    with same_process_pair(cfg) as (p_t, p_spec, d_t, d_spec, d, pr):
+    with same_process_pair(cfg) as (p_t, p_spec, d_t, d_spec, d, pr, p):
         before = [t.clone() for t in d_t]
         segs = plan_segments(p_spec, d_spec, [3, 4], [7, 0])
         d.read(pr, segs, request_id="warm").wait(10)
@@ -227,3 +228,29 @@ def test_wait_times_out_while_the_copy_is_queued_and_succeeds_after():
         h.wait(30)
         for got, exp in zip(d_t, expected(p_t, before, "vllm", [3, 4], [7, 0])):
             assert torch.equal(got.view(torch.uint8), exp)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("pull", [True, False], ids=["read", "write"])
+def test_one_layer_at_a_time_takes_the_block_kernel_and_touches_only_that_layer(pull):
+    cfg = {"layout": "vllm", "dtype": "fp16", "seed": 6, "blocks": 24, "layers": 4}
+    with same_process_pair(cfg) as (p_t, p_spec, d_t, d_spec, d, pr, p):
+        pr_transport = None if pull else p.connect(d.address)
+        sb, db = [5, 0, 17], [3, 22, 9]
+        full = plan_segments(p_spec, d_spec, sb, db)
+        for layer in (2, 0, 3, 1, 2):
+            before = [t.clone() for t in d_t]
+            m = np.isin(full.region, [layer])
+            segs = type(full)(full.region[m], full.src[m], full.dst[m], full.length[m], full.plan.only([layer]))
+            if pull:
+                d.read(pr, segs, request_id=f"layer-{layer}").wait(10)
+            else:
+                p.write(pr_transport, segs, request_id=f"layer-{layer}").wait(10)
+            want = expected(p_t, before, "vllm", sb, db)
+            for i, (got, exp, old) in enumerate(zip(d_t, want, before)):
+                assert torch.equal(got.view(torch.uint8), exp if i == layer else old.view(torch.uint8))
+        side, peer = (d, pr) if pull else (p, pr_transport)
+        keys = [k for k in side._conn(peer).extra if isinstance(k, tuple)]
+        assert (pull, (2,)) in keys and (pull, (0,)) in keys

@@ -206,3 +206,13 @@ def test_block_geometry_of_different_but_compatible_layouts():
     apply(segs, src, want[:1])
     blocks_apply(ps, ds, [0, 3], [5, 1], src, want[1:])
     assert np.array_equal(want[0], want[1]) and want[0].any()
+
+
+def test_a_plan_narrowed_to_some_regions_keeps_its_blocks():
+    _, spec = cache("vllm")
+    segs = plan_segments(spec, spec, [1, 4], [2, 9])
+    one = segs.plan.only([2, 0])
+    assert one.regions == (0, 2) and list(one.src_blocks) == [1, 4] and list(one.dst_blocks) == [2, 9]
+    assert one.only([2, 1]).regions == (2,)
+    back = one.reversed()
+    assert back.regions == (0, 2) and list(back.src_blocks) == [2, 9] and back.src_spec is spec

@@ -209,7 +209,8 @@ class KVConnector:
 
     def _layer_segments(self, full: Segments, layer: int) -> Segments:
         m = np.isin(full.region, self.layers[layer])
-        return Segments(full.region[m], full.src[m], full.dst[m], full.length[m])
+        plan = full.plan.only(self.layers[layer]) if full.plan is not None else None
+        return Segments(full.region[m], full.src[m], full.dst[m], full.length[m], plan)
 
     def _block_sums(self, blocks: np.ndarray, layer: int) -> list[int]:
         """CRC32 of each block's bytes in one layer, in the block's logical byte order."""

@@ -232,8 +232,8 @@ class CudaIpcTransport(ControlPlaneTransport):
             raise PeerClosedError(f"cuda_ipc cannot map the peer's KV memory: {e}", peer=conn.peer.name) from None
 
     def _on_disconnect(self, conn: Conn) -> None:
-        conn.extra.pop("fast_pull", None)
-        conn.extra.pop("fast_push", None)
+        for key in [k for k in conn.extra if k in ("fast_pull", "fast_push") or isinstance(k, tuple)]:
+            del conn.extra[key]
         handles = conn.extra.pop("handles", [])
         conn.extra.pop("peer", None)
         conn.extra.pop("event", None)
@@ -283,7 +283,8 @@ class CudaIpcTransport(ControlPlaneTransport):
         host does one dict lookup and one call before the copy starts."""
         plan = segments.plan
         if plan is not None and _raw_stream is not None:
-            fast = conn.extra.get("fast_pull" if pull else "fast_push")
+            fast = conn.extra.get(("fast_pull" if pull else "fast_push") if plan.regions is None else
+                                  (pull, plan.regions))
             if (fast is not None and fast[0] is plan.src_spec and fast[1] is plan.dst_spec
                     and fast[2] == kernels.TUNING.version):
                 i = self._next_done
@@ -311,9 +312,10 @@ class CudaIpcTransport(ControlPlaneTransport):
                                           wait_event=conn.extra["event_ptr"], done_event=done.cuda_event)
                 except ValueError as e:
                     raise ValueError(f"request {request_id!r} with peer {conn.peer.name}: {e}") from None
-                conn.extra["fast_pull" if pull else "fast_push"] = (
-                    plan.src_spec, plan.dst_spec, kernels.TUNING.version, kernels.block_args(table),
-                    conn.extra["event_ptr"], idx, table)  # the table rides along: its device rows must outlive the args
+                key = ("fast_pull" if pull else "fast_push") if plan.regions is None else (pull, plan.regions)
+                # the table rides along: its device rows must outlive the arguments that point at them
+                conn.extra[key] = (plan.src_spec, plan.dst_spec, kernels.TUNING.version, kernels.block_args(table),
+                                   conn.extra["event_ptr"], idx, table)
                 return done
         try:
             kernels.launch(src, dst, segments.region, segments.src, segments.dst, segments.length, stream_ptr,
@@ -328,17 +330,24 @@ class CudaIpcTransport(ControlPlaneTransport):
         """The device table that copies whole blocks of `plan`'s specs between these regions, built on first
         use per (direction, spec pair) and kept with the connection; None where only segments can do it."""
         tables = conn.extra.setdefault("block_tables", {})
-        key = (pull, id(plan.src_spec), id(plan.dst_spec))
+        key = (pull, id(plan.src_spec), id(plan.dst_spec), plan.regions)
         hit = tables.get(key)
         if hit is not None and hit[0] is plan.src_spec and hit[1] is plan.dst_spec:
             return hit[2]
         try:
             ss, ds, pieces = block_geometry(plan.src_spec, plan.dst_spec)
+            if plan.regions is not None:
+                sel = list(plan.regions)
+                if any(not 0 <= r < len(pieces) for r in sel):
+                    raise ValueError(f"plan names regions {sel}, but {len(pieces)} are registered")
+                ss, ds, pieces = ss[sel], ds[sel], [pieces[r] for r in sel]
+                src = kernels.Regions.from_ptrs(src.ptrs[sel], src.sizes[sel], src.device)
+                dst = kernels.Regions.from_ptrs(dst.ptrs[sel], dst.sizes[sel], dst.device)
             table = kernels.BlockTable.build(src, dst, ss, ds, pieces)
         except ValueError as e:
             log.debug("cuda_ipc: copying segments, not blocks: %s", e)
             table = None
-        if len(tables) >= 16:
+        if len(tables) >= 512:
             tables.clear()
         tables[key] = (plan.src_spec, plan.dst_spec, table)
         return table
