@@ -358,7 +358,7 @@ py::tuple last_steps() {
 }
 
 // Waits for a CUDA event without the GIL: spins on cudaEventQuery for the first 200 us (a copy of a
-// few MiB ends in that time), then yields the core, then sleeps 20 us between queries after 2 ms.
+// few MiB ends in that time), then yields the core, then after 2 ms sleeps between queries.
 // True once the event has completed, False when `timeout` seconds passed first.
 bool wait_event(int64_t event, double timeout) {
   cudaEvent_t ev = reinterpret_cast<cudaEvent_t>(event);
@@ -371,8 +371,9 @@ bool wait_event(int64_t event, double timeout) {
       if (q != cudaErrorNotReady) break;
       const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       if (timeout >= 0 && waited > timeout) break;
-      if (waited > 2e-3) {
-        std::this_thread::sleep_for(std::chrono::microseconds(20));
+      if (waited > 2e-3) {  // sleeps grow with the wait (1% of it, 20..200 us): long waits cost little CPU
+        const double nap = std::min(2e-4, std::max(2e-5, waited / 100));
+        std::this_thread::sleep_for(std::chrono::duration<double>(nap));
       } else if (waited > 2e-4) {
         std::this_thread::yield();
       }
