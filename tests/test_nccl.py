@@ -20,7 +20,7 @@ import torch
 from kvcheck import assert_same, expected_after
 from p2pkv.layout import PRESETS, make_kv_caches, plan_segments
 from p2pkv.transport import PeerClosedError, TransferError, get_transport
-from p2pkv.transport.nccl import plan_chunks
+from p2pkv.transport.nccl import _Packer, plan_chunks
 from peer import build
 from procs import peer_process
 
@@ -68,6 +68,38 @@ def test_plan_chunks_covers_every_segment_once_in_order():
         assert b > a and (b - a == 1 or length[packed[a:b]].sum() <= 8192)
     assert plan_chunks(length, 0, 8192)[1].size == 0
     assert len(plan_chunks(np.array([100_000]), 1 << 40, 4096)[2]) == 2
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_packed_chunks_carry_exactly_the_segments_bytes(threads):
+    """With one torch thread chunks are packed by index_select, otherwise by numpy's take: same bytes either way."""
+    rng = np.random.default_rng(threads)
+    unit = 512
+    src = [torch.from_numpy(rng.integers(0, 256, 64 * unit, dtype=np.uint8)) for _ in range(2)]
+    dst = [torch.zeros(128 * unit, dtype=torch.uint8) for _ in range(2)]
+    n = 40
+    length = rng.integers(1, 4, n) * unit
+    region = rng.integers(0, 2, n).astype(np.int32)
+    off = rng.integers(0, 60, n) * unit
+    out_off = np.concatenate([[0], np.cumsum(length)[:-1]])
+    packed = np.arange(n)
+    bounds = plan_chunks(length, 1 << 40, 4 * unit)[2]
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        sender = _Packer(src, region, off, length, packed, bounds)
+        receiver = _Packer(dst, region, out_off, length, packed, bounds)
+        assert sender.g == unit
+        buf = torch.empty(max(sender.sizes), dtype=torch.uint8)
+        for j in range(len(sender)):
+            receiver.scatter(j, buf[:sender.gather(j, buf)])
+    finally:
+        torch.set_num_threads(saved)
+    expect = [torch.zeros_like(d) for d in dst]
+    for r, o, d, k in zip(region.tolist(), off.tolist(), out_off.tolist(), length.tolist()):
+        expect[r][d:d + k] = src[r][o:o + k]
+    for got, want in zip(dst, expect):
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("bad", [{"pack_threshold": -1}, {"chunk_bytes": 10}, {"depth": 0}])

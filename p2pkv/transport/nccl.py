@@ -38,7 +38,7 @@ log = logging.getLogger("p2pkv.transport.nccl")
 
 DEFAULT_PACK_THRESHOLD = 256 << 10
 DEFAULT_CHUNK_BYTES = 2 << 20
-DEFAULT_DEPTH = 4
+DEFAULT_DEPTH = 3
 DEFAULT_RECV_WINDOW = 256 << 20
 _DIRECT_TAG = 1 << 20
 _BASELINE_TAG = 1 << 24
@@ -68,10 +68,9 @@ class _Packer:
     """Copies the packed segments of one transfer between the registered memory and chunk buffers.
 
     On CPU the segments are cut into units of g bytes (the gcd of their offsets and lengths)
-    and every same-region run moves with one numpy take/put on a void-dtype view: one
-    thread, in C, with the GIL released. A Python loop per segment would hold the GIL and
-    stall the thread that posts the sends; torch's gather ops would wake an OpenMP pool
-    that spins on the cores gloo's I/O threads need. CUDA uses p2pkv.kernels (one launch per chunk).
+    and every same-region run moves with one call in C with the GIL released (torch's
+    index_select or numpy's take to pack, a numpy put to unpack). A Python loop per segment
+    would hold the GIL and stall the threads that send. CUDA uses p2pkv.kernels (one launch per chunk).
     """
 
     MIN_UNIT = 256
@@ -93,6 +92,7 @@ class _Packer:
                 self.void = np.dtype((np.void, g))
                 self.g = g
         self._rv: dict[int, np.ndarray] = {}
+        self._rows: dict[int, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.sizes)
@@ -113,12 +113,29 @@ class _Packer:
         a, b = int(self.bounds[j]), int(self.bounds[j + 1])
         return zip(self.reg[a:b].tolist(), self.off[a:b].tolist(), self.len[a:b].tolist())
 
+    def _region_rows(self, r: int) -> torch.Tensor:
+        if r not in self._rows:
+            flat = self.regions[r]
+            self._rows[r] = flat[:flat.numel() // self.g * self.g].view(-1, self.g)
+        return self._rows[r]
+
     def gather(self, j: int, buf: torch.Tensor) -> int:
-        """Pack chunk j into the front of `buf`; returns its byte count."""
+        """Pack chunk j into the front of `buf`; returns its byte count.
+
+        torch's index_select copies rows with plain memcpy, about 1.5x numpy's take here, but
+        with more than one intra-op thread it hands work to an OpenMP pool whose spinning starves
+        gloo's threads; so it is used only where torch runs single-threaded (torchrun's default)."""
         n = self.sizes[j]
         if self.g:
-            out = buf[:n].numpy().view(self.void)
             base = self.ucum[self.bounds[j]]
+            if torch.get_num_threads() == 1:
+                rows = buf[:n].view(-1, self.g)
+                for s, e in self._runs(j):
+                    u0, u1 = self.ucum[s] - base, self.ucum[e] - base
+                    torch.index_select(self._region_rows(int(self.reg[s])), 0,
+                                       torch.from_numpy(self.units[self.ucum[s]:self.ucum[e]]), out=rows[u0:u1])
+                return n
+            out = buf[:n].numpy().view(self.void)
             for s, e in self._runs(j):
                 u0, u1 = self.ucum[s] - base, self.ucum[e] - base
                 np.take(self._region_units(int(self.reg[s])), self.units[self.ucum[s]:self.ucum[e]],
@@ -226,10 +243,11 @@ def _dispose(held: list[Any], backend: str) -> Future | None:
 
 class NcclTransport(ControlPlaneTransport):
     """`get_transport("nccl", listen="127.0.0.1:0", timeout=30, auth_token=None,
-    pack_threshold=256 KiB, chunk_bytes=2 MiB, depth=4, recv_window_bytes=256 MiB)`.
+    pack_threshold=256 KiB, chunk_bytes=2 MiB, depth=3, recv_window_bytes=256 MiB)`.
 
     Segments of `pack_threshold` bytes or more are sent as views of the KV memory;
-    smaller ones are packed into `chunk_bytes` chunks, `depth` of them in flight.
+    smaller ones are packed into `chunk_bytes` chunks, `depth` of them in flight
+    (on gloo: `depth` threads, each packing and sending its own chunks).
     The accepting side's settings apply to a connection (both must cut the same
     messages). CPU tensors use gloo, CUDA tensors NCCL; no global process group
     (`init_process_group`) is needed, and none is touched if one exists.
@@ -411,15 +429,55 @@ class NcclTransport(ControlPlaneTransport):
         direct, packed, bounds = plan_chunks(length, threshold, chunk_bytes)
         works = [group.send(v, _DIRECT_TAG + i) for i, v in enumerate(self._views(region, off, length, direct))]
         if len(packed):
-            self._send_packed(conn, group, _Packer(self.regions, region, off, length, packed, bounds), depth,
-                              request_id)
+            packer = _Packer(self.regions, region, off, length, packed, bounds)
+            if self.pg_backend == "gloo":
+                self._send_packed_gloo(conn, group, packer, depth, request_id)
+            else:
+                self._send_packed(conn, group, packer, depth, request_id)
         for w in works:
             self._wait(conn, w, request_id, f"sending {len(direct)} segments")
 
+    def _send_packed_gloo(self, conn: Conn, group: _PairGroup, packer: _Packer, depth: int, request_id: Any) -> None:
+        """`depth` threads (this one and depth - 1 helpers) each take the next chunk, pack it into
+        their own buffer and send it; gloo matches messages by tag, so chunks may go out of order.
+
+        A gloo send is written on the thread that posts it, so while one thread writes its chunk
+        another packs the next; the bytes a thread writes are the ones it just packed, still in
+        its cache. Fewer hand-offs between threads than a packer feeding a poster (measured
+        better on 2 cores, docs/nccl.md)."""
+        count = len(packer)
+        workers = max(1, min(depth, count))
+        bufs = group.staging("send", workers, max(packer.sizes))
+        lock = threading.Lock()
+        next_chunk = [0]
+        failed: list[BaseException] = []
+
+        def run(b: int) -> None:
+            try:
+                while not failed:
+                    with lock:
+                        i = next_chunk[0]
+                        next_chunk[0] += 1
+                    if i >= count:
+                        return
+                    self._check_alive(conn, request_id)
+                    n = packer.gather(i, bufs[b])
+                    self._wait(conn, group.send(bufs[b][:n], i), request_id, f"sending chunk {i} of {count}")
+            except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
+                failed.append(e)
+        helpers = [threading.Thread(target=run, args=(b,), name="p2pkv-nccl-send", daemon=True)
+                   for b in range(1, workers)]
+        for h in helpers:
+            h.start()
+        run(0)
+        for h in helpers:
+            h.join()
+        if failed:
+            raise failed[0]
+
     def _send_packed(self, conn: Conn, group: _PairGroup, packer: _Packer, depth: int, request_id: Any) -> None:
-        """This thread packs chunk i+1 while a helper thread posts chunk i and waits for it:
-        gloo writes a send in place on the posting thread, so packing and posting on one
-        thread would serialise them."""
+        """NCCL: this thread packs chunk i+1 while a helper thread posts chunk i and waits for
+        it, in order (NCCL matches point-to-point messages by order, not by tag)."""
         bufs = group.staging("send", depth, max(packer.sizes))
         free: queue.Queue = queue.Queue()
         ready: queue.Queue = queue.Queue()
