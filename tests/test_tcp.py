@@ -274,7 +274,7 @@ def test_sendv_recvv_move_many_odd_rows_and_large_ones_in_order(monkeypatch, lib
     rng = np.random.default_rng(7)
     src = rng.integers(0, 256, 48 << 20, dtype=np.uint8)
     dst = np.zeros(48 << 20, dtype=np.uint8)
-    # more rows than IOV_MAX, then rows that cross the 32 MiB per-call cap
+    # more rows than IOV_MAX, then rows larger than the per-call byte cap
     small = _random_iov(rng, src[:8 << 20], 3000, 2000)
     big = np.array([[src.ctypes.data + (8 << 20), 24 << 20], [src.ctypes.data + (32 << 20), 16 << 20]], dtype=np.uintp)
     send_iov = np.concatenate([small, big])
@@ -344,3 +344,12 @@ def test_advise_hugepages_keeps_the_bytes_and_touches_only_aligned_interiors():
     assert advised % HUGE_PAGE == 0 and advised <= flat.numel()
     assert torch.equal(flat, before)
     assert advise_hugepages([]) == 0
+
+
+def test_iovecs_merge_only_rows_that_follow_each_other_in_memory():
+    from p2pkv.transport.tcp import iovecs
+    bases = np.array([1 << 20, 1 << 21], dtype=np.uintp)
+    iov = iovecs(bases, np.array([0, 0, 0, 1, 1, 0, 0]), np.array([0, 10, 30, 0, 5, 40, 40]),
+                 np.array([10, 20, 5, 5, 5, 1, 1]))
+    assert iov.tolist() == [[(1 << 20), 35], [(1 << 21), 10], [(1 << 20) + 40, 1], [(1 << 20) + 40, 1]]
+    assert iovecs(bases, *(np.zeros(0, dtype=np.int64),) * 3).shape == (0, 2)
