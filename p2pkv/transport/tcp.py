@@ -27,6 +27,7 @@ from p2pkv.wire import recv_into_exact
 __all__ = ["TcpTransport", "iovecs", "sendv", "recvv"]
 
 IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
+IOV_MAX = IOV_MAX if IOV_MAX > 0 else 16  # sysconf says -1 where it has no figure; POSIX promises 16
 MSG_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
 _LINUX = sys.platform.startswith("linux")
 
