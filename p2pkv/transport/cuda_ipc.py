@@ -282,9 +282,10 @@ class CudaIpcTransport(ControlPlaneTransport):
         were seen before takes the short path: its launch arguments are kept with the connection, so the
         host does one dict lookup and one call before the copy starts."""
         plan = segments.plan
+        if plan is not None:
+            key = ("fast_pull" if pull else "fast_push") if plan.regions is None else (pull, plan.regions)
         if plan is not None and _raw_stream is not None:
-            fast = conn.extra.get(("fast_pull" if pull else "fast_push") if plan.regions is None else
-                                  (pull, plan.regions))
+            fast = conn.extra.get(key)
             if (fast is not None and fast[0] is plan.src_spec and fast[1] is plan.dst_spec
                     and fast[2] == kernels.TUNING.version):
                 i = self._next_done
@@ -312,7 +313,6 @@ class CudaIpcTransport(ControlPlaneTransport):
                                           wait_event=conn.extra["event_ptr"], done_event=done.cuda_event)
                 except ValueError as e:
                     raise ValueError(f"request {request_id!r} with peer {conn.peer.name}: {e}") from None
-                key = ("fast_pull" if pull else "fast_push") if plan.regions is None else (pull, plan.regions)
                 # the table rides along: its device rows must outlive the arguments that point at them
                 conn.extra[key] = (plan.src_spec, plan.dst_spec, kernels.TUNING.version, kernels.block_args(table),
                                    conn.extra["event_ptr"], idx, table)
