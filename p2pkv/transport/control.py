@@ -117,6 +117,19 @@ class ControlPlaneTransport(Transport):
     def _recv_data(self, conn: Conn, region: np.ndarray, off: np.ndarray, length: np.ndarray, request_id: Any) -> None:
         """Receive the peer's bytes into these local segments."""
 
+    def _send_plan(self, conn: Conn, region: np.ndarray, off: np.ndarray, length: np.ndarray,
+                   request_id: Any) -> Callable[[], None]:
+        """Prepare sending these local segments, already checked against the registered regions,
+        and return the call that moves them. Runs before the request's frame goes out (or, when
+        serving, before its ACK), so a backend can do its set-up off the round trip."""
+        return lambda: self._send_data(conn, region, off, length, request_id)
+
+    def _recv_plan(self, conn: Conn, region: np.ndarray, off: np.ndarray, length: np.ndarray,
+                   request_id: Any) -> Callable[[], None]:
+        """As `_send_plan`, for receiving into local segments: the initiator of a read prepares
+        while its request travels to the peer."""
+        return lambda: self._recv_data(conn, region, off, length, request_id)
+
     def _hello_extra(self) -> dict[str, Any]:
         """Backend fields for the handshake (e.g. a rendezvous address)."""
         return {}
@@ -188,11 +201,14 @@ class ControlPlaneTransport(Transport):
     def write(self, peer: Peer | str, segments: Segments, request_id: str | None = None,
               notify: dict[str, Any] | None = None) -> TransferHandle:
         conn = self._conn(peer)
+        local = [r.nbytes for r in self._require_registered().regions]
+        Segments.check_bounds(segments.region.astype(np.int64), segments.src, segments.length, local)
 
         def run(c: Conn) -> None:
+            go = self._send_plan(c, segments.region, segments.src, segments.length, request_id)
             meta = {"req": request_id, "segs": segments.pack("dst"), "notify": notify}
             send_frame(c.sock, FrameType.WRITE, meta, payload_len=segments.nbytes)
-            self._send_data(c, segments.region, segments.src, segments.length, request_id)
+            go()
             self._expect_ack(c)
         return self._submit(conn, run, request_id, segments.nbytes)
 
@@ -204,8 +220,9 @@ class ControlPlaneTransport(Transport):
         def run(c: Conn) -> None:
             send_frame(c.sock, FrameType.READ, {"req": request_id, "segs": segments.pack("src")},
                        payload_len=segments.nbytes)
+            go = self._recv_plan(c, segments.region, segments.dst, segments.length, request_id)
             self._expect_ack(c)
-            self._recv_data(c, segments.region, segments.dst, segments.length, request_id)
+            go()
         return self._submit(conn, run, request_id, segments.nbytes)
 
     def send_notif(self, peer: Peer | str, message: dict[str, Any]) -> None:
@@ -426,12 +443,13 @@ class ControlPlaneTransport(Transport):
             send_frame(sock, FrameType.ERROR, {"kind": "request", "message": f"request {req!r} refused: {e}"})
             raise ProtocolError(f"refused request {req!r}: {e}") from None
         if f.type == FrameType.WRITE:
-            self._recv_data(conn, region, off, length, req)
+            self._recv_plan(conn, region, off, length, req)()
             send_frame(sock, FrameType.ACK, {})
             notify = f.meta.get("notify")
             if isinstance(notify, dict):
                 self._notifs.append(Notif(conn.peer.name, notify))
         else:
+            go = self._send_plan(conn, region, off, length, req)
             send_frame(sock, FrameType.ACK, {})
-            self._send_data(conn, region, off, length, req)
+            go()
         return True

@@ -20,7 +20,7 @@ import torch
 
 from p2pkv import kernels
 from p2pkv.segments import Segments
-from p2pkv.transport.base import Peer, TransferHandle, advise_hugepages
+from p2pkv.transport.base import advise_hugepages
 from p2pkv.transport.control import Conn, ControlPlaneTransport
 from p2pkv.wire import recv_into_exact
 
@@ -138,8 +138,8 @@ def _libc_call(fn: Any, sock: socket.socket, iov: np.ndarray, flags: int) -> Cal
 @contextmanager
 def kernel_timeouts(sock: socket.socket, timeout: float) -> Iterator[None]:
     """Run the block in blocking mode with the timeout enforced by the kernel
-    (SO_RCVTIMEO/SO_SNDTIMEO), so one `recvmsg(MSG_WAITALL)` can fill a whole
-    iovec in one syscall instead of Python polling between partial reads."""
+    (SO_RCVTIMEO/SO_SNDTIMEO), so each vectored call blocks in the kernel instead of
+    Python polling the socket before every call."""
     tv = struct.pack("ll", int(timeout), int((timeout % 1) * 1e6))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
@@ -162,12 +162,14 @@ def sendv(sock: socket.socket, iov: np.ndarray) -> None:
 
 
 def recvv(sock: socket.socket, iov: np.ndarray) -> None:
-    """Fill the memory of every iovec row, in order, with `MSG_WAITALL`;
-    ConnectionResetError if the peer closes early. `iov` is consumed."""
+    """Fill the memory of every iovec row, in order, taking what each call finds (a partial
+    receive is resumed exactly); ConnectionResetError if the peer closes early. `iov` is consumed.
+    Not `MSG_WAITALL`: on loopback it moved 16 MiB in 4 KiB rows at 0.83-0.86 of a plain
+    `recv_into` of one buffer, against 0.92-1.0 without it."""
     if _LIBC is not None:
-        _move(iov, _libc_call(_LIBC[1], sock, iov, socket.MSG_WAITALL))
+        _move(iov, _libc_call(_LIBC[1], sock, iov, 0))
     else:
-        _move(iov, lambda i, j: sock.recvmsg_into(_views(iov[i:j]), 0, socket.MSG_WAITALL)[0])
+        _move(iov, lambda i, j: sock.recvmsg_into(_views(iov[i:j]))[0])
 
 
 class _Staging:
@@ -233,19 +235,39 @@ class TcpTransport(ControlPlaneTransport):
             except OSError:
                 pass
 
-    def write(self, peer: Peer | str, segments: Segments, request_id: str | None = None,
-              notify: dict[str, Any] | None = None) -> TransferHandle:
-        """As `Transport.write`; segments outside the local regions are refused here with a
-        ValueError, before the peer is sent anything (the kernel is given raw addresses)."""
-        Segments.check_bounds(segments.region.astype(np.int64), segments.src, segments.length,
-                              [r.nbytes for r in self._require_registered().regions])
-        return super().write(peer, segments, request_id, notify)
-
     def _iov(self, region: np.ndarray, off: np.ndarray, length: np.ndarray) -> np.ndarray:
         """The iovec rows of local segments, checked against the registered regions first
         (the kernel gets raw addresses, so no segment may point outside them)."""
         Segments.check_bounds(region, off, length, [r.nbytes for r in self.regions])
         return iovecs(self._bases, region, off, length)
+
+    def _direct(self, conn: Conn) -> bool:
+        return self.device.type == "cpu" and not isinstance(conn.sock, ssl.SSLSocket)
+
+    def _send_plan(self, conn: Conn, region: np.ndarray, off: np.ndarray, length: np.ndarray,
+                   request_id: Any) -> Callable[[], None]:
+        """CPU memory: the iovec rows are built before the request's frame (or ACK) goes out, so
+        that work is off the round trip; the control plane checked the segments already."""
+        if not self._direct(conn):
+            return super()._send_plan(conn, region, off, length, request_id)
+        iov = iovecs(self._bases, region, off, length)
+
+        def go() -> None:
+            with kernel_timeouts(conn.sock, self.timeout):
+                sendv(conn.sock, iov)
+        return go
+
+    def _recv_plan(self, conn: Conn, region: np.ndarray, off: np.ndarray, length: np.ndarray,
+                   request_id: Any) -> Callable[[], None]:
+        """As `_send_plan`: a read's receive rows are built while its request travels to P."""
+        if not self._direct(conn):
+            return super()._recv_plan(conn, region, off, length, request_id)
+        iov = iovecs(self._bases, region, off, length)
+
+        def go() -> None:
+            with kernel_timeouts(conn.sock, self.timeout):
+                recvv(conn.sock, iov)
+        return go
 
     def _send_data(self, conn: Conn, region: np.ndarray, off: np.ndarray, length: np.ndarray, request_id: Any) -> None:
         if self.device.type != "cpu":
