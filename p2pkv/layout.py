@@ -16,7 +16,8 @@ import torch
 
 from p2pkv.segments import BlockPlan, Segments
 
-__all__ = ["KVCacheSpec", "RegionSpec", "PRESETS", "make_kv_caches", "plan_segments", "block_geometry", "dtype_from_name"]
+__all__ = ["KVCacheSpec", "RegionSpec", "PRESETS", "make_kv_caches", "plan_segments", "block_geometry", "BlockRows",
+           "dtype_from_name"]
 
 _DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -283,6 +284,75 @@ def block_geometry(src: KVCacheSpec, dst: KVCacheSpec) -> tuple[np.ndarray, np.n
     ss = np.array([r.block_stride for r in src.regions], dtype=np.int64)
     ds = np.array([r.block_stride for r in dst.regions], dtype=np.int64)
     return ss, ds, [_pieces(a, b) for a, b in zip(src.regions, dst.regions)]
+
+
+class BlockRows:
+    """The byte rows of whole blocks between two specs, from block ids alone, in one canonical
+    order that both ends of a link compute the same way: region, then piece of a block, then the
+    ids in the order given. Lets a request carry block ids instead of a segment table; built once
+    per spec pair (the geometry), then each request is a few vectorised steps."""
+
+    def __init__(self, src: KVCacheSpec, dst: KVCacheSpec):
+        ss, ds, pieces = block_geometry(src, dst)
+        self.num_blocks = (src.num_blocks, dst.num_blocks)
+        self.num_regions = len(pieces)
+        self._uniform = len({len(p) for p in pieces}) == 1
+        self._stride = (ss, ds)
+        self._pieces = pieces
+        self._block_bytes = sum(int(p[:, 2].sum()) for p in pieces)
+        if self._uniform:
+            self._stack = np.stack(pieces)  # (regions, pieces, 3)
+            self._all = np.arange(len(pieces))
+        for r, (a, b, pc) in enumerate(zip(src.regions, dst.regions, pieces)):
+            for side, reg, col, stride in ((0, a, 0, ss[r]), (1, b, 1, ds[r])):
+                end = (reg.num_blocks - 1) * int(stride) + int((pc[:, col] + pc[:, 2]).max())
+                if end > reg.nbytes:
+                    raise ValueError(f"region {r} of the {'source' if side == 0 else 'destination'} spec: its last "
+                                     f"block ends at byte {end}, past its {reg.nbytes} bytes")
+
+    def nbytes(self, count: int, regions: Sequence[int] | None = None) -> int:
+        """Bytes that `count` blocks move in these regions (all when None)."""
+        per = self._block_bytes if regions is None else sum(int(self._pieces[r][:, 2].sum()) for r in regions)
+        return count * per
+
+    def check_ids(self, ids: np.ndarray, side: str) -> None:
+        """ValueError unless every id names a block of that side ('src' or 'dst')."""
+        n = self.num_blocks[side == "dst"]
+        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= n):
+            bad = ids[(ids < 0) | (ids >= n)]
+            raise ValueError(f"{'source' if side == 'src' else 'destination'} block id {int(bad[0])} "
+                             f"out of range [0, {n})")
+
+    def check_regions(self, regions: Sequence[int] | None) -> None:
+        if regions is not None and any(not 0 <= int(r) < self.num_regions for r in regions):
+            raise ValueError(f"regions {list(regions)} name one outside the {self.num_regions} registered")
+
+    def rows(self, ids: np.ndarray, side: str, regions: Sequence[int] | None = None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(region, offset, length) of these blocks on one side ('src' or 'dst'), in the canonical
+        order; ids must have passed `check_ids`."""
+        col = 0 if side == "src" else 1
+        ids = np.asarray(ids, dtype=np.int64)
+        n = len(ids)
+        if self._uniform:
+            if regions is None:
+                sel, pcs, stride = self._all, self._stack, self._stride[col]
+            else:
+                sel = np.asarray(regions, dtype=np.int64)
+                pcs, stride = self._stack[sel], self._stride[col][sel]
+            off = (pcs[:, :, col, None] + ids[None, None, :] * stride[:, None, None]).reshape(-1)
+            length = np.repeat(pcs[:, :, 2].reshape(-1), n)
+            region = np.repeat(sel, pcs.shape[1] * n)
+            return region, off, length
+        parts = []
+        for r in (range(self.num_regions) if regions is None else [int(r) for r in regions]):
+            pc = self._pieces[r]
+            off = (pc[:, col, None] + ids[None, :] * self._stride[col][r]).reshape(-1)
+            parts.append((np.full(len(off), r, dtype=np.int64), off, np.repeat(pc[:, 2], n)))
+        if not parts:
+            z = np.zeros(0, dtype=np.int64)
+            return z, z, z
+        return tuple(np.concatenate(x) for x in zip(*parts))  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------------------------------------- presets

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pkv.layout import PRESETS, KVCacheSpec, block_geometry, make_kv_caches, plan_segments
+from p2pkv.layout import PRESETS, BlockRows, KVCacheSpec, block_geometry, make_kv_caches, plan_segments
 
 DTYPES = ["bf16", "fp16", "fp32"] + (["fp8"] if hasattr(torch, "float8_e4m3fn") else [])
 BLOCK_DIM = {"vllm": 1, "vllm_cpu": 0, "block_first": 0, "mla": 0, "cross_layer": 0}
@@ -216,3 +216,56 @@ def test_a_plan_narrowed_to_some_regions_keeps_its_blocks():
     assert one.only([2, 1]).regions == (2,)
     back = one.reversed()
     assert back.regions == (0, 2) and list(back.src_blocks) == [2, 9] and back.src_spec is spec
+
+
+def stream_apply(rows: BlockRows, sb, db, src_regions, dst_regions, regions=None):
+    """Move bytes as a request by block ids does: the source rows read in order into one stream,
+    poured in order into the destination rows (each side computed alone from its ids)."""
+    sr, so, sl = rows.rows(np.asarray(sb), "src", regions)
+    dr, do, dl = rows.rows(np.asarray(db), "dst", regions)
+    stream = np.concatenate([src_regions[r][o:o + n] for r, o, n in zip(sr, so, sl)] or [np.zeros(0, np.uint8)])
+    assert len(stream) == dl.sum() == rows.nbytes(len(sb), regions)
+    pos = 0
+    for r, o, n in zip(dr, do, dl):
+        dst_regions[r][o:o + n] = stream[pos:pos + n]
+        pos += n
+
+
+@settings(max_examples=40, deadline=None)
+@given(pair=st.sampled_from([(lay, lay) for lay in PRESETS] + [("vllm", "block_first"), ("block_first", "vllm")]),
+       data=st.data())
+def test_block_rows_move_the_same_bytes_as_the_segments(pair, data):
+    nb = 10
+    n = data.draw(st.integers(1, nb))
+    src = data.draw(st.lists(st.integers(0, nb - 1), min_size=n, max_size=n))
+    dst = data.draw(st.permutations(range(nb)))[:n]
+    pt, ps = cache(pair[0], blocks=nb)
+    g = torch.Generator().manual_seed(3)
+    for t in pt:
+        t.view(torch.uint8).copy_(torch.randint(0, 256, t.view(torch.uint8).shape, dtype=torch.uint8, generator=g))
+    a, ds = cache(pair[1], blocks=nb)
+    b, _ = cache(pair[1], blocks=nb)
+    for t in a + b:
+        t.view(torch.uint8).fill_(0x5A)
+    nreg = len(ps.regions)
+    regions = data.draw(st.none() | st.lists(st.integers(0, nreg - 1), min_size=1, max_size=nreg, unique=True).map(sorted))
+    segs = plan_segments(ps, ds, src, dst)
+    if regions is not None:
+        keep = np.isin(segs.region, regions)
+        segs = type(segs)(segs.region[keep], segs.src[keep], segs.dst[keep], segs.length[keep])
+    apply(segs, byte_regions(pt), byte_regions(a))
+    stream_apply(BlockRows(ps, ds), src, dst, byte_regions(pt), byte_regions(b), regions)
+    for x, y in zip(a, b):
+        assert torch.equal(x.view(torch.uint8), y.view(torch.uint8))
+
+
+def test_block_rows_refuse_ids_and_regions_outside_the_specs():
+    _, spec = cache("vllm", blocks=8)
+    rows = BlockRows(spec, spec)
+    with pytest.raises(ValueError, match=r"source block id 8 out of range \[0, 8\)"):
+        rows.check_ids(np.array([1, 8]), "src")
+    with pytest.raises(ValueError, match="destination block id -1"):
+        rows.check_ids(np.array([-1]), "dst")
+    with pytest.raises(ValueError, match="outside the"):
+        rows.check_regions([0, len(spec.regions)])
+    rows.check_ids(np.array([0, 7]), "dst")

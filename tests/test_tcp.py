@@ -353,3 +353,80 @@ def test_iovecs_merge_only_rows_that_follow_each_other_in_memory():
                  np.array([10, 20, 5, 5, 5, 1, 1]))
     assert iov.tolist() == [[(1 << 20), 35], [(1 << 21), 10], [(1 << 20) + 40, 1], [(1 << 20) + 40, 1]]
     assert iovecs(bases, *(np.zeros(0, dtype=np.int64),) * 3).shape == (0, 2)
+
+
+@pytest.mark.timeout(60)
+def test_requests_by_block_ids_and_by_segment_table_land_the_same_bytes():
+    """Planned segments travel as block ids (P computes its own rows), hand-made ones as a table:
+    reads and writes, every region or one layer's, land the same bytes either way."""
+    from p2pkv.segments import Segments
+    rng = np.random.default_rng(5)
+    a, b = get_transport("tcp"), get_transport("tcp")
+    try:
+        ta, sa = _cache(fill="random", generator=torch.Generator().manual_seed(8))
+        a.register(ta, sa)
+        tb, sb = _cache()
+        b.register(tb, sb)
+        peer = b.connect(a.address)
+        for step in range(6):
+            src, dst = rng.choice(24, 7, replace=False), rng.choice(24, 7, replace=False)
+            planned = plan_segments(peer.spec, sb, src, dst)
+            if step % 3 == 2:
+                keep = np.isin(planned.region, [1])
+                planned = Segments(planned.region[keep], planned.src[keep], planned.dst[keep], planned.length[keep],
+                                   planned.plan.only([1]))
+            table = Segments(planned.region, planned.src, planned.dst, planned.length)
+            results = []
+            for segs in (planned, table):
+                for t in tb:
+                    t.view(torch.uint8).fill_(0x33)
+                b.read(peer, segs, request_id=f"read-{step}").wait(10)
+                results.append([t.view(torch.uint8).clone() for t in tb])
+            assert all(torch.equal(x, y) for x, y in zip(*results))
+            want = expected_after("vllm", [t.view(torch.uint8).clone().fill_(0x33) for t in tb], ta, src, dst)
+            if step % 3 == 2:
+                want = [w if i == 1 else torch.full_like(w, 0x33) for i, w in enumerate(want)]
+            assert_same(tb, want)
+            back = plan_segments(sb, peer.spec, dst, src)
+            for t in ta:
+                t.view(torch.uint8)[:] = 7
+            b.write(peer, back, request_id=f"write-{step}").wait(10)
+            for t_a, t_b in zip(ta, tb):
+                assert torch.equal(t_a[:, torch.as_tensor(src)].view(torch.uint8), t_b[:, torch.as_tensor(dst)].view(torch.uint8))
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.timeout(60)
+def test_block_requests_naming_bad_ids_or_regions_are_refused_by_the_serving_side(monkeypatch):
+    """A D that skipped its own checks (patched out here, as a hostile peer would) is refused by P
+    with the reason, and P goes on serving good requests."""
+    from p2pkv.layout import BlockRows
+    from p2pkv.segments import BlockPlan, Segments
+    cfg = {"layout": "vllm", "seed": 3}
+    with peer_process("tcp", [cfg]) as p:
+        d_tensors, d_spec = local_cache(cfg)
+        with get_transport("tcp", timeout=20) as tr:
+            tr.register(d_tensors, d_spec)
+            monkeypatch.setattr(BlockRows, "check_ids", lambda self, ids, side: None)
+            monkeypatch.setattr(BlockRows, "check_regions", lambda self, regions: None)
+            monkeypatch.setattr(BlockRows, "nbytes", lambda self, count, regions=None: 0)
+            empty = (np.zeros(0, dtype=np.int64),) * 3
+            monkeypatch.setattr(BlockRows, "rows", lambda self, ids, side, regions=None: empty)
+            cases = [(BlockPlan(None, None, np.array([1, 10**6]), np.array([2, 3])), True, "source block id 1000000 out of range"),
+                     (BlockPlan(None, None, np.array([1]), np.array([2]), (0, 99)), True, "regions .* outside"),
+                     (BlockPlan(None, None, np.array([1, 4]), np.array([5, 5])), False, "duplicate destination block id 5")]
+            for plan, read, why in cases:
+                peer = tr.connect(p.addresses[0])
+                plan = BlockPlan(peer.spec if read else d_spec, d_spec if read else peer.spec, plan.src_blocks,
+                                 plan.dst_blocks, plan.regions)
+                segs = Segments(*(np.zeros(0, dtype=np.int64),) * 4, plan=plan)
+                h = tr.read(peer, segs, "evil") if read else tr.write(peer, segs, "evil")
+                with pytest.raises(TransferError, match=why):
+                    h.wait(10)
+            monkeypatch.undo()
+            peer = tr.connect(p.addresses[0])
+            before = [t.clone() for t in d_tensors]
+            tr.read(peer, plan_segments(peer.spec, d_spec, [0, 9], [4, 1]), "good").wait(10)
+            assert_same(d_tensors, expected_after("vllm", before, build(cfg)[0], [0, 9], [4, 1]))

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from p2pkv.layout import KVCacheSpec
+from p2pkv.layout import BlockRows, KVCacheSpec
 from p2pkv.segments import Segments
 from p2pkv.transport.base import (Notif, Peer, PeerClosedError, TransferError, TransferHandle, TransferTimeout,
                                   Transport)
@@ -201,29 +201,94 @@ class ControlPlaneTransport(Transport):
     def write(self, peer: Peer | str, segments: Segments, request_id: str | None = None,
               notify: dict[str, Any] | None = None) -> TransferHandle:
         conn = self._conn(peer)
-        local = [r.nbytes for r in self._require_registered().regions]
-        Segments.check_bounds(segments.region.astype(np.int64), segments.src, segments.length, local)
+        local_rows, nbytes, meta = self._request(conn, segments, pull=False)
+        meta.update(req=request_id, notify=notify)
 
         def run(c: Conn) -> None:
-            go = self._send_plan(c, segments.region, segments.src, segments.length, request_id)
-            meta = {"req": request_id, "segs": segments.pack("dst"), "notify": notify}
-            send_frame(c.sock, FrameType.WRITE, meta, payload_len=segments.nbytes)
-            go()
+            send_frame(c.sock, FrameType.WRITE, meta, payload_len=nbytes)
+            self._send_plan(c, *local_rows(), request_id)()
             self._expect_ack(c)
-        return self._submit(conn, run, request_id, segments.nbytes)
+        return self._submit(conn, run, request_id, nbytes)
 
     def read(self, peer: Peer | str, segments: Segments, request_id: str | None = None) -> TransferHandle:
         conn = self._conn(peer)
-        local = [r.nbytes for r in self._require_registered().regions]
-        Segments.check_bounds(segments.region.astype(np.int64), segments.dst, segments.length, local)
+        local_rows, nbytes, meta = self._request(conn, segments, pull=True)
+        meta["req"] = request_id
 
         def run(c: Conn) -> None:
-            send_frame(c.sock, FrameType.READ, {"req": request_id, "segs": segments.pack("src")},
-                       payload_len=segments.nbytes)
-            go = self._recv_plan(c, segments.region, segments.dst, segments.length, request_id)
+            send_frame(c.sock, FrameType.READ, meta, payload_len=nbytes)
+            go = self._recv_plan(c, *local_rows(), request_id)  # while the request travels
             self._expect_ack(c)
             go()
-        return self._submit(conn, run, request_id, segments.nbytes)
+        return self._submit(conn, run, request_id, nbytes)
+
+    def _request(self, conn: Conn, segments: Segments, pull: bool
+                 ) -> tuple[Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray]], int, dict[str, Any]]:
+        """For a read (pull) or write: a call that gives the local rows, the payload size and what the
+        request's frame tells the peer. Segments planned from block ids between the two registered specs
+        travel as those ids (the peer computes its rows, in the same canonical order, from its own
+        geometry): a few hundred bytes instead of 24 per segment, and no table to decode and bounds-check
+        on the other side. Other segments travel as the table. Either way everything is checked here,
+        before anything is sent; the local rows themselves may be computed later, off the round trip."""
+        local = self._require_registered()
+        plan = segments.plan
+        rows = self._plan_rows(conn, plan, pull) if plan is not None else None
+        side, other = ("dst", "src") if pull else ("src", "dst")
+        if rows is not None:
+            src, dst = np.asarray(plan.src_blocks, dtype=np.int64), np.asarray(plan.dst_blocks, dtype=np.int64)
+            if len(src) != len(dst):
+                raise ValueError(f"block id lists differ in length: {len(src)} source ids vs {len(dst)} destination ids")
+            if len(src) > 1 and (src[1:] < src[:-1]).any():
+                # in source order the sender reads its memory forwards (measured ~3% faster for 4 KiB rows)
+                order = np.argsort(src, kind="stable")
+                src, dst = src[order], dst[order]
+            mine, theirs = (dst, src) if pull else (src, dst)
+            rows.check_ids(mine, side)
+            rows.check_ids(theirs, other)
+            rows.check_regions(plan.regions)
+            regions = plan.regions
+            meta: dict[str, Any] = {"blocks": theirs.astype("<i8").tobytes(),
+                                    "regions": None if regions is None else [int(r) for r in regions]}
+            return (lambda: rows.rows(mine, side, regions)), rows.nbytes(len(mine), regions), meta
+        off = segments.dst if pull else segments.src
+        Segments.check_bounds(segments.region.astype(np.int64), off, segments.length, [r.nbytes for r in local.regions])
+        return (lambda: (segments.region, off, segments.length)), segments.nbytes, {"segs": segments.pack(other)}
+
+    def _plan_rows(self, conn: Conn, plan: Any, pull: bool) -> BlockRows | None:
+        """The block geometry of a plan between the peer's spec and ours (P's into D's), kept with the
+        connection; None when the plan is between other specs."""
+        src, dst = (conn.peer.spec, self.spec) if pull else (self.spec, conn.peer.spec)
+        key = ("rows", pull)
+        hit = conn.extra.get(key)
+        if hit is not None and hit[0] is plan.src_spec and hit[1] is plan.dst_spec:
+            return hit[2]
+        if plan.src_spec != src or plan.dst_spec != dst:
+            return None
+        rows = hit[2] if hit is not None else BlockRows(src, dst)  # type: ignore[arg-type]
+        conn.extra[key] = (plan.src_spec, plan.dst_spec, rows)
+        return rows
+
+    def _served_rows(self, conn: Conn, read: bool, blocks: Any, regions: Any) -> tuple[Any, ...]:
+        """A peer's request by block ids: this side's rows and their byte total, every id and region
+        checked first."""
+        if not isinstance(blocks, bytes) or len(blocks) % 8 or len(blocks) // 8 > MAX_SEGMENTS:
+            raise ValueError("block id list malformed or too long")
+        if regions is not None and (not isinstance(regions, list) or not all(isinstance(r, int) for r in regions)):
+            raise ValueError("region list malformed")
+        key = ("served rows", read)
+        rows = conn.extra.get(key)
+        if rows is None:
+            assert self.spec is not None
+            rows = conn.extra[key] = BlockRows(self.spec, conn.peer.spec) if read else BlockRows(conn.peer.spec, self.spec)
+        ids = np.frombuffer(blocks, dtype="<i8")
+        side = "src" if read else "dst"
+        rows.check_ids(ids, side)
+        if regions is not None:
+            rows.check_regions(regions)
+        if not read and len(np.unique(ids)) != len(ids):
+            u, c = np.unique(ids, return_counts=True)
+            raise ValueError(f"duplicate destination block id {int(u[c > 1][0])}: two blocks cannot land in one")
+        return (*rows.rows(ids, side, regions), rows.nbytes(len(ids), regions))
 
     def send_notif(self, peer: Peer | str, message: dict[str, Any]) -> None:
         conn = self._conn(peer)
@@ -433,21 +498,26 @@ class ControlPlaneTransport(Transport):
         req = f.meta.get("req")
         raw = f.meta.get("segs")
         try:
-            if not isinstance(raw, bytes):
+            if "blocks" in f.meta:
+                region, off, length, total = self._served_rows(conn, f.type == FrameType.READ, f.meta["blocks"],
+                                                               f.meta.get("regions"))
+            elif not isinstance(raw, bytes):
                 raise ValueError("segment table missing")
-            region, off, length = Segments.unpack(raw, MAX_SEGMENTS)
-            Segments.check_bounds(region, off, length, [r.nbytes for r in self.spec.regions])  # type: ignore[union-attr]
-            if int(length.sum()) != f.payload_len:
-                raise ValueError(f"segments add up to {int(length.sum())} bytes but the frame announces {f.payload_len}")
+            else:
+                region, off, length = Segments.unpack(raw, MAX_SEGMENTS)
+                Segments.check_bounds(region, off, length, [r.nbytes for r in self.spec.regions])  # type: ignore[union-attr]
+                total = int(length.sum())
+            if total != f.payload_len:
+                raise ValueError(f"segments add up to {total} bytes but the frame announces {f.payload_len}")
         except ValueError as e:
             send_frame(sock, FrameType.ERROR, {"kind": "request", "message": f"request {req!r} refused: {e}"})
             raise ProtocolError(f"refused request {req!r}: {e}") from None
         if f.type == FrameType.WRITE:
             self._recv_plan(conn, region, off, length, req)()
-            send_frame(sock, FrameType.ACK, {})
             notify = f.meta.get("notify")
-            if isinstance(notify, dict):
+            if isinstance(notify, dict):  # visible here before the writer hears that its write is done
                 self._notifs.append(Notif(conn.peer.name, notify))
+            send_frame(sock, FrameType.ACK, {})
         else:
             go = self._send_plan(conn, region, off, length, req)
             send_frame(sock, FrameType.ACK, {})
