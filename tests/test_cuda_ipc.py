@@ -36,6 +36,60 @@ def test_cpu_only_machine_gets_a_clear_error():
         get_transport("cuda_ipc")
 
 
+class _FakeEvent:
+    cuda_event = 1234
+
+    def __init__(self):
+        self.complete = False
+
+    def query(self):
+        return self.complete
+
+
+class _FakeWatcher:
+    """Stands in for the transport: its extension's wait says what the fake event says."""
+
+    def __init__(self, ev):
+        self.watched = []
+        self._ext = self
+        self.ev = ev
+
+    def wait_event(self, ptr, timeout):
+        assert ptr == _FakeEvent.cuda_event
+        return self.ev.complete
+
+    def _watch(self, h):
+        self.watched.append(h)
+
+
+def test_cuda_handle_runs_each_callback_once_whenever_it_was_added():
+    """The handle makes its threading objects only when a callback needs them; callbacks added before,
+    during or after completion all run exactly once, and a wait that times out says so."""
+    from p2pkv.transport.base import TransferTimeout
+    from p2pkv.transport.cuda_ipc import _CudaHandle
+    ev = _FakeEvent()
+    w = _FakeWatcher(ev)
+    h = _CudaHandle("peer-x", "req-1", 64, ev, w)
+    with pytest.raises(TransferTimeout, match="kernel not finished.*req-1|req-1"):
+        h.wait(0.01)
+    calls = []
+    h.add_done_callback(lambda x: calls.append("early"))
+    assert w.watched == [h] and not h.done() and calls == []
+    ev.complete = True
+    h.wait(1)
+    assert calls == ["early"] and h.done() and h.error is None
+    h.add_done_callback(lambda x: calls.append("late"))
+    assert calls == ["early", "late"]
+
+    ev2 = _FakeEvent()
+    h2 = _CudaHandle("peer-x", "req-2", 64, ev2, _FakeWatcher(ev2))
+    ev2.complete = True
+    h2.wait(1)  # completed with no callback: nothing threading-related was made
+    assert "_event" not in h2.__dict__
+    h2.add_done_callback(lambda x: calls.append("after"))
+    assert calls[-1] == "after" and h2._event.is_set()
+
+
 def test_host_id_names_host_and_boot(monkeypatch):
     assert "/" in host_id()
     monkeypatch.setenv("P2PKV_HOST_ID", "elsewhere")

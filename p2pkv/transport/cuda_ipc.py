@@ -77,26 +77,49 @@ _MAPPINGS = _Mappings()
 
 
 class _CudaHandle(TransferHandle):
-    """A transfer that is one kernel on a stream: done when its event is."""
+    """A transfer that is one kernel on a stream: done when its event is. The base class's Event and
+    Lock are made only when something needs them (a callback, or waiting without the extension), so a
+    transfer that is simply waited for costs no threading objects on its way."""
 
     def __init__(self, peer: str, request_id: str | None, nbytes: int, event: torch.cuda.Event,
                  watcher: "CudaIpcTransport"):
-        super().__init__(peer, request_id, nbytes)
+        self.peer, self.request_id, self.nbytes = peer, request_id, nbytes
+        self._error = None
+        self._callbacks = []
         self._cuda_event, self._watcher = event, watcher
+        self._complete = False
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in ("_event", "_lock"):
+            raise AttributeError(name)
+        with _LAZY:
+            d = self.__dict__
+            if "_event" not in d:
+                d["_lock"], d["_event"] = threading.Lock(), threading.Event()
+                if d["_complete"]:
+                    d["_event"].set()
+        return d[name]
+
+    def _completed(self) -> None:
+        self._complete = True
+        if "_event" in self.__dict__:
+            self._finish()
 
     def done(self) -> bool:
-        if not self._event.is_set() and self._cuda_event.query():
-            self._finish()
-        return self._event.is_set()
+        if not self._complete:
+            if self._cuda_event.query():
+                self._completed()
+        elif "_event" in self.__dict__ and not self.__dict__["_event"].is_set():
+            self._finish()  # a callback was added while the completion was being noted
+        return self._complete
 
     def wait(self, timeout: float | None = None) -> None:
         """Waits in the extension, without the GIL: spinning briefly, then yielding, then sleeping."""
-        if not self._event.is_set():
+        if not self._complete:
             if not self._watcher._ext.wait_event(self._cuda_event.cuda_event, -1.0 if timeout is None else timeout):
                 raise TransferTimeout(f"kernel not finished after {timeout:.3g} s", peer=self.peer,
                                       request_id=self.request_id)
-            self._finish()
-        super().wait(0)
+            self._completed()
 
     def add_done_callback(self, fn: Any) -> None:
         if self.done():
@@ -104,6 +127,9 @@ class _CudaHandle(TransferHandle):
             return
         super().add_done_callback(fn)
         self._watcher._watch(self)
+
+
+_LAZY = threading.Lock()
 
 
 class CudaIpcTransport(ControlPlaneTransport):
@@ -275,12 +301,13 @@ class CudaIpcTransport(ControlPlaneTransport):
             raise PeerClosedError(f"connection is down ({conn.dead})", peer=conn.peer.name)
         return conn
 
-    def _launch(self, conn: Conn, segments: Segments, pull: bool, request_id: str | None) -> torch.cuda.Event:
+    def _launch(self, conn: Conn, segments: Segments, pull: bool, request_id: str | None
+                ) -> tuple[torch.cuda.Event, int]:
         """One call into the extension on the caller's stream: wait for the peer's ready event, copy, record a
         completion event. Those come from a ring of 256, so a handle older than 256 transfers reports the end
         of a later one (late, never early). A request planned from block ids (`segments.plan`) whose specs
         were seen before takes the short path: its launch arguments are kept with the connection, so the
-        host does one dict lookup and one call before the copy starts."""
+        host does one dict lookup and one call before the copy starts. Returns the event and the bytes moved."""
         plan = segments.plan
         if plan is not None:
             key = ("fast_pull" if pull else "fast_push") if plan.regions is None else (pull, plan.regions)
@@ -291,11 +318,11 @@ class CudaIpcTransport(ControlPlaneTransport):
                 i = self._next_done
                 self._next_done = (i + 1) % len(self._done_events)
                 try:
-                    self._ext.copy_blocks(*fast[3], plan.src_blocks, plan.dst_blocks, _raw_stream(fast[5]), fast[4],
-                                          self._done_ptrs[i], fast[5])
+                    nbytes = self._ext.copy_blocks(*fast[3], plan.src_blocks, plan.dst_blocks, _raw_stream(fast[5]),
+                                                   fast[4], self._done_ptrs[i], fast[5])
                 except ValueError as e:
                     raise ValueError(f"request {request_id!r} with peer {conn.peer.name}: {e}") from None
-                return self._done_events[i]
+                return self._done_events[i], nbytes
         if self.device.index != torch.cuda.current_device():
             with torch.cuda.device(self.device):
                 return self._launch(conn, segments, pull, request_id)
@@ -316,14 +343,14 @@ class CudaIpcTransport(ControlPlaneTransport):
                 # the table rides along: its device rows must outlive the arguments that point at them
                 conn.extra[key] = (plan.src_spec, plan.dst_spec, kernels.TUNING.version, kernels.block_args(table),
                                    conn.extra["event_ptr"], idx, table)
-                return done
+                return done, segments.nbytes
         try:
             kernels.launch(src, dst, segments.region, segments.src, segments.dst, segments.length, stream_ptr,
                            wait_event=conn.extra["event_ptr"], done_event=done.cuda_event)
         except ValueError as e:
             side = "peer's" if pull else "local"
             raise ValueError(f"request {request_id!r} with peer {conn.peer.name}: {e} (source = {side} regions)") from None
-        return done
+        return done, segments.nbytes
 
     def _block_table(self, conn: Conn, plan: Any, src: kernels.Regions, dst: kernels.Regions,
                      pull: bool) -> kernels.BlockTable | None:
@@ -354,20 +381,20 @@ class CudaIpcTransport(ControlPlaneTransport):
 
     def read(self, peer: Peer | str, segments: Segments, request_id: str | None = None) -> TransferHandle:
         conn = self._live(peer)
-        done = self._launch(conn, segments, True, request_id)
-        return _CudaHandle(conn.peer.name, request_id, segments.nbytes, done, self)
+        done, nbytes = self._launch(conn, segments, True, request_id)
+        return _CudaHandle(conn.peer.name, request_id, nbytes, done, self)
 
     def write(self, peer: Peer | str, segments: Segments, request_id: str | None = None,
               notify: dict[str, Any] | None = None) -> TransferHandle:
         conn = self._live(peer)
-        done = self._launch(conn, segments, False, request_id)
+        done, nbytes = self._launch(conn, segments, False, request_id)
         if notify is None:
-            return _CudaHandle(conn.peer.name, request_id, segments.nbytes, done, self)
+            return _CudaHandle(conn.peer.name, request_id, nbytes, done, self)
 
         def tell(c: Conn) -> None:
             done.synchronize()
             send_frame(c.sock, FrameType.NOTIF, {"msg": notify})
-        return self._submit(conn, tell, request_id, segments.nbytes)
+        return self._submit(conn, tell, request_id, nbytes)
 
     def send_notif(self, peer: Peer | str, message: dict[str, Any]) -> None:
         self.mark_ready()
