@@ -22,7 +22,8 @@ from p2pkv.layout import BlockRows, KVCacheSpec
 from p2pkv.segments import Segments
 from p2pkv.transport.base import (Notif, Peer, PeerClosedError, TransferError, TransferHandle, TransferTimeout,
                                   Transport)
-from p2pkv.wire import FrameType, HandshakeError, ProtocolError, client_handshake, recv_frame, send_frame, server_handshake
+from p2pkv.wire import (FrameType, HandshakeError, ProtocolError, client_handshake, encode_frame, recv_frame, send_frame,
+                        server_handshake)
 
 __all__ = ["ControlPlaneTransport", "Conn", "parse_address"]
 
@@ -118,11 +119,16 @@ class ControlPlaneTransport(Transport):
         """Receive the peer's bytes into these local segments."""
 
     def _send_plan(self, conn: Conn, region: np.ndarray, off: np.ndarray, length: np.ndarray,
-                   request_id: Any) -> Callable[[], None]:
+                   request_id: Any, head: bytes = b"") -> Callable[[], None]:
         """Prepare sending these local segments, already checked against the registered regions,
-        and return the call that moves them. Runs before the request's frame goes out (or, when
-        serving, before its ACK), so a backend can do its set-up off the round trip."""
-        return lambda: self._send_data(conn, region, off, length, request_id)
+        and return the call that moves them, after the control bytes `head` (a served read's ACK).
+        Runs before anything goes out, so a backend can do its set-up off the round trip, and may
+        send `head` in one call with the first payload bytes."""
+        def go() -> None:
+            if head:
+                conn.sock.sendall(head)
+            self._send_data(conn, region, off, length, request_id)
+        return go
 
     def _recv_plan(self, conn: Conn, region: np.ndarray, off: np.ndarray, length: np.ndarray,
                    request_id: Any) -> Callable[[], None]:
@@ -519,7 +525,5 @@ class ControlPlaneTransport(Transport):
                 self._notifs.append(Notif(conn.peer.name, notify))
             send_frame(sock, FrameType.ACK, {})
         else:
-            go = self._send_plan(conn, region, off, length, req)
-            send_frame(sock, FrameType.ACK, {})
-            go()
+            self._send_plan(conn, region, off, length, req, head=encode_frame(FrameType.ACK, {}))()
         return True

@@ -136,13 +136,17 @@ def _libc_call(fn: Any, sock: socket.socket, iov: np.ndarray, flags: int) -> Cal
 
 
 @contextmanager
-def kernel_timeouts(sock: socket.socket, timeout: float) -> Iterator[None]:
+def kernel_timeouts(sock: socket.socket, timeout: float, state: dict | None = None) -> Iterator[None]:
     """Run the block in blocking mode with the timeout enforced by the kernel
     (SO_RCVTIMEO/SO_SNDTIMEO), so each vectored call blocks in the kernel instead of
-    Python polling the socket before every call."""
-    tv = struct.pack("ll", int(timeout), int((timeout % 1) * 1e6))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+    Python polling the socket before every call. With `state` (a per-connection dict)
+    the two options are set once per connection, not per transfer."""
+    if state is None or state.get("kernel_timeout") != timeout:
+        tv = struct.pack("ll", int(timeout), int((timeout % 1) * 1e6))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        if state is not None:
+            state["kernel_timeout"] = timeout
     sock.settimeout(None)
     try:
         yield
@@ -245,15 +249,19 @@ class TcpTransport(ControlPlaneTransport):
         return self.device.type == "cpu" and not isinstance(conn.sock, ssl.SSLSocket)
 
     def _send_plan(self, conn: Conn, region: np.ndarray, off: np.ndarray, length: np.ndarray,
-                   request_id: Any) -> Callable[[], None]:
+                   request_id: Any, head: bytes = b"") -> Callable[[], None]:
         """CPU memory: the iovec rows are built before the request's frame (or ACK) goes out, so
-        that work is off the round trip; the control plane checked the segments already."""
+        that work is off the round trip, and `head` rides in the first row of the first call; the
+        control plane checked the segments already."""
         if not self._direct(conn):
-            return super()._send_plan(conn, region, off, length, request_id)
+            return super()._send_plan(conn, region, off, length, request_id, head)
         iov = iovecs(self._bases, region, off, length)
+        if head:
+            buf = np.frombuffer(head, dtype=np.uint8)
+            iov = np.concatenate([np.array([[buf.ctypes.data, len(head)]], dtype=np.uintp), iov])
 
-        def go() -> None:
-            with kernel_timeouts(conn.sock, self.timeout):
+        def go(_head: bytes = head) -> None:  # holds `head`: the first row points into it
+            with kernel_timeouts(conn.sock, self.timeout, conn.extra):
                 sendv(conn.sock, iov)
         return go
 
@@ -265,7 +273,7 @@ class TcpTransport(ControlPlaneTransport):
         iov = iovecs(self._bases, region, off, length)
 
         def go() -> None:
-            with kernel_timeouts(conn.sock, self.timeout):
+            with kernel_timeouts(conn.sock, self.timeout, conn.extra):
                 recvv(conn.sock, iov)
         return go
 
