@@ -254,7 +254,14 @@ def test_block_rows_move_the_same_bytes_as_the_segments(pair, data):
         keep = np.isin(segs.region, regions)
         segs = type(segs)(segs.region[keep], segs.src[keep], segs.dst[keep], segs.length[keep])
     apply(segs, byte_regions(pt), byte_regions(a))
-    stream_apply(BlockRows(ps, ds), src, dst, byte_regions(pt), byte_regions(b), regions)
+    rows = BlockRows(ps, ds)
+    stream_apply(rows, src, dst, byte_regions(pt), byte_regions(b), regions)
+    bases = np.arange(1, nreg + 1, dtype=np.uintp) << np.uintp(40)
+    for side, ids in (("src", src), ("dst", dst)):
+        for _ in range(2):  # the second call takes the cached per-region part
+            addr, length = rows.addresses(np.asarray(ids), side, None if regions is None else list(regions), bases)
+            r, o, n = rows.rows(np.asarray(ids), side, regions)
+            assert addr.tolist() == (bases[r] + o.astype(np.uintp)).tolist() and length.tolist() == n.tolist()
     for x, y in zip(a, b):
         assert torch.equal(x.view(torch.uint8), y.view(torch.uint8))
 

@@ -25,7 +25,7 @@ from p2pkv.transport.base import (Notif, Peer, PeerClosedError, TransferError, T
 from p2pkv.wire import (FrameType, HandshakeError, ProtocolError, client_handshake, encode_frame, recv_frame, send_frame,
                         server_handshake)
 
-__all__ = ["ControlPlaneTransport", "Conn", "parse_address"]
+__all__ = ["ControlPlaneTransport", "Conn", "LocalRows", "parse_address"]
 
 log = logging.getLogger("p2pkv.transport")
 
@@ -84,6 +84,24 @@ def _down(conn: Conn, request_id: Any) -> PeerClosedError:
     return PeerClosedError(f"connection is down ({conn.dead})", peer=conn.peer.name, request_id=request_id)
 
 
+class LocalRows:
+    """This side's rows of one transfer: (region, offset, length) arrays, or, for a request by block
+    ids, the ids and the geometry they are computed from on demand, so a backend that only needs
+    memory addresses (tcp) can go straight from ids to addresses (`BlockRows.addresses`)."""
+
+    __slots__ = ("_arrays", "blocks")
+
+    def __init__(self, arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+                 blocks: tuple[BlockRows, np.ndarray, str, Any] | None = None):
+        self._arrays, self.blocks = arrays, blocks
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._arrays is None:
+            rows, ids, side, regions = self.blocks  # type: ignore[misc]
+            self._arrays = rows.rows(ids, side, regions)
+        return self._arrays
+
+
 class ControlPlaneTransport(Transport):
     """A transport dialled by 'host:port': listens on loopback unless told otherwise."""
 
@@ -118,23 +136,21 @@ class ControlPlaneTransport(Transport):
     def _recv_data(self, conn: Conn, region: np.ndarray, off: np.ndarray, length: np.ndarray, request_id: Any) -> None:
         """Receive the peer's bytes into these local segments."""
 
-    def _send_plan(self, conn: Conn, region: np.ndarray, off: np.ndarray, length: np.ndarray,
-                   request_id: Any, head: bytes = b"") -> Callable[[], None]:
-        """Prepare sending these local segments, already checked against the registered regions,
-        and return the call that moves them, after the control bytes `head` (a served read's ACK).
-        Runs before anything goes out, so a backend can do its set-up off the round trip, and may
-        send `head` in one call with the first payload bytes."""
+    def _send_plan(self, conn: Conn, rows: LocalRows, request_id: Any, head: bytes = b"") -> Callable[[], None]:
+        """Prepare sending these local rows, already checked against the registered regions, and
+        return the call that moves them, after the control bytes `head` (a served read's ACK). Runs
+        before anything goes out, so a backend can do its set-up off the round trip, and may send
+        `head` in one call with the first payload bytes."""
         def go() -> None:
             if head:
                 conn.sock.sendall(head)
-            self._send_data(conn, region, off, length, request_id)
+            self._send_data(conn, *rows.arrays(), request_id)
         return go
 
-    def _recv_plan(self, conn: Conn, region: np.ndarray, off: np.ndarray, length: np.ndarray,
-                   request_id: Any) -> Callable[[], None]:
-        """As `_send_plan`, for receiving into local segments: the initiator of a read prepares
-        while its request travels to the peer."""
-        return lambda: self._recv_data(conn, region, off, length, request_id)
+    def _recv_plan(self, conn: Conn, rows: LocalRows, request_id: Any) -> Callable[[], None]:
+        """As `_send_plan`, for receiving into local rows: the initiator of a read prepares while its
+        request travels to the peer."""
+        return lambda: self._recv_data(conn, *rows.arrays(), request_id)
 
     def _hello_extra(self) -> dict[str, Any]:
         """Backend fields for the handshake (e.g. a rendezvous address)."""
@@ -212,7 +228,7 @@ class ControlPlaneTransport(Transport):
 
         def run(c: Conn) -> None:
             send_frame(c.sock, FrameType.WRITE, meta, payload_len=nbytes)
-            self._send_plan(c, *local_rows(), request_id)()
+            self._send_plan(c, local_rows, request_id)()
             self._expect_ack(c)
         return self._submit(conn, run, request_id, nbytes)
 
@@ -223,19 +239,19 @@ class ControlPlaneTransport(Transport):
 
         def run(c: Conn) -> None:
             send_frame(c.sock, FrameType.READ, meta, payload_len=nbytes)
-            go = self._recv_plan(c, *local_rows(), request_id)  # while the request travels
+            go = self._recv_plan(c, local_rows, request_id)  # while the request travels
             self._expect_ack(c)
             go()
         return self._submit(conn, run, request_id, nbytes)
 
     def _request(self, conn: Conn, segments: Segments, pull: bool
-                 ) -> tuple[Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray]], int, dict[str, Any]]:
-        """For a read (pull) or write: a call that gives the local rows, the payload size and what the
+                 ) -> tuple[LocalRows, int, dict[str, Any]]:
+        """For a read (pull) or write: the local rows, the payload size and what the
         request's frame tells the peer. Segments planned from block ids between the two registered specs
         travel as those ids (the peer computes its rows, in the same canonical order, from its own
         geometry): a few hundred bytes instead of 24 per segment, and no table to decode and bounds-check
         on the other side. Other segments travel as the table. Either way everything is checked here,
-        before anything is sent; the local rows themselves may be computed later, off the round trip."""
+        before anything is sent; the local rows themselves are computed later, off the round trip."""
         local = self._require_registered()
         plan = segments.plan
         rows = self._plan_rows(conn, plan, pull) if plan is not None else None
@@ -255,10 +271,10 @@ class ControlPlaneTransport(Transport):
             regions = plan.regions
             meta: dict[str, Any] = {"blocks": theirs.astype("<i8").tobytes(),
                                     "regions": None if regions is None else [int(r) for r in regions]}
-            return (lambda: rows.rows(mine, side, regions)), rows.nbytes(len(mine), regions), meta
+            return LocalRows(blocks=(rows, mine, side, regions)), rows.nbytes(len(mine), regions), meta
         off = segments.dst if pull else segments.src
         Segments.check_bounds(segments.region.astype(np.int64), off, segments.length, [r.nbytes for r in local.regions])
-        return (lambda: (segments.region, off, segments.length)), segments.nbytes, {"segs": segments.pack(other)}
+        return LocalRows((segments.region, off, segments.length)), segments.nbytes, {"segs": segments.pack(other)}
 
     def _plan_rows(self, conn: Conn, plan: Any, pull: bool) -> BlockRows | None:
         """The block geometry of a plan between the peer's spec and ours (P's into D's), kept with the
@@ -274,7 +290,7 @@ class ControlPlaneTransport(Transport):
         conn.extra[key] = (plan.src_spec, plan.dst_spec, rows)
         return rows
 
-    def _served_rows(self, conn: Conn, read: bool, blocks: Any, regions: Any) -> tuple[Any, ...]:
+    def _served_rows(self, conn: Conn, read: bool, blocks: Any, regions: Any) -> tuple[LocalRows, int]:
         """A peer's request by block ids: this side's rows and their byte total, every id and region
         checked first."""
         if not isinstance(blocks, bytes) or len(blocks) % 8 or len(blocks) // 8 > MAX_SEGMENTS:
@@ -291,10 +307,11 @@ class ControlPlaneTransport(Transport):
         rows.check_ids(ids, side)
         if regions is not None:
             rows.check_regions(regions)
+            regions = tuple(regions)
         if not read and len(np.unique(ids)) != len(ids):
             u, c = np.unique(ids, return_counts=True)
             raise ValueError(f"duplicate destination block id {int(u[c > 1][0])}: two blocks cannot land in one")
-        return (*rows.rows(ids, side, regions), rows.nbytes(len(ids), regions))
+        return LocalRows(blocks=(rows, ids, side, regions)), rows.nbytes(len(ids), regions)
 
     def send_notif(self, peer: Peer | str, message: dict[str, Any]) -> None:
         conn = self._conn(peer)
@@ -505,25 +522,24 @@ class ControlPlaneTransport(Transport):
         raw = f.meta.get("segs")
         try:
             if "blocks" in f.meta:
-                region, off, length, total = self._served_rows(conn, f.type == FrameType.READ, f.meta["blocks"],
-                                                               f.meta.get("regions"))
+                rows, total = self._served_rows(conn, f.type == FrameType.READ, f.meta["blocks"], f.meta.get("regions"))
             elif not isinstance(raw, bytes):
                 raise ValueError("segment table missing")
             else:
                 region, off, length = Segments.unpack(raw, MAX_SEGMENTS)
                 Segments.check_bounds(region, off, length, [r.nbytes for r in self.spec.regions])  # type: ignore[union-attr]
-                total = int(length.sum())
+                rows, total = LocalRows((region, off, length)), int(length.sum())
             if total != f.payload_len:
                 raise ValueError(f"segments add up to {total} bytes but the frame announces {f.payload_len}")
         except ValueError as e:
             send_frame(sock, FrameType.ERROR, {"kind": "request", "message": f"request {req!r} refused: {e}"})
             raise ProtocolError(f"refused request {req!r}: {e}") from None
         if f.type == FrameType.WRITE:
-            self._recv_plan(conn, region, off, length, req)()
+            self._recv_plan(conn, rows, req)()
             notify = f.meta.get("notify")
             if isinstance(notify, dict):  # visible here before the writer hears that its write is done
                 self._notifs.append(Notif(conn.peer.name, notify))
             send_frame(sock, FrameType.ACK, {})
         else:
-            self._send_plan(conn, region, off, length, req, head=encode_frame(FrameType.ACK, {}))()
+            self._send_plan(conn, rows, req, head=encode_frame(FrameType.ACK, {}))()
         return True

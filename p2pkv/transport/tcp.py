@@ -21,10 +21,10 @@ import torch
 from p2pkv import kernels
 from p2pkv.segments import Segments
 from p2pkv.transport.base import advise_hugepages
-from p2pkv.transport.control import Conn, ControlPlaneTransport
+from p2pkv.transport.control import Conn, ControlPlaneTransport, LocalRows
 from p2pkv.wire import recv_into_exact
 
-__all__ = ["TcpTransport", "iovecs", "sendv", "recvv"]
+__all__ = ["TcpTransport", "iovecs", "merge_rows", "sendv", "recvv"]
 
 IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 IOV_MAX = IOV_MAX if IOV_MAX > 0 else 16  # sysconf says -1 where it has no figure; POSIX promises 16
@@ -57,16 +57,23 @@ _LIBC = _libc_msg_calls()
 
 def iovecs(bases: np.ndarray, region: np.ndarray, off: np.ndarray, length: np.ndarray) -> np.ndarray:
     """`struct iovec` rows (address, length) as a (n, 2) uintp array, what the kernel
-    reads directly, with no Python object per segment. Segments that follow each other
-    in this side's memory share one row: the plan merges runs contiguous on both sides,
+    reads directly, with no Python object per segment (see `merge_rows`)."""
+    return merge_rows(bases[region] + off.astype(np.uintp), length.astype(np.uintp))
+
+
+def merge_rows(addr: np.ndarray, length: np.ndarray) -> np.ndarray:
+    """(address, length) rows as a (n, 2) uintp array, rows that follow each other in
+    this side's memory merged into one: the plan merges runs contiguous on both sides,
     but the byte stream lets each side merge its own, and every row costs the kernel."""
-    addr = bases[region] + off.astype(np.uintp)
-    length = length.astype(np.uintp)
     if len(addr) > 1:
-        starts = np.flatnonzero(np.concatenate(([True], addr[1:] != addr[:-1] + length[:-1])))
-        if len(starts) < len(addr):
+        joins = addr[1:] == addr[:-1] + length[:-1]
+        if joins.any():
+            starts = np.flatnonzero(np.concatenate(([True], ~joins)))
             addr, length = addr[starts], np.add.reduceat(length, starts)
-    return np.stack([addr, length], axis=1)
+    out = np.empty((len(addr), 2), dtype=np.uintp)
+    out[:, 0] = addr
+    out[:, 1] = length
+    return out
 
 
 def _views(iov: np.ndarray) -> list[memoryview]:
@@ -248,14 +255,21 @@ class TcpTransport(ControlPlaneTransport):
     def _direct(self, conn: Conn) -> bool:
         return self.device.type == "cpu" and not isinstance(conn.sock, ssl.SSLSocket)
 
-    def _send_plan(self, conn: Conn, region: np.ndarray, off: np.ndarray, length: np.ndarray,
-                   request_id: Any, head: bytes = b"") -> Callable[[], None]:
+    def _iov_of(self, rows: LocalRows) -> np.ndarray:
+        """iovec rows of local rows that the control plane checked: straight from block ids to
+        addresses where the request came as ids."""
+        if rows.blocks is not None:
+            geo, ids, side, regions = rows.blocks
+            addr, length = geo.addresses(ids, side, regions, self._bases)
+            return merge_rows(addr, length)
+        return iovecs(self._bases, *rows.arrays())
+
+    def _send_plan(self, conn: Conn, rows: LocalRows, request_id: Any, head: bytes = b"") -> Callable[[], None]:
         """CPU memory: the iovec rows are built before the request's frame (or ACK) goes out, so
-        that work is off the round trip, and `head` rides in the first row of the first call; the
-        control plane checked the segments already."""
+        that work is off the round trip, and `head` rides in the first row of the first call."""
         if not self._direct(conn):
-            return super()._send_plan(conn, region, off, length, request_id, head)
-        iov = iovecs(self._bases, region, off, length)
+            return super()._send_plan(conn, rows, request_id, head)
+        iov = self._iov_of(rows)
         if head:
             buf = np.frombuffer(head, dtype=np.uint8)
             iov = np.concatenate([np.array([[buf.ctypes.data, len(head)]], dtype=np.uintp), iov])
@@ -265,12 +279,11 @@ class TcpTransport(ControlPlaneTransport):
                 sendv(conn.sock, iov)
         return go
 
-    def _recv_plan(self, conn: Conn, region: np.ndarray, off: np.ndarray, length: np.ndarray,
-                   request_id: Any) -> Callable[[], None]:
+    def _recv_plan(self, conn: Conn, rows: LocalRows, request_id: Any) -> Callable[[], None]:
         """As `_send_plan`: a read's receive rows are built while its request travels to P."""
         if not self._direct(conn):
-            return super()._recv_plan(conn, region, off, length, request_id)
-        iov = iovecs(self._bases, region, off, length)
+            return super()._recv_plan(conn, rows, request_id)
+        iov = self._iov_of(rows)
 
         def go() -> None:
             with kernel_timeouts(conn.sock, self.timeout, conn.extra):
