@@ -17,7 +17,7 @@ import torch
 from p2pkv.segments import BlockPlan, Segments
 
 __all__ = ["KVCacheSpec", "RegionSpec", "PRESETS", "make_kv_caches", "plan_segments", "block_geometry", "BlockRows",
-           "dtype_from_name"]
+           "merge_rows", "dtype_from_name"]
 
 _DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -234,6 +234,22 @@ def _pieces(a: RegionSpec, b: RegionSpec) -> np.ndarray:
     return np.stack([oa[ia] + starts - ca[ia], ob[ib] + starts - cb[ib], lens], axis=1)
 
 
+_PIECES: dict[tuple[int, int], tuple[KVCacheSpec, KVCacheSpec, list[np.ndarray]]] = {}
+
+
+def _spec_pieces(src: KVCacheSpec, dst: KVCacheSpec) -> list[np.ndarray]:
+    """`_pieces` of every region pair of two specs, kept for the last few spec pairs (a request is
+    planned between the same two specs again and again; the entry holds both, so ids stay theirs)."""
+    hit = _PIECES.get((id(src), id(dst)))
+    if hit is not None and hit[0] is src and hit[1] is dst:
+        return hit[2]
+    pieces = [_pieces(a, b) for a, b in zip(src.regions, dst.regions)]
+    if len(_PIECES) >= 32:
+        _PIECES.pop(next(iter(_PIECES)))
+    _PIECES[(id(src), id(dst))] = (src, dst, pieces)
+    return pieces
+
+
 def plan_segments(src: KVCacheSpec, dst: KVCacheSpec, src_blocks: Sequence[int] | np.ndarray,
                   dst_blocks: Sequence[int] | np.ndarray, *, check: bool = True) -> Segments:
     """The byte segments that copy `src_blocks` of `src` into `dst_blocks` of `dst`.
@@ -257,8 +273,7 @@ def plan_segments(src: KVCacheSpec, dst: KVCacheSpec, src_blocks: Sequence[int] 
         u, c = np.unique(d, return_counts=True)
         raise ValueError(f"duplicate destination block id {int(u[c > 1][0])}: two blocks cannot land in one")
     parts = []
-    for ri, (ra, rb) in enumerate(zip(src.regions, dst.regions)):
-        pc = _pieces(ra, rb)
+    for ri, (ra, rb, pc) in enumerate(zip(src.regions, dst.regions, _spec_pieces(src, dst))):
         so = (s[None, :] * ra.block_stride + pc[:, 0:1]).reshape(-1)
         do = (d[None, :] * rb.block_stride + pc[:, 1:2]).reshape(-1)
         ln = np.repeat(pc[:, 2], len(s))
@@ -283,7 +298,22 @@ def block_geometry(src: KVCacheSpec, dst: KVCacheSpec) -> tuple[np.ndarray, np.n
     src.check_compatible(dst)
     ss = np.array([r.block_stride for r in src.regions], dtype=np.int64)
     ds = np.array([r.block_stride for r in dst.regions], dtype=np.int64)
-    return ss, ds, [_pieces(a, b) for a, b in zip(src.regions, dst.regions)]
+    return ss, ds, _spec_pieces(src, dst)
+
+
+def merge_rows(addr: np.ndarray, length: np.ndarray) -> np.ndarray:
+    """(address, length) rows as a (n, 2) uintp array, rows that follow each other in
+    memory merged into one: a plan merges runs contiguous on both sides, but a byte
+    stream lets each side merge its own, and every row costs the kernel."""
+    if len(addr) > 1:
+        joins = addr[1:] == addr[:-1] + length[:-1]
+        if joins.any():
+            starts = np.flatnonzero(np.concatenate(([True], ~joins)))
+            addr, length = addr[starts], np.add.reduceat(length, starts)
+    out = np.empty((len(addr), 2), dtype=np.uintp)
+    out[:, 0] = addr
+    out[:, 1] = length
+    return out
 
 
 class BlockRows:
@@ -327,15 +357,16 @@ class BlockRows:
         if regions is not None and any(not 0 <= int(r) < self.num_regions for r in regions):
             raise ValueError(f"regions {list(regions)} name one outside the {self.num_regions} registered")
 
-    def addresses(self, ids: np.ndarray, side: str, regions: Sequence[int] | None, bases: np.ndarray
-                  ) -> tuple[np.ndarray, np.ndarray]:
-        """The rows of `rows` as memory addresses and lengths (uintp), `bases[r]` being where region
-        r starts: for transports that hand rows to the kernel, in fewer steps (the per-region part
-        is kept between calls with the same bases)."""
+    def iovecs(self, ids: np.ndarray, side: str, regions: Sequence[int] | None, bases: np.ndarray) -> np.ndarray:
+        """The rows of `rows` as (address, length) uintp rows, `bases[r]` being where region r starts,
+        with rows that follow each other in this side's memory merged: what a transport hands the
+        kernel. Where every piece fills its block stride (each block one run per piece), runs of
+        consecutive ids are found once on the ids and the rows built already merged, in a few steps
+        on arrays of ids rather than of rows; otherwise `merge_rows` does it on the rows."""
         col = 0 if side == "src" else 1
         if not self._uniform:
             region, off, length = self.rows(ids, side, regions)
-            return bases[region] + off.astype(np.uintp), length.astype(np.uintp)
+            return merge_rows(bases[region] + off.astype(np.uintp), length.astype(np.uintp))
         key = (col, regions if regions is None or isinstance(regions, tuple) else tuple(regions), id(bases))
         cached = self.__dict__.setdefault("_addr", {}).get(key)
         if cached is None:
@@ -343,18 +374,26 @@ class BlockRows:
             pcs = self._stack[sel]
             start = (bases[sel][:, None] + pcs[:, :, col].astype(np.uintp))[:, :, None]
             stride = self._stride[col][sel].astype(np.uintp)[:, None, None]
-            cached = self._addr[key] = (start, stride, pcs[:, :, 2].reshape(-1).astype(np.uintp), {}, bases)
+            plen = pcs[:, :, 2].astype(np.uintp)[:, :, None]
+            dense = bool((plen == stride).all())
+            cached = self._addr[key] = (start, stride, plen, dense, bases)
             if len(self._addr) > 64:
                 self._addr.pop(next(iter(self._addr)))
-        start, stride, per, lengths, _ = cached  # the entry holds `bases`, so its id stays its own
-        n = len(ids)
-        addr = (start + np.asarray(ids).astype(np.uintp)[None, None, :] * stride).reshape(-1)
-        length = lengths.get(n)
-        if length is None:
-            length = lengths[n] = np.repeat(per, n)
-            if len(lengths) > 8:
-                lengths.pop(next(iter(lengths)))
-        return addr, length
+        start, stride, plen, dense, _ = cached  # the entry holds `bases`, so its id stays its own
+        ids = np.asarray(ids).astype(np.uintp)
+        if dense and len(ids) > 1:
+            brk = np.flatnonzero(ids[1:] != ids[:-1] + np.uintp(1)) + 1
+            if len(brk) < len(ids) - 1:
+                first = np.concatenate(([0], brk))
+                runs = np.diff(np.concatenate((first, [len(ids)]))).astype(np.uintp)
+                out = np.empty(start.shape[:2] + (len(first), 2), dtype=np.uintp)
+                out[..., 0] = start + ids[first][None, None, :] * stride
+                out[..., 1] = runs[None, None, :] * plen
+                return out.reshape(-1, 2)
+        out = np.empty(start.shape[:2] + (len(ids), 2), dtype=np.uintp)
+        out[..., 0] = start + ids[None, None, :] * stride
+        out[..., 1] = plen
+        return merge_rows(out[..., 0].reshape(-1), out[..., 1].reshape(-1)) if not dense else out.reshape(-1, 2)
 
     def rows(self, ids: np.ndarray, side: str, regions: Sequence[int] | None = None
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pkv.layout import PRESETS, BlockRows, KVCacheSpec, block_geometry, make_kv_caches, plan_segments
+from p2pkv.layout import PRESETS, BlockRows, KVCacheSpec, block_geometry, make_kv_caches, merge_rows, plan_segments
 
 DTYPES = ["bf16", "fp16", "fp32"] + (["fp8"] if hasattr(torch, "float8_e4m3fn") else [])
 BLOCK_DIM = {"vllm": 1, "vllm_cpu": 0, "block_first": 0, "mla": 0, "cross_layer": 0}
@@ -258,10 +258,12 @@ def test_block_rows_move_the_same_bytes_as_the_segments(pair, data):
     stream_apply(rows, src, dst, byte_regions(pt), byte_regions(b), regions)
     bases = np.arange(1, nreg + 1, dtype=np.uintp) << np.uintp(40)
     for side, ids in (("src", src), ("dst", dst)):
+        r, o, n = rows.rows(np.asarray(ids), side, regions)
+        want = [a + k for a, m in zip((bases[r] + o.astype(np.uintp)).tolist(), n.tolist()) for k in range(m)]
         for _ in range(2):  # the second call takes the cached per-region part
-            addr, length = rows.addresses(np.asarray(ids), side, None if regions is None else list(regions), bases)
-            r, o, n = rows.rows(np.asarray(ids), side, regions)
-            assert addr.tolist() == (bases[r] + o.astype(np.uintp)).tolist() and length.tolist() == n.tolist()
+            iov = rows.iovecs(np.asarray(ids), side, None if regions is None else list(regions), bases)
+            assert [a + k for a, m in iov.tolist() for k in range(m)] == want  # the same bytes, in order
+            assert len(iov) <= len(r)
     for x, y in zip(a, b):
         assert torch.equal(x.view(torch.uint8), y.view(torch.uint8))
 
@@ -276,3 +278,18 @@ def test_block_rows_refuse_ids_and_regions_outside_the_specs():
     with pytest.raises(ValueError, match="outside the"):
         rows.check_regions([0, len(spec.regions)])
     rows.check_ids(np.array([0, 7]), "dst")
+
+
+@pytest.mark.parametrize("layout", ["mla", "vllm", "block_first"])
+def test_consecutive_block_ids_cost_one_iovec_row_per_region_and_piece(layout):
+    _, spec = cache(layout, blocks=12)
+    rows = BlockRows(spec, spec)
+    bases = np.arange(1, len(spec.regions) + 1, dtype=np.uintp) << np.uintp(40)
+    pieces = len(block_geometry(spec, spec)[2][0])
+    assert len(rows.iovecs(np.array([3, 4, 5, 9]), "src", None, bases)) == 2 * pieces * len(spec.regions)
+    assert len(rows.iovecs(np.array([5, 4]), "dst", None, bases)) == 2 * pieces * len(spec.regions)
+
+
+def test_merge_rows_joins_only_rows_that_follow_each_other():
+    iov = merge_rows(np.array([100, 110, 130, 140, 150], dtype=np.uintp), np.array([10, 10, 10, 10, 5], dtype=np.uintp))
+    assert iov.tolist() == [[100, 20], [130, 25]]

@@ -414,7 +414,7 @@ def test_block_requests_naming_bad_ids_or_regions_are_refused_by_the_serving_sid
             monkeypatch.setattr(BlockRows, "nbytes", lambda self, count, regions=None: 0)
             empty = (np.zeros(0, dtype=np.int64),) * 3
             monkeypatch.setattr(BlockRows, "rows", lambda self, ids, side, regions=None: empty)
-            monkeypatch.setattr(BlockRows, "addresses", lambda self, ids, side, regions, bases: empty[:2])
+            monkeypatch.setattr(BlockRows, "iovecs", lambda self, ids, side, regions, bases: np.zeros((0, 2), np.uintp))
             cases = [(BlockPlan(None, None, np.array([1, 10**6]), np.array([2, 3])), True, "source block id 1000000 out of range"),
                      (BlockPlan(None, None, np.array([1]), np.array([2]), (0, 99)), True, "regions .* outside"),
                      (BlockPlan(None, None, np.array([1, 4]), np.array([5, 5])), False, "duplicate destination block id 5")]

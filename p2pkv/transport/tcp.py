@@ -19,12 +19,13 @@ import numpy as np
 import torch
 
 from p2pkv import kernels
+from p2pkv.layout import merge_rows
 from p2pkv.segments import Segments
 from p2pkv.transport.base import advise_hugepages
 from p2pkv.transport.control import Conn, ControlPlaneTransport, LocalRows
 from p2pkv.wire import recv_into_exact
 
-__all__ = ["TcpTransport", "iovecs", "merge_rows", "sendv", "recvv"]
+__all__ = ["TcpTransport", "iovecs", "sendv", "recvv"]
 
 IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 IOV_MAX = IOV_MAX if IOV_MAX > 0 else 16  # sysconf says -1 where it has no figure; POSIX promises 16
@@ -59,21 +60,6 @@ def iovecs(bases: np.ndarray, region: np.ndarray, off: np.ndarray, length: np.nd
     """`struct iovec` rows (address, length) as a (n, 2) uintp array, what the kernel
     reads directly, with no Python object per segment (see `merge_rows`)."""
     return merge_rows(bases[region] + off.astype(np.uintp), length.astype(np.uintp))
-
-
-def merge_rows(addr: np.ndarray, length: np.ndarray) -> np.ndarray:
-    """(address, length) rows as a (n, 2) uintp array, rows that follow each other in
-    this side's memory merged into one: the plan merges runs contiguous on both sides,
-    but the byte stream lets each side merge its own, and every row costs the kernel."""
-    if len(addr) > 1:
-        joins = addr[1:] == addr[:-1] + length[:-1]
-        if joins.any():
-            starts = np.flatnonzero(np.concatenate(([True], ~joins)))
-            addr, length = addr[starts], np.add.reduceat(length, starts)
-    out = np.empty((len(addr), 2), dtype=np.uintp)
-    out[:, 0] = addr
-    out[:, 1] = length
-    return out
 
 
 def _views(iov: np.ndarray) -> list[memoryview]:
@@ -260,8 +246,7 @@ class TcpTransport(ControlPlaneTransport):
         addresses where the request came as ids."""
         if rows.blocks is not None:
             geo, ids, side, regions = rows.blocks
-            addr, length = geo.addresses(ids, side, regions, self._bases)
-            return merge_rows(addr, length)
+            return geo.iovecs(ids, side, regions, self._bases)
         return iovecs(self._bases, *rows.arrays())
 
     def _send_plan(self, conn: Conn, rows: LocalRows, request_id: Any, head: bytes = b"") -> Callable[[], None]:
