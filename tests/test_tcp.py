@@ -431,3 +431,58 @@ def test_block_requests_naming_bad_ids_or_regions_are_refused_by_the_serving_sid
             before = [t.clone() for t in d_tensors]
             tr.read(peer, plan_segments(peer.spec, d_spec, [0, 9], [4, 1]), "good").wait(10)
             assert_same(d_tensors, expected_after("vllm", before, build(cfg)[0], [0, 9], [4, 1]))
+
+
+@pytest.mark.timeout(60)
+def test_threads_sharing_one_connection_keep_every_request_whole(tmp_path):
+    """Reads start in the caller's thread when the connection is idle and queue behind the running
+    op otherwise: three reading threads and one writing thread on one connection must each move
+    exactly their own blocks (a read frame sent in the middle of a write's payload would not)."""
+    cfg = {"layout": "vllm", "dtype": "bf16", "seed": 9, "blocks": 64}
+    with peer_process("tcp", [cfg]) as p:
+        d, spec = local_cache(cfg)
+        before = [t.clone() for t in d]
+        p_before, _ = build(cfg)
+        with get_transport("tcp", timeout=20) as tr:
+            tr.register(d, spec)
+            peer = tr.connect(p.addresses[0])
+            src_of: dict[int, int] = {}
+            wrote: dict[int, int] = {}
+            errors: list[BaseException] = []
+
+            def reader(k: int) -> None:
+                rng = np.random.default_rng(k)
+                mine = np.arange(k * 16, (k + 1) * 16)  # D blocks this thread reads into
+                try:
+                    for i in range(12):
+                        dst, src = rng.choice(mine, 3, replace=False), rng.choice(48, 3, replace=False)
+                        h = tr.read(peer, plan_segments(peer.spec, spec, src, dst), f"r{k}-{i}")
+                        if i % 3 == 2:
+                            time.sleep(0.001)  # let other threads' requests queue up behind it
+                        h.wait(20)
+                        src_of.update(zip(dst.tolist(), src.tolist()))
+                except BaseException as e:  # noqa: BLE001
+                    errors.append(e)
+
+            def writer() -> None:
+                rng = np.random.default_rng(7)
+                try:
+                    for i in range(12):  # D blocks 48..63 (no reader's) into P blocks 48..63 (no reader's)
+                        src, dst = rng.choice(16, 4, replace=False) + 48, rng.choice(16, 4, replace=False) + 48
+                        tr.write(peer, plan_segments(spec, peer.spec, src, dst), f"w-{i}").wait(20)
+                        wrote.update(zip(dst.tolist(), src.tolist()))
+                except BaseException as e:  # noqa: BLE001
+                    errors.append(e)
+            threads = [threading.Thread(target=reader, args=(k,)) for k in range(3)] + [threading.Thread(target=writer)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(50)
+            assert not errors, errors
+            assert tr._out[p.addresses[0]].pending == 0
+            raw = p.dump(0, tmp_path / "p.bin")
+        dst, src = zip(*sorted(src_of.items()))
+        assert_same(d, expected_after("vllm", before, p_before, src, dst))
+        pdst, psrc = zip(*sorted(wrote.items()))
+        want = expected_after("vllm", p_before, d, psrc, pdst)
+        assert torch.equal(torch.frombuffer(bytearray(raw), dtype=torch.uint8), torch.cat([w.reshape(-1) for w in want]))

@@ -71,6 +71,8 @@ class Conn:
         self.ops: queue.Queue = queue.Queue()
         self.thread: threading.Thread | None = None
         self.extra: dict[str, Any] = {}
+        self.lock = threading.Lock()
+        self.pending = 0  # ops queued or running
 
     def close(self) -> None:
         for fn in (lambda: self.sock.shutdown(socket.SHUT_RDWR), self.sock.close):
@@ -237,12 +239,14 @@ class ControlPlaneTransport(Transport):
         local_rows, nbytes, meta = self._request(conn, segments, pull=True)
         meta["req"] = request_id
 
-        def run(c: Conn) -> None:
+        def ask(c: Conn) -> None:
             send_frame(c.sock, FrameType.READ, meta, payload_len=nbytes)
+
+        def run(c: Conn) -> None:
             go = self._recv_plan(c, local_rows, request_id)  # while the request travels
             self._expect_ack(c)
             go()
-        return self._submit(conn, run, request_id, nbytes)
+        return self._submit(conn, run, request_id, nbytes, head=ask)
 
     def _request(self, conn: Conn, segments: Segments, pull: bool
                  ) -> tuple[LocalRows, int, dict[str, Any]]:
@@ -385,15 +389,47 @@ class ControlPlaneTransport(Transport):
         if f.type != FrameType.ACK:
             raise ProtocolError(f"expected ACK, got {f.type.name}")
 
-    def _submit(self, conn: Conn, fn: Callable[[Conn], None], request_id: Any, nbytes: int) -> TransferHandle:
+    def _submit(self, conn: Conn, fn: Callable[[Conn], None], request_id: Any, nbytes: int,
+                head: Callable[[Conn], None] | None = None) -> TransferHandle:
+        """Queue `fn` on the connection's worker. `head`, the op's first step (sending a request
+        frame), runs right here in the caller's thread when the connection is idle, so the peer
+        starts on the request while the worker wakes up; otherwise the worker runs it before `fn`."""
         h = TransferHandle(conn.peer.name, request_id, nbytes)
         if conn.dead is not None:
             h._finish(_down(conn, request_id))
             return h
-        conn.ops.put((fn, h))
+        failed: BaseException | None = None
+        with conn.lock:
+            inline = head is not None and conn.pending == 0 and conn.dead is None and self._inline_requests
+            conn.pending += 1
+            if inline:
+                try:
+                    head(conn)  # type: ignore[misc]
+                except BaseException as e:  # noqa: BLE001 - reported on the handle below
+                    failed = e
+                else:
+                    conn.ops.put((fn, h))
+            elif head is not None:
+                first = head
+
+                def both(c: Conn) -> None:
+                    first(c)
+                    fn(c)
+                conn.ops.put((both, h))
+            else:
+                conn.ops.put((fn, h))
+        if failed is not None:
+            with conn.lock:
+                conn.pending -= 1
+            err = self._as_transfer_error(failed, conn, request_id)
+            h._finish(err)
+            self._drop(conn, err)
+            return h
         if conn.dead is not None:
             self._fail_queued(conn)
         return h
+
+    _inline_requests = True
 
     def _op_loop(self, conn: Conn) -> None:
         conn.sock.settimeout(self.timeout)
@@ -402,17 +438,19 @@ class ControlPlaneTransport(Transport):
             if item is None:
                 return
             fn, h = item
+            err: TransferError | None = None
             if conn.dead is not None:
-                h._finish(_down(conn, h.request_id))
-                continue
-            try:
-                fn(conn)
-            except BaseException as e:  # noqa: BLE001 - every failure is reported on the handle
-                err = self._as_transfer_error(e, conn, h.request_id)
-                h._finish(err)
+                err = _down(conn, h.request_id)
+            else:
+                try:
+                    fn(conn)
+                except BaseException as e:  # noqa: BLE001 - every failure is reported on the handle
+                    err = self._as_transfer_error(e, conn, h.request_id)
+            with conn.lock:
+                conn.pending -= 1
+            h._finish(err)
+            if err is not None and conn.dead is None:
                 self._drop(conn, err)
-                continue
-            h._finish()
 
     def _as_transfer_error(self, e: BaseException, conn: Conn, request_id: Any) -> TransferError:
         if isinstance(e, TransferError):
@@ -433,6 +471,8 @@ class ControlPlaneTransport(Transport):
             except queue.Empty:
                 return
             if item is not None:
+                with conn.lock:
+                    conn.pending -= 1
                 item[1]._finish(_down(conn, item[1].request_id))
 
     def _drop(self, conn: Conn, reason: BaseException) -> None:
