@@ -353,6 +353,25 @@ int64_t copy_blocks(int64_t regions_ptr, int nreg, int npieces, int64_t max_src,
   return n * pair_bytes;
 }
 
+// copy_blocks with everything but the block ids, the stream and the done event bound once per peer,
+// spec pair and knob set: a request's call converts four arguments instead of seventeen.
+struct BlockCopier {
+  int64_t regions_ptr;
+  int nreg;
+  int npieces;
+  int64_t max_src, max_dst, item_len, pair_bytes;
+  int hint;
+  int64_t min_chunk, max_chunk;
+  int grid;
+  int64_t wait_event;
+  int device;
+
+  int64_t call(I64 src_blocks, I64 dst_blocks, int64_t stream_ptr, int64_t done_event) const {
+    return copy_blocks(regions_ptr, nreg, npieces, max_src, max_dst, item_len, pair_bytes, hint, min_chunk, max_chunk,
+                       grid, std::move(src_blocks), std::move(dst_blocks), stream_ptr, wait_event, done_event, device);
+  }
+};
+
 py::tuple last_steps() {
   return py::make_tuple(g_last_steps[0], g_last_steps[1], g_last_steps[2], g_last_steps[3]);
 }
@@ -415,6 +434,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("copy", &copy, "validate, cut into rows and copy a segment table in one launch");
 
   m.def("copy_blocks", &copy_blocks, "validate block ids and copy whole blocks of every region in one launch");
+  py::class_<BlockCopier>(m, "BlockCopier", "copy_blocks with its per-peer arguments bound: (src, dst, stream, done)")
+      .def(py::init<int64_t, int, int, int64_t, int64_t, int64_t, int64_t, int, int64_t, int64_t, int, int64_t, int>())
+      .def("__call__", &BlockCopier::call);
   m.def("last_steps", &last_steps, "ns into the last copy_blocks call: ids checked, waited, launched, recorded");
   m.def("wait_event", &wait_event, "wait for a CUDA event without the GIL; False on timeout (seconds, <0: none)");
   m.attr("BLOCK_REGION_WORDS") = (int)(sizeof(p2pkv::BlockRegion) / 8);

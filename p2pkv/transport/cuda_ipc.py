@@ -318,8 +318,7 @@ class CudaIpcTransport(ControlPlaneTransport):
                 i = self._next_done
                 self._next_done = (i + 1) % len(self._done_events)
                 try:
-                    nbytes = self._ext.copy_blocks(*fast[3], plan.src_blocks, plan.dst_blocks, _raw_stream(fast[5]),
-                                                   fast[4], self._done_ptrs[i], fast[5])
+                    nbytes = fast[3](plan.src_blocks, plan.dst_blocks, _raw_stream(fast[4]), self._done_ptrs[i])
                 except ValueError as e:
                     raise ValueError(f"request {request_id!r} with peer {conn.peer.name}: {e}") from None
                 return self._done_events[i], nbytes
@@ -341,8 +340,8 @@ class CudaIpcTransport(ControlPlaneTransport):
                 except ValueError as e:
                     raise ValueError(f"request {request_id!r} with peer {conn.peer.name}: {e}") from None
                 # the table rides along: its device rows must outlive the arguments that point at them
-                conn.extra[key] = (plan.src_spec, plan.dst_spec, kernels.TUNING.version, kernels.block_args(table),
-                                   conn.extra["event_ptr"], idx, table)
+                conn.extra[key] = (plan.src_spec, plan.dst_spec, kernels.TUNING.version,
+                                   self._copier(kernels.block_args(table), conn.extra["event_ptr"], idx), idx, table)
                 return done, segments.nbytes
         try:
             kernels.launch(src, dst, segments.region, segments.src, segments.dst, segments.length, stream_ptr,
@@ -351,6 +350,15 @@ class CudaIpcTransport(ControlPlaneTransport):
             side = "peer's" if pull else "local"
             raise ValueError(f"request {request_id!r} with peer {conn.peer.name}: {e} (source = {side} regions)") from None
         return done, segments.nbytes
+
+    def _copier(self, args: tuple, wait_event: int, device: int) -> Any:
+        """The extension's copy_blocks with this peer's arguments bound: called per request with the block
+        ids, the stream and the done event only."""
+        bound = getattr(self._ext, "BlockCopier", None)
+        if bound is not None:
+            return bound(*args, wait_event, device)
+        copy = self._ext.copy_blocks
+        return lambda sb, db, stream, done: copy(*args, sb, db, stream, wait_event, done, device)
 
     def _block_table(self, conn: Conn, plan: Any, src: kernels.Regions, dst: kernels.Regions,
                      pull: bool) -> kernels.BlockTable | None:
