@@ -89,7 +89,7 @@ def _down(conn: Conn, request_id: Any) -> PeerClosedError:
 class LocalRows:
     """This side's rows of one transfer: (region, offset, length) arrays, or, for a request by block
     ids, the ids and the geometry they are computed from on demand, so a backend that only needs
-    memory addresses (tcp) can go straight from ids to addresses (`BlockRows.addresses`)."""
+    memory addresses (tcp) can go straight from ids to iovecs (`BlockRows.iovecs`)."""
 
     __slots__ = ("_arrays", "blocks")
 

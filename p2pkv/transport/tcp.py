@@ -282,9 +282,8 @@ class TcpTransport(ControlPlaneTransport):
             for v in _views(self._iov(region, off, length)):
                 conn.sock.sendall(v)
         else:
-            iov = self._iov(region, off, length)
-            with kernel_timeouts(conn.sock, self.timeout):
-                sendv(conn.sock, iov)
+            Segments.check_bounds(region, off, length, [r.nbytes for r in self.regions])
+            self._send_plan(conn, LocalRows((region, off, length)), request_id)()
 
     def _recv_data(self, conn: Conn, region: np.ndarray, off: np.ndarray, length: np.ndarray, request_id: Any) -> None:
         if self.device.type != "cpu":
@@ -293,9 +292,8 @@ class TcpTransport(ControlPlaneTransport):
             for v in _views(self._iov(region, off, length)):
                 recv_into_exact(conn.sock, v)
         else:
-            iov = self._iov(region, off, length)
-            with kernel_timeouts(conn.sock, self.timeout):
-                recvv(conn.sock, iov)
+            Segments.check_bounds(region, off, length, [r.nbytes for r in self.regions])
+            self._recv_plan(conn, LocalRows((region, off, length)), request_id)()
 
     # ---------------------------------------------------------------- baseline: one contiguous buffer
     def _baseline_buf(self, nbytes: int) -> memoryview:
