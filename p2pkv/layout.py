@@ -330,6 +330,7 @@ class BlockRows:
         self._stride = (ss, ds)
         self._pieces = pieces
         self._block_bytes = sum(int(p[:, 2].sum()) for p in pieces)
+        self._addr: dict[tuple, tuple] = {}  # iovecs' per-region part, by (side, regions, bases)
         if self._uniform:
             self._stack = np.stack(pieces)  # (regions, pieces, 3)
             self._all = np.arange(len(pieces))
@@ -368,7 +369,7 @@ class BlockRows:
             region, off, length = self.rows(ids, side, regions)
             return merge_rows(bases[region] + off.astype(np.uintp), length.astype(np.uintp))
         key = (col, regions if regions is None or isinstance(regions, tuple) else tuple(regions), id(bases))
-        cached = self.__dict__.setdefault("_addr", {}).get(key)
+        cached = self._addr.get(key)
         if cached is None:
             sel = self._all if regions is None else np.asarray(regions, dtype=np.int64)
             pcs = self._stack[sel]
