@@ -346,6 +346,12 @@ class BlockRows:
         per = self._block_bytes if regions is None else sum(int(self._pieces[r][:, 2].sum()) for r in regions)
         return count * per
 
+    def rows_per_block(self, regions: Sequence[int] | None = None) -> int:
+        """How many rows one block makes in these regions (all when None), before merging."""
+        if regions is None:
+            return sum(len(p) for p in self._pieces)
+        return sum(len(self._pieces[int(r)]) for r in regions)
+
     def check_ids(self, ids: np.ndarray, side: str) -> None:
         """ValueError unless every id names a block of that side ('src' or 'dst')."""
         n = self.num_blocks[side == "dst"]

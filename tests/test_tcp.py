@@ -373,12 +373,16 @@ def test_block_requests_naming_bad_ids_or_regions_are_refused_by_the_serving_sid
             monkeypatch.setattr(BlockRows, "check_ids", lambda self, ids, side: None)
             monkeypatch.setattr(BlockRows, "check_regions", lambda self, regions: None)
             monkeypatch.setattr(BlockRows, "nbytes", lambda self, count, regions=None: 0)
+            monkeypatch.setattr(BlockRows, "rows_per_block", lambda self, regions=None: 1)
             empty = (np.zeros(0, dtype=np.int64),) * 3
             monkeypatch.setattr(BlockRows, "rows", lambda self, ids, side, regions=None: empty)
             monkeypatch.setattr(BlockRows, "iovecs", lambda self, ids, side, regions, bases: np.zeros((0, 2), np.uintp))
             cases = [(BlockPlan(None, None, np.array([1, 10**6]), np.array([2, 3])), True, "source block id 1000000 out of range"),
                      (BlockPlan(None, None, np.array([1]), np.array([2]), (0, 99)), True, "regions .* outside"),
-                     (BlockPlan(None, None, np.array([1, 4]), np.array([5, 5])), False, "duplicate destination block id 5")]
+                     (BlockPlan(None, None, np.array([1, 4]), np.array([5, 5])), False, "duplicate destination block id 5"),
+                     # 600k copies of one block would expand to 2.4M rows (vllm: 2 layers x K/V) on P
+                     (BlockPlan(None, None, np.zeros(600_000, dtype=np.int64), np.zeros(600_000, dtype=np.int64)), True,
+                      "600000 blocks of 4 rows each exceed the limit")]
             for plan, read, why in cases:
                 peer = tr.connect(p.addresses[0])
                 plan = BlockPlan(peer.spec if read else d_spec, d_spec if read else peer.spec, plan.src_blocks,
@@ -447,3 +451,21 @@ def test_threads_sharing_one_connection_keep_every_request_whole(tmp_path):
         pdst, psrc = zip(*sorted(wrote.items()))
         want = expected_after("vllm", p_before, d, psrc, pdst)
         assert torch.equal(torch.frombuffer(bytearray(raw), dtype=torch.uint8), torch.cat([w.reshape(-1) for w in want]))
+
+
+@pytest.mark.timeout(30)
+def test_a_request_of_more_rows_than_the_limit_is_refused_before_sending(monkeypatch):
+    import p2pkv.transport.control as control
+    monkeypatch.setattr(control, "MAX_SEGMENTS", 10)
+    a, b = get_transport("tcp"), get_transport("tcp")
+    try:
+        a.register(*_cache(fill="random", generator=torch.Generator().manual_seed(1)))
+        b.register(*_cache())
+        peer = b.connect(a.address)
+        with pytest.raises(ValueError, match="3 blocks of 4 rows each exceed the limit of 10 rows per request"):
+            b.read(peer, plan_segments(a.spec, b.spec, [1, 2, 3], [4, 5, 6]), "too-big")
+        b.read(peer, plan_segments(a.spec, b.spec, [1, 2], [4, 5]), "fits").wait(10)
+        assert torch.equal(b.tensors[0][:, 4].view(torch.uint8), a.tensors[0][:, 1].view(torch.uint8))
+    finally:
+        a.close()
+        b.close()

@@ -273,6 +273,9 @@ class ControlPlaneTransport(Transport):
             rows.check_ids(theirs, other)
             rows.check_regions(plan.regions)
             regions = plan.regions
+            if len(mine) * rows.rows_per_block(regions) > MAX_SEGMENTS:
+                raise ValueError(f"{len(mine)} blocks of {rows.rows_per_block(regions)} rows each exceed the limit of "
+                                 f"{MAX_SEGMENTS} rows per request: split the request")
             meta: dict[str, Any] = {"blocks": theirs.astype("<i8").tobytes(),
                                     "regions": None if regions is None else [int(r) for r in regions]}
             return LocalRows(blocks=(rows, mine, side, regions)), rows.nbytes(len(mine), regions), meta
@@ -312,6 +315,9 @@ class ControlPlaneTransport(Transport):
         if regions is not None:
             rows.check_regions(regions)
             regions = tuple(regions)
+        if len(ids) * rows.rows_per_block(regions) > MAX_SEGMENTS:
+            raise ValueError(f"{len(ids)} blocks of {rows.rows_per_block(regions)} rows each exceed the limit of "
+                             f"{MAX_SEGMENTS} rows per request")
         if not read and len(np.unique(ids)) != len(ids):
             u, c = np.unique(ids, return_counts=True)
             raise ValueError(f"duplicate destination block id {int(u[c > 1][0])}: two blocks cannot land in one")
