@@ -330,6 +330,7 @@ class BlockRows:
         self._stride = (ss, ds)
         self._pieces = pieces
         self._block_bytes = sum(int(p[:, 2].sum()) for p in pieces)
+        self._block_rows = sum(len(p) for p in pieces)
         self._addr: dict[tuple, tuple] = {}  # iovecs' per-region part, by (side, regions, bases)
         if self._uniform:
             self._stack = np.stack(pieces)  # (regions, pieces, 3)
@@ -349,7 +350,7 @@ class BlockRows:
     def rows_per_block(self, regions: Sequence[int] | None = None) -> int:
         """How many rows one block makes in these regions (all when None), before merging."""
         if regions is None:
-            return sum(len(p) for p in self._pieces)
+            return self._block_rows
         return sum(len(self._pieces[int(r)]) for r in regions)
 
     def check_ids(self, ids: np.ndarray, side: str) -> None:
@@ -400,7 +401,9 @@ class BlockRows:
         out = np.empty(start.shape[:2] + (len(ids), 2), dtype=np.uintp)
         out[..., 0] = start + ids[None, None, :] * stride
         out[..., 1] = plen
-        return merge_rows(out[..., 0].reshape(-1), out[..., 1].reshape(-1)) if not dense else out.reshape(-1, 2)
+        if dense:  # no consecutive ids, so no row follows another within a region and piece
+            return out.reshape(-1, 2)
+        return merge_rows(out[..., 0].reshape(-1), out[..., 1].reshape(-1))
 
     def rows(self, ids: np.ndarray, side: str, regions: Sequence[int] | None = None
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
