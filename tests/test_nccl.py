@@ -20,7 +20,7 @@ import torch
 from kvcheck import assert_same, expected_after
 from p2pkv.layout import PRESETS, make_kv_caches, plan_segments
 from p2pkv.transport import PeerClosedError, TransferError, get_transport
-from p2pkv.transport.nccl import _Packer, plan_chunks
+from p2pkv.transport.chunks import Packer, plan_chunks
 from peer import build
 from procs import peer_process
 
@@ -35,6 +35,9 @@ MODES = {
     "views": {"pack_threshold": 0},
     "packed": {"pack_threshold": 1 << 40, "chunk_bytes": 4096, "depth": 2},
     "mixed": {"pack_threshold": 1024, "chunk_bytes": 8192, "depth": 3},
+    # three gloo sockets and unpacking threads; a 5-chunk window is cut to 3 slots, re-posted
+    "sockets": {"pack_threshold": 1 << 40, "chunk_bytes": 4096, "sockets": 3, "recv_window_bytes": 5 * 4096},
+    "one socket": {"sockets": 1, "pack_threshold": 2048, "chunk_bytes": 4096},
 }
 
 
@@ -87,8 +90,8 @@ def test_packed_chunks_carry_exactly_the_segments_bytes(threads):
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        sender = _Packer(src, region, off, length, packed, bounds)
-        receiver = _Packer(dst, region, out_off, length, packed, bounds)
+        sender = Packer(src, region, off, length, packed, bounds)
+        receiver = Packer(dst, region, out_off, length, packed, bounds)
         assert sender.g == unit
         buf = torch.empty(max(sender.sizes), dtype=torch.uint8)
         for j in range(len(sender)):
@@ -102,9 +105,10 @@ def test_packed_chunks_carry_exactly_the_segments_bytes(threads):
         assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("bad", [{"pack_threshold": -1}, {"chunk_bytes": 10}, {"depth": 0}])
+@pytest.mark.parametrize("bad", [{"pack_threshold": -1}, {"chunk_bytes": 10}, {"depth": 0}, {"depth": 65},
+                                 {"sockets": 0}, {"sockets": 17}])
 def test_bad_settings_are_refused(bad):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=next(iter(bad))):
         get_transport("nccl", **bad)
 
 
@@ -137,7 +141,7 @@ def test_the_accepting_sides_settings_cut_the_messages():
         d_tensors, d_spec = build({**cfg, "seed": 31})
         before = [t.clone() for t in d_tensors]
         p_tensors, _ = build(cfg)
-        with get_transport("nccl", timeout=20, pack_threshold=1 << 40, chunk_bytes=4096, depth=1) as tr:
+        with get_transport("nccl", timeout=20, pack_threshold=1 << 40, chunk_bytes=4096, depth=1, sockets=5) as tr:
             tr.register(d_tensors, d_spec)
             peer = tr.connect(p.addresses[0])
             src, dst = [0, 5, 6, 7, 23], [1, 2, 3, 12, 8]

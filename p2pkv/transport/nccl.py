@@ -20,9 +20,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from p2pkv import kernels
 from p2pkv.segments import Segments
 from p2pkv.transport.base import Peer, PeerClosedError, TransferError, TransferHandle, TransferTimeout
+from p2pkv.transport.chunks import Packer, plan_chunks
 from p2pkv.transport.control import Conn, ControlPlaneTransport, parse_address
 from p2pkv.wire import FrameType, send_frame
 
@@ -38,137 +38,12 @@ log = logging.getLogger("p2pkv.transport.nccl")
 
 DEFAULT_PACK_THRESHOLD = 256 << 10
 DEFAULT_CHUNK_BYTES = 2 << 20
-DEFAULT_DEPTH = 3
+DEFAULT_DEPTH = {"gloo": 2, "nccl": 3}
+DEFAULT_SOCKETS = 2
 DEFAULT_RECV_WINDOW = 256 << 20
 _DIRECT_TAG = 1 << 20
 _BASELINE_TAG = 1 << 24
 _RDHUP = getattr(select, "POLLRDHUP", 0)
-
-
-def plan_chunks(length: np.ndarray, pack_threshold: int, chunk_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Split segment indices into `direct` ones (length >= `pack_threshold`, sent as views
-    of the registered memory) and `packed` ones, cut into chunks of at most `chunk_bytes`
-    (a lone segment may exceed it): chunk j packs `packed[bounds[j]:bounds[j + 1]]`.
-    Both sides call this on the same lengths and settings, so they cut the same messages."""
-    length = np.asarray(length, dtype=np.int64)
-    big = length >= pack_threshold
-    direct, packed = np.flatnonzero(big), np.flatnonzero(~big)
-    bounds = [0]
-    if len(packed):
-        ends = np.cumsum(length[packed])
-        start, base = 0, 0
-        while start < len(packed):
-            stop = max(int(np.searchsorted(ends, base + chunk_bytes, side="right")), start + 1)
-            bounds.append(stop)
-            base, start = int(ends[stop - 1]), stop
-    return direct, packed, np.asarray(bounds, dtype=np.int64)
-
-
-class _Packer:
-    """Copies the packed segments of one transfer between the registered memory and chunk buffers.
-
-    On CPU the segments are cut into units of g bytes (the gcd of their offsets and lengths)
-    and every same-region run moves with one call in C with the GIL released (torch's
-    index_select or numpy's take to pack, a numpy put to unpack). A Python loop per segment
-    would hold the GIL and stall the threads that send. CUDA uses p2pkv.kernels (one launch per chunk).
-    """
-
-    MIN_UNIT = 256
-
-    def __init__(self, regions: list[torch.Tensor], region: np.ndarray, off: np.ndarray, length: np.ndarray,
-                 packed: np.ndarray, bounds: np.ndarray):
-        self.regions, self.bounds = regions, bounds
-        self.reg = region[packed].astype(np.int64)
-        self.off, self.len = off[packed].astype(np.int64), length[packed].astype(np.int64)
-        cum = np.concatenate([[0], np.cumsum(self.len)])
-        self.sizes = (cum[bounds[1:]] - cum[bounds[:-1]]).tolist()
-        self.g = 0
-        if len(packed) and regions[0].device.type == "cpu":
-            g = int(np.gcd.reduce(np.concatenate([self.off, self.len])))
-            if g >= self.MIN_UNIT:
-                k = self.len // g
-                self.ucum = np.concatenate([[0], np.cumsum(k)])
-                self.units = np.repeat(self.off // g - self.ucum[:-1], k) + np.arange(self.ucum[-1], dtype=np.int64)
-                self.void = np.dtype((np.void, g))
-                self.g = g
-        self._rv: dict[int, np.ndarray] = {}
-        self._rows: dict[int, torch.Tensor] = {}
-
-    def __len__(self) -> int:
-        return len(self.sizes)
-
-    def _runs(self, j: int) -> list[tuple[int, int]]:
-        a, b = int(self.bounds[j]), int(self.bounds[j + 1])
-        cuts = (a + 1 + np.flatnonzero(self.reg[a + 1:b] != self.reg[a:b - 1])).tolist()
-        edges = [a, *cuts, b]
-        return list(zip(edges[:-1], edges[1:]))
-
-    def _region_units(self, r: int) -> np.ndarray:
-        if r not in self._rv:
-            flat = self.regions[r].numpy()
-            self._rv[r] = flat[:len(flat) // self.g * self.g].view(self.void)
-        return self._rv[r]
-
-    def _triples(self, j: int) -> zip:
-        a, b = int(self.bounds[j]), int(self.bounds[j + 1])
-        return zip(self.reg[a:b].tolist(), self.off[a:b].tolist(), self.len[a:b].tolist())
-
-    def _region_rows(self, r: int) -> torch.Tensor:
-        if r not in self._rows:
-            flat = self.regions[r]
-            self._rows[r] = flat[:flat.numel() // self.g * self.g].view(-1, self.g)
-        return self._rows[r]
-
-    def gather(self, j: int, buf: torch.Tensor) -> int:
-        """Pack chunk j into the front of `buf`; returns its byte count.
-
-        torch's index_select copies rows with plain memcpy, about 1.5x numpy's take here, but
-        with more than one intra-op thread it hands work to an OpenMP pool whose spinning starves
-        gloo's threads; so it is used only where torch runs single-threaded (torchrun's default)."""
-        n = self.sizes[j]
-        if self.g:
-            base = self.ucum[self.bounds[j]]
-            if torch.get_num_threads() == 1:
-                rows = buf[:n].view(-1, self.g)
-                for s, e in self._runs(j):
-                    u0, u1 = self.ucum[s] - base, self.ucum[e] - base
-                    torch.index_select(self._region_rows(int(self.reg[s])), 0,
-                                       torch.from_numpy(self.units[self.ucum[s]:self.ucum[e]]), out=rows[u0:u1])
-                return n
-            out = buf[:n].numpy().view(self.void)
-            for s, e in self._runs(j):
-                u0, u1 = self.ucum[s] - base, self.ucum[e] - base
-                np.take(self._region_units(int(self.reg[s])), self.units[self.ucum[s]:self.ucum[e]],
-                        out=out[u0:u1], mode="clip")
-        elif buf.device.type == "cpu":
-            out, pos = memoryview(buf.numpy()), 0
-            mvs = [memoryview(r.numpy()) for r in self.regions]
-            for r, o, k in self._triples(j):
-                out[pos:pos + k] = mvs[r][o:o + k]
-                pos += k
-        else:
-            a, b = int(self.bounds[j]), int(self.bounds[j + 1])
-            kernels.gather(self.regions, self.reg[a:b], self.off[a:b], self.len[a:b], out=buf)
-        return n
-
-    def scatter(self, j: int, buf: torch.Tensor) -> None:
-        """Unpack chunk j from the front of `buf` into its segments."""
-        n = self.sizes[j]
-        if self.g:
-            src = buf[:n].numpy().view(self.void)
-            base = self.ucum[self.bounds[j]]
-            for s, e in self._runs(j):
-                u0, u1 = self.ucum[s] - base, self.ucum[e] - base
-                self._region_units(int(self.reg[s]))[self.units[self.ucum[s]:self.ucum[e]]] = src[u0:u1]
-        elif buf.device.type == "cpu":
-            src, pos = memoryview(buf.numpy()), 0
-            mvs = [memoryview(r.numpy()) for r in self.regions]
-            for r, o, k in self._triples(j):
-                mvs[r][o:o + k] = src[pos:pos + k]
-                pos += k
-        else:
-            a, b = int(self.bounds[j]), int(self.bounds[j + 1])
-            kernels.scatter(buf, self.regions, self.reg[a:b], self.off[a:b], self.len[a:b])
 
 
 class _PairGroup:
@@ -206,7 +81,7 @@ class _Incoming:
 
     def __init__(self, works: list[Any]):
         self.works = works
-        self.packer: _Packer | None = None
+        self.packer: Packer | None = None
         self.bufs: list[torch.Tensor] = []
         self.posted: list[Any] = []
 
@@ -243,11 +118,13 @@ def _dispose(held: list[Any], backend: str) -> Future | None:
 
 class NcclTransport(ControlPlaneTransport):
     """`get_transport("nccl", listen="127.0.0.1:0", timeout=30, auth_token=None,
-    pack_threshold=256 KiB, chunk_bytes=2 MiB, depth=3, recv_window_bytes=256 MiB)`.
+    pack_threshold=256 KiB, chunk_bytes=2 MiB, depth=None, sockets=2, recv_window_bytes=256 MiB)`.
 
     Segments of `pack_threshold` bytes or more are sent as views of the KV memory;
     smaller ones are packed into `chunk_bytes` chunks, `depth` of them in flight
-    (on gloo: `depth` threads, each packing and sending its own chunks).
+    (on gloo: `depth` threads, each packing and sending its own chunks; None: 2 on gloo,
+    3 on NCCL). A gloo pair talks over `sockets` TCP connections (gloo devices), messages
+    going round-robin by tag, so two chunks can be on the wire at once.
     The accepting side's settings apply to a connection (both must cut the same
     messages). CPU tensors use gloo, CUDA tensors NCCL; no global process group
     (`init_process_group`) is needed, and none is touched if one exists.
@@ -256,19 +133,23 @@ class NcclTransport(ControlPlaneTransport):
     name = "nccl"
 
     def __init__(self, *, pack_threshold: int = DEFAULT_PACK_THRESHOLD, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 depth: int = DEFAULT_DEPTH, recv_window_bytes: int = DEFAULT_RECV_WINDOW, **kw: Any):
+                 depth: int | None = None, sockets: int = DEFAULT_SOCKETS,
+                 recv_window_bytes: int = DEFAULT_RECV_WINDOW, **kw: Any):
         if not _HAVE_DIST:
             from p2pkv.transport import BackendUnavailable
             raise BackendUnavailable("backend 'nccl' needs a torch build with torch.distributed "
                                      "(pip install torch from pytorch.org)")
-        pack_threshold, chunk_bytes, depth = int(pack_threshold), int(chunk_bytes), int(depth)
+        pack_threshold, chunk_bytes, sockets = int(pack_threshold), int(chunk_bytes), int(sockets)
         if pack_threshold < 0:
             raise ValueError(f"pack_threshold must be >= 0 bytes, got {pack_threshold}")
         if chunk_bytes < 4096:
             raise ValueError(f"chunk_bytes must be at least 4096, got {chunk_bytes}")
-        if not 1 <= depth <= 64:
+        if depth is not None and not 1 <= int(depth) <= 64:
             raise ValueError(f"depth (chunks in flight) must be in [1, 64], got {depth}")
-        self.pack_threshold, self.chunk_bytes, self.depth = pack_threshold, chunk_bytes, depth
+        if not 1 <= sockets <= 16:
+            raise ValueError(f"sockets (gloo connections per peer pair) must be in [1, 16], got {sockets}")
+        self.pack_threshold, self.chunk_bytes, self.sockets = pack_threshold, chunk_bytes, sockets
+        self._depth = None if depth is None else int(depth)
         self.recv_window_bytes = max(0, int(recv_window_bytes))
         self._store: Any = None
         self._store_port = 0
@@ -287,6 +168,11 @@ class NcclTransport(ControlPlaneTransport):
         if dev.type not in ("cpu", "cuda"):
             raise ValueError(f"backend 'nccl' moves CPU (gloo) or CUDA (NCCL) tensors, not {dev.type}")
         return spec
+
+    @property
+    def depth(self) -> int:
+        """Chunks in flight on the sender: as set, else the default of this side's process-group backend."""
+        return self._depth if self._depth is not None else DEFAULT_DEPTH[self.pg_backend]
 
     @property
     def pg_backend(self) -> str:
@@ -312,7 +198,8 @@ class NcclTransport(ControlPlaneTransport):
         nonce = uuid.uuid4().hex
         self._tls.nonce = nonce
         return {"pg_nonce": nonce, "pg_store": self._store_address(), "pg_backend": self.pg_backend,
-                "pack_threshold": self.pack_threshold, "chunk_bytes": self.chunk_bytes, "depth": self.depth}
+                "pack_threshold": self.pack_threshold, "chunk_bytes": self.chunk_bytes, "depth": self.depth,
+                "sockets": self.sockets}
 
     def _check_peer(self, info: dict[str, Any]) -> None:
         super()._check_peer(info)
@@ -334,10 +221,13 @@ class NcclTransport(ControlPlaneTransport):
         else:
             rank, prefix = 0, f"p2pkv/{mine}/{info['pg_nonce']}/"
             host, port = None, None
-            settings = {"pack_threshold": self.pack_threshold, "chunk_bytes": self.chunk_bytes, "depth": self.depth}
+            settings = {"pack_threshold": self.pack_threshold, "chunk_bytes": self.chunk_bytes, "depth": self.depth,
+                        "sockets": self.sockets}
         try:
             conn.extra["plan"] = (max(0, int(settings["pack_threshold"])), max(4096, int(settings["chunk_bytes"])),
                                   min(64, max(1, int(settings["depth"]))))
+            sockets = min(16, max(1, int(settings.get("sockets", 1))))
+            conn.extra["sockets"] = sockets if self.pg_backend == "gloo" else 1
             if conn.initiator:
                 base = dist.TCPStore(host, port, None, False, self._td())
             else:
@@ -349,7 +239,7 @@ class NcclTransport(ControlPlaneTransport):
                 opts = dist.ProcessGroupGloo._Options()
                 opts._timeout = self._td()
                 opts._threads = 1
-                opts._devices = [dist.ProcessGroupGloo.create_device(hostname=local_host)]
+                opts._devices = [dist.ProcessGroupGloo.create_device(hostname=local_host) for _ in range(sockets)]
                 pg = dist.ProcessGroupGloo(store, rank, 2, opts)
             else:
                 opts = dist.ProcessGroupNCCL.Options()
@@ -429,7 +319,7 @@ class NcclTransport(ControlPlaneTransport):
         direct, packed, bounds = plan_chunks(length, threshold, chunk_bytes)
         works = [group.send(v, _DIRECT_TAG + i) for i, v in enumerate(self._views(region, off, length, direct))]
         if len(packed):
-            packer = _Packer(self.regions, region, off, length, packed, bounds)
+            packer = Packer(self.regions, region, off, length, packed, bounds)
             if self.pg_backend == "gloo":
                 self._send_packed_gloo(conn, group, packer, depth, request_id)
             else:
@@ -437,7 +327,7 @@ class NcclTransport(ControlPlaneTransport):
         for w in works:
             self._wait(conn, w, request_id, f"sending {len(direct)} segments")
 
-    def _send_packed_gloo(self, conn: Conn, group: _PairGroup, packer: _Packer, depth: int, request_id: Any) -> None:
+    def _send_packed_gloo(self, conn: Conn, group: _PairGroup, packer: Packer, depth: int, request_id: Any) -> None:
         """`depth` threads (this one and depth - 1 helpers) each take the next chunk, pack it into
         their own buffer and send it; gloo matches messages by tag, so chunks may go out of order.
 
@@ -475,7 +365,7 @@ class NcclTransport(ControlPlaneTransport):
         if failed:
             raise failed[0]
 
-    def _send_packed(self, conn: Conn, group: _PairGroup, packer: _Packer, depth: int, request_id: Any) -> None:
+    def _send_packed(self, conn: Conn, group: _PairGroup, packer: Packer, depth: int, request_id: Any) -> None:
         """NCCL: this thread packs chunk i+1 while a helper thread posts chunk i and waits for
         it, in order (NCCL matches point-to-point messages by order, not by tag)."""
         bufs = group.staging("send", depth, max(packer.sizes))
@@ -537,25 +427,52 @@ class NcclTransport(ControlPlaneTransport):
         direct, packed, bounds = plan_chunks(length, threshold, chunk_bytes)
         inc = _Incoming([group.recv(v, _DIRECT_TAG + i) for i, v in enumerate(self._views(region, off, length, direct))])
         if len(packed):
-            inc.packer = _Packer(self.regions, region, off, length, packed, bounds)
+            inc.packer = Packer(self.regions, region, off, length, packed, bounds)
             sizes = inc.packer.sizes
             window = depth if self.pg_backend == "nccl" else max(depth, self.recv_window_bytes // max(sizes))
-            inc.bufs = group.staging("recv", min(len(sizes), window), max(sizes))
+            slots = min(len(sizes), window)
+            if slots < len(sizes):  # buffers are re-posted: keep each slot's chunks on one unpacking thread
+                workers = conn.extra.get("sockets", 1)
+                slots = max(workers, slots - slots % workers)
+            inc.bufs = group.staging("recv", slots, max(sizes))
             inc.posted = [group.recv(inc.bufs[i][:sizes[i]], i) for i in range(len(inc.bufs))]
         return inc
 
     def _finish_recvs(self, conn: Conn, inc: "_Incoming", request_id: Any) -> None:
-        """Unpack each chunk as it lands, re-posting its buffer for a later chunk; then wait for the views."""
+        """Unpack each chunk as it lands, re-posting its buffer for a later chunk; then wait for the views.
+
+        On gloo, one thread per socket of the pair (this one and helpers) unpacks every
+        `sockets`-th chunk: unpacking is most of the receiver's CPU work, and one thread doing
+        all of it was the pipeline's slowest stage. Slots are a multiple of the threads, so a
+        slot's chunks all belong to one thread and its re-posts need no lock."""
         group = self._group(conn, request_id)
         if inc.packer is not None:
             sizes, slots = inc.packer.sizes, len(inc.bufs)
-            for i in range(len(sizes)):
-                b = i % slots
-                self._wait(conn, inc.posted[b], request_id, f"receiving chunk {i} of {len(sizes)}")
-                inc.packer.scatter(i, inc.bufs[b])
-                if i + slots < len(sizes):
-                    inc.posted[b] = group.recv(inc.bufs[b][:sizes[i + slots]], i + slots)
-                self._check_alive(conn, request_id)
+            workers = max(1, min(conn.extra.get("sockets", 1), slots))
+            failed: list[BaseException] = []
+
+            def run(k: int) -> None:
+                try:
+                    for i in range(k, len(sizes), workers):
+                        if failed:
+                            return
+                        b = i % slots
+                        self._wait(conn, inc.posted[b], request_id, f"receiving chunk {i} of {len(sizes)}")
+                        inc.packer.scatter(i, inc.bufs[b])
+                        if i + slots < len(sizes):
+                            inc.posted[b] = group.recv(inc.bufs[b][:sizes[i + slots]], i + slots)
+                        self._check_alive(conn, request_id)
+                except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
+                    failed.append(e)
+            helpers = [threading.Thread(target=run, args=(k,), name="p2pkv-nccl-unpack", daemon=True)
+                       for k in range(1, workers)]
+            for h in helpers:
+                h.start()
+            run(0)
+            for h in helpers:
+                h.join()
+            if failed:
+                raise failed[0]
         for w in inc.works:
             self._wait(conn, w, request_id, f"receiving {len(inc.works)} segments")
         if self.device.type == "cuda":
