@@ -15,7 +15,7 @@ import socket
 import threading
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -114,6 +114,26 @@ def _dispose(held: list[Any], backend: str) -> Future | None:
     except RuntimeError:
         free()
         return None
+
+
+def _fan_out(work: Callable[[int, list[BaseException]], None], workers: int, name: str) -> None:
+    """Run work(k, failed) for k in range(workers): k = 0 on this thread, the rest on helpers.
+    The first exception is re-raised here; `failed` lets the others stop early."""
+    failed: list[BaseException] = []
+
+    def run(k: int) -> None:
+        try:
+            work(k, failed)
+        except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
+            failed.append(e)
+    helpers = [threading.Thread(target=run, args=(k,), name=name, daemon=True) for k in range(1, workers)]
+    for h in helpers:
+        h.start()
+    run(0)
+    for h in helpers:
+        h.join()
+    if failed:
+        raise failed[0]
 
 
 class NcclTransport(ControlPlaneTransport):
@@ -340,30 +360,18 @@ class NcclTransport(ControlPlaneTransport):
         bufs = group.staging("send", workers, max(packer.sizes))
         lock = threading.Lock()
         next_chunk = [0]
-        failed: list[BaseException] = []
 
-        def run(b: int) -> None:
-            try:
-                while not failed:
-                    with lock:
-                        i = next_chunk[0]
-                        next_chunk[0] += 1
-                    if i >= count:
-                        return
-                    self._check_alive(conn, request_id)
-                    n = packer.gather(i, bufs[b])
-                    self._wait(conn, group.send(bufs[b][:n], i), request_id, f"sending chunk {i} of {count}")
-            except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
-                failed.append(e)
-        helpers = [threading.Thread(target=run, args=(b,), name="p2pkv-nccl-send", daemon=True)
-                   for b in range(1, workers)]
-        for h in helpers:
-            h.start()
-        run(0)
-        for h in helpers:
-            h.join()
-        if failed:
-            raise failed[0]
+        def run(b: int, failed: list[BaseException]) -> None:
+            while not failed:
+                with lock:
+                    i = next_chunk[0]
+                    next_chunk[0] += 1
+                if i >= count:
+                    return
+                self._check_alive(conn, request_id)
+                n = packer.gather(i, bufs[b])
+                self._wait(conn, group.send(bufs[b][:n], i), request_id, f"sending chunk {i} of {count}")
+        _fan_out(run, workers, "p2pkv-nccl-send")
 
     def _send_packed(self, conn: Conn, group: _PairGroup, packer: Packer, depth: int, request_id: Any) -> None:
         """NCCL: this thread packs chunk i+1 while a helper thread posts chunk i and waits for
@@ -449,30 +457,19 @@ class NcclTransport(ControlPlaneTransport):
         if inc.packer is not None:
             sizes, slots = inc.packer.sizes, len(inc.bufs)
             workers = max(1, min(conn.extra.get("sockets", 1), slots))
-            failed: list[BaseException] = []
+            packer = inc.packer
 
-            def run(k: int) -> None:
-                try:
-                    for i in range(k, len(sizes), workers):
-                        if failed:
-                            return
-                        b = i % slots
-                        self._wait(conn, inc.posted[b], request_id, f"receiving chunk {i} of {len(sizes)}")
-                        inc.packer.scatter(i, inc.bufs[b])
-                        if i + slots < len(sizes):
-                            inc.posted[b] = group.recv(inc.bufs[b][:sizes[i + slots]], i + slots)
-                        self._check_alive(conn, request_id)
-                except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
-                    failed.append(e)
-            helpers = [threading.Thread(target=run, args=(k,), name="p2pkv-nccl-unpack", daemon=True)
-                       for k in range(1, workers)]
-            for h in helpers:
-                h.start()
-            run(0)
-            for h in helpers:
-                h.join()
-            if failed:
-                raise failed[0]
+            def run(k: int, failed: list[BaseException]) -> None:
+                for i in range(k, len(sizes), workers):
+                    if failed:
+                        return
+                    b = i % slots
+                    self._wait(conn, inc.posted[b], request_id, f"receiving chunk {i} of {len(sizes)}")
+                    packer.scatter(i, inc.bufs[b])
+                    if i + slots < len(sizes):
+                        inc.posted[b] = group.recv(inc.bufs[b][:sizes[i + slots]], i + slots)
+                    self._check_alive(conn, request_id)
+            _fan_out(run, workers, "p2pkv-nccl-unpack")
         for w in inc.works:
             self._wait(conn, w, request_id, f"receiving {len(inc.works)} segments")
         if self.device.type == "cuda":
