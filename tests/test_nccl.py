@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from kvcheck import assert_same, expected_after
+from p2pkv import kernels
 from p2pkv.layout import PRESETS, make_kv_caches, plan_segments
 from p2pkv.transport import PeerClosedError, TransferError, get_transport
 from p2pkv.transport.chunks import Packer, plan_chunks
@@ -73,13 +74,19 @@ def test_plan_chunks_covers_every_segment_once_in_order():
     assert len(plan_chunks(np.array([100_000]), 1 << 40, 4096)[2]) == 2
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_packed_chunks_carry_exactly_the_segments_bytes(threads):
-    """With one torch thread chunks are packed by index_select, otherwise by numpy's take: same bytes either way."""
+_CUDA_PACK = torch.cuda.is_available() and kernels.load() is not None
+
+
+@pytest.mark.parametrize("threads,device", [(1, "cpu"), (2, "cpu"),
+                                            pytest.param(1, "cuda", marks=pytest.mark.skipif(
+                                                not _CUDA_PACK, reason="needs a CUDA device and the built extension"))])
+def test_packed_chunks_carry_exactly_the_segments_bytes(threads, device):
+    """With one torch thread chunks are packed by index_select, otherwise by numpy's take, on CUDA by
+    p2pkv.kernels (NCCL's path): the same bytes every way."""
     rng = np.random.default_rng(threads)
     unit = 512
-    src = [torch.from_numpy(rng.integers(0, 256, 64 * unit, dtype=np.uint8)) for _ in range(2)]
-    dst = [torch.zeros(128 * unit, dtype=torch.uint8) for _ in range(2)]
+    src = [torch.from_numpy(rng.integers(0, 256, 64 * unit, dtype=np.uint8)).to(device) for _ in range(2)]
+    dst = [torch.zeros(128 * unit, dtype=torch.uint8, device=device) for _ in range(2)]
     n = 40
     length = rng.integers(1, 4, n) * unit
     region = rng.integers(0, 2, n).astype(np.int32)
@@ -92,8 +99,8 @@ def test_packed_chunks_carry_exactly_the_segments_bytes(threads):
     try:
         sender = Packer(src, region, off, length, packed, bounds)
         receiver = Packer(dst, region, out_off, length, packed, bounds)
-        assert sender.g == unit
-        buf = torch.empty(max(sender.sizes), dtype=torch.uint8)
+        assert sender.g == (unit if device == "cpu" else 0)
+        buf = torch.empty(max(sender.sizes), dtype=torch.uint8, device=device)
         for j in range(len(sender)):
             receiver.scatter(j, buf[:sender.gather(j, buf)])
     finally:
