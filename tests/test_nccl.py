@@ -38,7 +38,7 @@ MODES = {
     "mixed": {"pack_threshold": 1024, "chunk_bytes": 8192, "depth": 3},
     # three gloo sockets and unpacking threads; a 5-chunk window is cut to 3 slots, re-posted
     "sockets": {"pack_threshold": 1 << 40, "chunk_bytes": 4096, "sockets": 3, "recv_window_bytes": 5 * 4096},
-    "one socket": {"sockets": 1, "pack_threshold": 2048, "chunk_bytes": 4096},
+    "one socket": {"sockets": 1, "pack_threshold": 2048, "chunk_bytes": 4096, "hugepages": False},
 }
 
 

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from p2pkv.segments import Segments
-from p2pkv.transport.base import Peer, PeerClosedError, TransferError, TransferHandle, TransferTimeout
+from p2pkv.transport.base import (Peer, PeerClosedError, TransferError, TransferHandle, TransferTimeout,
+                                  advise_hugepages)
 from p2pkv.transport.chunks import Packer, plan_chunks
 from p2pkv.transport.control import Conn, ControlPlaneTransport, parse_address
 from p2pkv.wire import FrameType, send_frame
@@ -138,13 +139,15 @@ def _fan_out(work: Callable[[int, list[BaseException]], None], workers: int, nam
 
 class NcclTransport(ControlPlaneTransport):
     """`get_transport("nccl", listen="127.0.0.1:0", timeout=30, auth_token=None,
-    pack_threshold=256 KiB, chunk_bytes=2 MiB, depth=None, sockets=2, recv_window_bytes=256 MiB)`.
+    pack_threshold=256 KiB, chunk_bytes=2 MiB, depth=None, sockets=2, recv_window_bytes=256 MiB,
+    hugepages=True)`.
 
     Segments of `pack_threshold` bytes or more are sent as views of the KV memory;
     smaller ones are packed into `chunk_bytes` chunks, `depth` of them in flight
     (on gloo: `depth` threads, each packing and sending its own chunks; None: 2 on gloo,
     3 on NCCL). A gloo pair talks over `sockets` TCP connections (gloo devices), messages
-    going round-robin by tag, so two chunks can be on the wire at once.
+    going round-robin by tag, so two chunks can be on the wire at once. Registered CPU
+    memory goes on 2 MiB pages (as tcp's): packing and unpacking walk far fewer page tables.
     The accepting side's settings apply to a connection (both must cut the same
     messages). CPU tensors use gloo, CUDA tensors NCCL; no global process group
     (`init_process_group`) is needed, and none is touched if one exists.
@@ -154,7 +157,7 @@ class NcclTransport(ControlPlaneTransport):
 
     def __init__(self, *, pack_threshold: int = DEFAULT_PACK_THRESHOLD, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  depth: int | None = None, sockets: int = DEFAULT_SOCKETS,
-                 recv_window_bytes: int = DEFAULT_RECV_WINDOW, **kw: Any):
+                 recv_window_bytes: int = DEFAULT_RECV_WINDOW, hugepages: bool = True, **kw: Any):
         if not _HAVE_DIST:
             from p2pkv.transport import BackendUnavailable
             raise BackendUnavailable("backend 'nccl' needs a torch build with torch.distributed "
@@ -170,6 +173,7 @@ class NcclTransport(ControlPlaneTransport):
             raise ValueError(f"sockets (gloo connections per peer pair) must be in [1, 16], got {sockets}")
         self.pack_threshold, self.chunk_bytes, self.sockets = pack_threshold, chunk_bytes, sockets
         self._depth = None if depth is None else int(depth)
+        self.hugepages = bool(hugepages)
         self.recv_window_bytes = max(0, int(recv_window_bytes))
         self._store: Any = None
         self._store_port = 0
@@ -187,6 +191,8 @@ class NcclTransport(ControlPlaneTransport):
             raise BackendUnavailable("backend 'nccl' on CUDA tensors needs a torch build with NCCL")
         if dev.type not in ("cpu", "cuda"):
             raise ValueError(f"backend 'nccl' moves CPU (gloo) or CUDA (NCCL) tensors, not {dev.type}")
+        if dev.type == "cpu" and self.hugepages:
+            advise_hugepages(self.regions)
         return spec
 
     @property
