@@ -4,7 +4,7 @@ memory and once packed into pipelined chunks, next to one contiguous send of the
 same bytes, interleaved so each ratio compares runs made seconds apart.
 
     python bench/nccl_threshold.py [--total-mib 64] [--sizes 4K,16K,64K,256K,1M,4M] [--iters 7]
-        [--variants direct,pack] [--chunk-bytes 2M] [--depth 3] [--json PATH]
+        [--variants direct,pack] [--chunk-bytes 2M] [--depth 2] [--json PATH]
 
 Prints, per segment size, the median of (contiguous time / transfer time) for each
 variant; `pack_threshold` belongs where `pack` stops winning. Extra variants
@@ -138,7 +138,7 @@ def main() -> None:
     p.add_argument("--sizes", default="4K,16K,32K,64K,256K,1M,4M", help="segment sizes, comma separated")
     p.add_argument("--variants", default="direct,pack")
     p.add_argument("--chunk-bytes", default="2M")
-    p.add_argument("--depth", type=int, default=3, help="chunks in flight (gloo: sender threads)")
+    p.add_argument("--depth", type=int, default=2, help="chunks in flight (gloo: sender threads; the backend default)")
     p.add_argument("--iters", type=int, default=7)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--timeout", type=float, default=120.0)

@@ -37,7 +37,7 @@ __all__ = ["NcclTransport", "plan_chunks"]
 
 log = logging.getLogger("p2pkv.transport.nccl")
 
-DEFAULT_PACK_THRESHOLD = 256 << 10
+DEFAULT_PACK_THRESHOLD = 512 << 10
 DEFAULT_CHUNK_BYTES = 2 << 20
 DEFAULT_DEPTH = {"gloo": 2, "nccl": 3}
 DEFAULT_SOCKETS = 2
@@ -139,7 +139,7 @@ def _fan_out(work: Callable[[int, list[BaseException]], None], workers: int, nam
 
 class NcclTransport(ControlPlaneTransport):
     """`get_transport("nccl", listen="127.0.0.1:0", timeout=30, auth_token=None,
-    pack_threshold=256 KiB, chunk_bytes=2 MiB, depth=None, sockets=2, recv_window_bytes=256 MiB,
+    pack_threshold=512 KiB, chunk_bytes=2 MiB, depth=None, sockets=2, recv_window_bytes=256 MiB,
     hugepages=True)`.
 
     Segments of `pack_threshold` bytes or more are sent as views of the KV memory;
