@@ -353,6 +353,14 @@ class BlockRows:
             return self._block_rows
         return sum(len(self._pieces[int(r)]) for r in regions)
 
+    def check_row_limit(self, count: int, regions: Sequence[int] | None, limit: int) -> None:
+        """ValueError if `count` blocks in these regions expand to more than `limit` rows: what a
+        few bytes of ids may make either side allocate."""
+        per = self.rows_per_block(regions)
+        if count * per > limit:
+            raise ValueError(f"{count} blocks of {per} rows each exceed the limit of {limit} rows per request: "
+                             f"split the request")
+
     def check_ids(self, ids: np.ndarray, side: str) -> None:
         """ValueError unless every id names a block of that side ('src' or 'dst')."""
         n = self.num_blocks[side == "dst"]
@@ -366,11 +374,12 @@ class BlockRows:
             raise ValueError(f"regions {list(regions)} name one outside the {self.num_regions} registered")
 
     def iovecs(self, ids: np.ndarray, side: str, regions: Sequence[int] | None, bases: np.ndarray) -> np.ndarray:
-        """The rows of `rows` as (address, length) uintp rows, `bases[r]` being where region r starts,
-        with rows that follow each other in this side's memory merged: what a transport hands the
-        kernel. Where every piece fills its block stride (each block one run per piece), runs of
-        consecutive ids are found once on the ids and the rows built already merged, in a few steps
-        on arrays of ids rather than of rows; otherwise `merge_rows` does it on the rows."""
+        """The rows of these blocks on one side as (address, length) uintp rows, `bases[r]` being
+        where region r starts, with rows that follow each other in this side's memory merged: what
+        a transport hands the kernel. Where every piece fills its block stride (each block one run
+        per piece), runs of consecutive ids are found once on the ids and the rows built already
+        merged, in a few steps on arrays of ids rather than of rows; otherwise `merge_rows` does it
+        on the rows."""
         col = 0 if side == "src" else 1
         if not self._uniform:
             region, off, length = self.rows(ids, side, regions)

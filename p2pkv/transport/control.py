@@ -273,9 +273,7 @@ class ControlPlaneTransport(Transport):
             rows.check_ids(theirs, other)
             rows.check_regions(plan.regions)
             regions = plan.regions
-            if len(mine) * rows.rows_per_block(regions) > MAX_SEGMENTS:
-                raise ValueError(f"{len(mine)} blocks of {rows.rows_per_block(regions)} rows each exceed the limit of "
-                                 f"{MAX_SEGMENTS} rows per request: split the request")
+            rows.check_row_limit(len(mine), regions, MAX_SEGMENTS)
             meta: dict[str, Any] = {"blocks": theirs.astype("<i8").tobytes(),
                                     "regions": None if regions is None else [int(r) for r in regions]}
             return LocalRows(blocks=(rows, mine, side, regions)), rows.nbytes(len(mine), regions), meta
@@ -315,9 +313,7 @@ class ControlPlaneTransport(Transport):
         if regions is not None:
             rows.check_regions(regions)
             regions = tuple(regions)
-        if len(ids) * rows.rows_per_block(regions) > MAX_SEGMENTS:
-            raise ValueError(f"{len(ids)} blocks of {rows.rows_per_block(regions)} rows each exceed the limit of "
-                             f"{MAX_SEGMENTS} rows per request")
+        rows.check_row_limit(len(ids), regions, MAX_SEGMENTS)
         if not read and len(np.unique(ids)) != len(ids):
             u, c = np.unique(ids, return_counts=True)
             raise ValueError(f"duplicate destination block id {int(u[c > 1][0])}: two blocks cannot land in one")

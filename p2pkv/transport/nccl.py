@@ -85,6 +85,7 @@ class _Incoming:
         self.packer: Packer | None = None
         self.bufs: list[torch.Tensor] = []
         self.posted: list[Any] = []
+        self.workers = 1  # unpacking threads; len(bufs) is a multiple of it wherever buffers are re-posted
 
 
 _REAPER: ThreadPoolExecutor | None = None
@@ -445,9 +446,10 @@ class NcclTransport(ControlPlaneTransport):
             sizes = inc.packer.sizes
             window = depth if self.pg_backend == "nccl" else max(depth, self.recv_window_bytes // max(sizes))
             slots = min(len(sizes), window)
+            workers = conn.extra.get("sockets", 1)
             if slots < len(sizes):  # buffers are re-posted: keep each slot's chunks on one unpacking thread
-                workers = conn.extra.get("sockets", 1)
                 slots = max(workers, slots - slots % workers)
+            inc.workers = min(workers, slots)
             inc.bufs = group.staging("recv", slots, max(sizes))
             inc.posted = [group.recv(inc.bufs[i][:sizes[i]], i) for i in range(len(inc.bufs))]
         return inc
@@ -461,8 +463,7 @@ class NcclTransport(ControlPlaneTransport):
         slot's chunks all belong to one thread and its re-posts need no lock."""
         group = self._group(conn, request_id)
         if inc.packer is not None:
-            sizes, slots = inc.packer.sizes, len(inc.bufs)
-            workers = max(1, min(conn.extra.get("sockets", 1), slots))
+            sizes, slots, workers = inc.packer.sizes, len(inc.bufs), inc.workers
             packer = inc.packer
 
             def run(k: int, failed: list[BaseException]) -> None:
