@@ -317,10 +317,15 @@ def test_iovecs_merge_only_rows_that_follow_each_other_in_memory():
 
 
 @pytest.mark.timeout(60)
-def test_requests_by_block_ids_and_by_segment_table_land_the_same_bytes():
+@pytest.mark.parametrize("first_bytes", [1, None], ids=["split-after-first-region", "default-split"])
+def test_requests_by_block_ids_and_by_segment_table_land_the_same_bytes(monkeypatch, first_bytes):
     """Planned segments travel as block ids (P computes its own rows), hand-made ones as a table:
-    reads and writes, every region or one layer's, land the same bytes either way."""
+    reads and writes, every region or one layer's, land the same bytes either way, also when the
+    sender sends a request's first region before building the rest's rows."""
     from p2pkv.segments import Segments
+    from p2pkv.transport import tcp
+    if first_bytes is not None:
+        monkeypatch.setattr(tcp, "FIRST_BYTES", first_bytes)
     rng = np.random.default_rng(5)
     a, b = get_transport("tcp"), get_transport("tcp")
     try:
