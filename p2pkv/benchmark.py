@@ -241,8 +241,11 @@ def _child_argv(args: argparse.Namespace, backend: str, address: str) -> list[st
 def _local_pair(args: argparse.Namespace, backend: str) -> list[dict[str, Any]]:
     child: list[subprocess.Popen] = []
 
+    # NCCL refuses two ranks on one GPU: D takes the second device, as rank 1 of torchrun would
+    env = {**os.environ, "LOCAL_RANK": "1"} if backend == "nccl" and args.device == "cuda" else None
+
     def publish(address: str) -> None:
-        child.append(subprocess.Popen(_child_argv(args, backend, address), stdout=subprocess.PIPE, text=True))
+        child.append(subprocess.Popen(_child_argv(args, backend, address), stdout=subprocess.PIPE, text=True, env=env))
 
     def collect() -> list[dict[str, Any]]:
         out, _ = child[0].communicate()
@@ -330,6 +333,10 @@ def main(args: argparse.Namespace) -> int:
         print(RESULT_TAG + json.dumps(rows), flush=True)
         return 0
     under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if "nccl" in backends and args.device == "cuda" and torch.cuda.is_available() and torch.cuda.device_count() < 2:
+        raise SystemExit("--backend nccl --device cuda needs two GPUs, one per rank (NCCL refuses two ranks on one "
+                         "GPU); this machine has one. Use --device cpu (gloo), or --backend cuda_ipc for two "
+                         "processes on one GPU.")
     rows: list[dict[str, Any]] = []
     for backend in backends:
         got = _torchrun_pair(args, backend) if under_torchrun else _local_pair(args, backend)

@@ -1,7 +1,8 @@
 """nccl backend across real processes on loopback, through gloo on CPU tensors:
 byte-exact reads and writes for every layout (views, packed chunks and both mixed),
 standalone and under torch.distributed.run, several D processes in turn and at once,
-and D processes that vanish or stall. The NCCL (CUDA) tests need 2 GPUs."""
+and D processes that vanish or stall. The NCCL (CUDA) tests need a GPU (two ranks share one
+where there is only one)."""
 from __future__ import annotations
 
 import json
@@ -293,33 +294,57 @@ def test_connect_to_nothing_is_a_clear_error():
 
 # ------------------------------------------------------------------------------- NCCL on CUDA tensors
 
-needs_2_gpus = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
-                                  reason=f"NCCL tests need 2 CUDA devices; this machine has "
-                                         f"{torch.cuda.device_count() if torch.cuda.is_available() else 0}")
+_GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+needs_nccl = pytest.mark.skipif(_GPUS < 1 or not hasattr(torch.distributed, "ProcessGroupNCCL"),
+                                reason=f"NCCL tests need a CUDA device and a torch build with NCCL; this machine "
+                                       f"has {_GPUS} CUDA devices")
+# Runs of 4, 2 and 3 blocks that follow each other on both sides, and single blocks: with a 64 KiB
+# threshold the runs (128/64/96 KiB) travel as views and the singles (32 KiB) packed.
+CUDA_SRC = [0, 1, 2, 3, 8, 12, 13, 20, 30, 31, 32, 40, 41, 63]
+CUDA_DST = [1, 2, 3, 4, 9, 14, 15, 22, 33, 34, 35, 50, 60, 0]
+CUDA_BACK = [44, 45, 46, 47, 49]  # D writes its first five landed blocks back into these P blocks
+CUDA_MODES = {"packed": {}, "views": {"pack_threshold": 0}, "mixed": {"pack_threshold": 64 << 10, "chunk_bytes": 64 << 10}}
 
 
-def _cuda_d(addr: str, q_path: str) -> None:  # pragma: no cover - runs only with 2 GPUs
-    torch.cuda.set_device(1)
+def _one_gpu_env(role: str) -> dict[str, str]:
+    """With one GPU both ranks share it. NCCL refuses two ranks of one host on one device, so each
+    process names its own host (NCCL_HOSTID) and the pair talks over NCCL's socket transport on
+    loopback: a test of p2pkv's NCCL path and its bytes, not of NVLink speed."""
+    if _GPUS >= 2:
+        return {}
+    return {"NCCL_HOSTID": f"p2pkv-test-{role}", "NCCL_SOCKET_IFNAME": "lo", "NCCL_IB_DISABLE": "1"}
+
+
+def _cuda_d(addr: str, q_path: str) -> None:  # pragma: no cover - runs only with a GPU
+    os.environ.update(_one_gpu_env("d"))
+    dev = 1 if _GPUS >= 2 else 0
+    torch.cuda.set_device(dev)
     tensors, spec = make_kv_caches("vllm", num_layers=4, num_blocks=64, block_size=16, num_kv_heads=8,
-                                   head_size=128, device="cuda:1", fill="zeros")
+                                   head_size=128, device=f"cuda:{dev}", fill="zeros")
     with get_transport("nccl", timeout=60) as tr:
         tr.register(tensors, spec)
         peer = tr.connect(addr)
-        src, dst = list(range(0, 64, 3)), list(range(1, 64, 3))
-        tr.read(peer, plan_segments(peer.spec, spec, src, dst), "cuda-read").wait(60)
+        tr.read(peer, plan_segments(peer.spec, spec, CUDA_SRC, CUDA_DST), "cuda-read").wait(60)
         torch.cuda.synchronize()
         Path(q_path).write_bytes(b"".join(t.cpu().view(torch.uint8).numpy().tobytes() for t in tensors))
+        tr.write(peer, plan_segments(spec, peer.spec, CUDA_DST[:5], CUDA_BACK), "cuda-write").wait(60)
 
 
-@needs_2_gpus
+@needs_nccl
 @pytest.mark.gpu
 @pytest.mark.timeout(180)
-def test_nccl_between_two_gpus_is_byte_exact(tmp_path):  # pragma: no cover - runs only with 2 GPUs
+@pytest.mark.parametrize("mode", list(CUDA_MODES))
+def test_nccl_on_cuda_is_byte_exact(tmp_path, monkeypatch, mode):  # pragma: no cover - runs only with a GPU
+    """P on cuda:0, D on cuda:1 (or cuda:0 too, see `_one_gpu_env`); D reads, then writes some blocks
+    back; the accepting P's settings pick packed chunks, views (posted as one NCCL group) or both."""
     import multiprocessing as mp
+    for k, v in _one_gpu_env("p").items():
+        monkeypatch.setenv(k, v)
     g = torch.Generator().manual_seed(4)
     p_tensors, spec = make_kv_caches("vllm", num_layers=4, num_blocks=64, block_size=16, num_kv_heads=8,
                                      head_size=128, device="cuda:0", fill="random", generator=g)
-    with get_transport("nccl", timeout=60) as tr:
+    before = [t.cpu() for t in p_tensors]
+    with get_transport("nccl", timeout=60, **CUDA_MODES[mode]) as tr:
         tr.register(p_tensors, spec)
         out = tmp_path / "d.bin"
         proc = mp.get_context("spawn").Process(target=_cuda_d, args=(tr.address, str(out)))
@@ -330,7 +355,20 @@ def test_nccl_between_two_gpus_is_byte_exact(tmp_path):  # pragma: no cover - ru
         finally:
             if proc.is_alive():
                 proc.kill()
+        torch.cuda.synchronize()
+        after = [t.cpu() for t in p_tensors]
     got = torch.frombuffer(bytearray(out.read_bytes()), dtype=torch.uint8)
-    zeros = [torch.zeros_like(t, device="cpu") for t in p_tensors]
-    expect = expected_after("vllm", zeros, [t.cpu() for t in p_tensors], list(range(0, 64, 3)), list(range(1, 64, 3)))
+    zeros = [torch.zeros_like(t) for t in before]
+    expect = expected_after("vllm", zeros, before, CUDA_SRC, CUDA_DST)
     assert torch.equal(got, torch.cat([e.reshape(-1) for e in expect]))
+    # D's write put P's blocks CUDA_SRC[:5] (as D had received them) into CUDA_BACK, nothing else
+    assert_same(after, expected_after("vllm", before, before, CUDA_SRC[:5], CUDA_BACK))
+
+
+@pytest.mark.skipif(_GPUS != 1, reason=f"checks the message on a machine with exactly one GPU; this one has {_GPUS}")
+@pytest.mark.gpu
+@pytest.mark.timeout(60)
+def test_bench_on_one_gpu_says_nccl_needs_two():  # pragma: no cover - runs only with one GPU
+    r = subprocess.run([sys.executable, "-m", "p2pkv", "bench", "--backend", "nccl", "--device", "cuda"],
+                       capture_output=True, text=True, timeout=50)
+    assert r.returncode != 0 and "needs two GPUs" in r.stderr and "cuda_ipc" in r.stderr

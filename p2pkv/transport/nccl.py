@@ -62,6 +62,20 @@ class _PairGroup:
     def recv(self, t: torch.Tensor, tag: int) -> Any:
         return self.pg.recv([t], self.peer_rank, tag)
 
+    def post(self, views: list[torch.Tensor], recv: bool) -> list[Any]:
+        """Send or receive each view. On NCCL they go as one group (one launch, one work), as torch's
+        `batch_isend_irecv` does; on gloo that call is a plain loop of sends, so this posts each."""
+        op = self.recv if recv else self.send
+        if self.backend != "nccl" or len(views) < 2:
+            return [op(v, _DIRECT_TAG + i) for i, v in enumerate(views)]
+        self.pg._start_coalescing(self.device)
+        try:
+            for i, v in enumerate(views):
+                op(v, _DIRECT_TAG + i)
+        finally:
+            work = self.pg._end_coalescing(self.device)
+        return [work]
+
     def staging(self, kind: str, count: int, nbytes: int) -> list[torch.Tensor]:
         """`count` buffers of at least `nbytes` for sending or receiving, reused across transfers of this pair."""
         bufs = self.bufs.get(kind, [])
@@ -116,6 +130,30 @@ def _dispose(held: list[Any], backend: str) -> Future | None:
     except RuntimeError:
         free()
         return None
+
+
+def _nccl_group(store: Any, rank: int, opts: Any, device: torch.device) -> Any:
+    """A two-rank ProcessGroup over one NCCL backend, put together as `init_process_group` does:
+    grouping many sends into one NCCL group (`_start_coalescing`) is defined on the group, not the backend.
+
+    The communicator and its point-to-point connections both ways are made now, while both sides are
+    in the handshake (one byte each way). Made lazily, D's first op (posting its receives before it
+    asks P to send) would wait for P's side of the NCCL set-up, which P does only at its own first op,
+    after D's request: a deadlock until the timeout."""
+    nccl = dist.ProcessGroupNCCL(store, rank, 2, opts)
+    dev = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+    nccl.eager_connect_single_device(dev)
+    pg = dist.ProcessGroup(store, rank, 2)
+    kind = dist.ProcessGroup.BackendType.NCCL
+    pg._set_default_backend(kind)
+    nccl._set_sequence_number_for_group()
+    pg._register_backend(torch.device("cuda"), kind, nccl)
+    out, back = torch.zeros(1, dtype=torch.uint8, device=dev), torch.empty(1, dtype=torch.uint8, device=dev)
+    pg._start_coalescing(dev)
+    pg.send([out], 1 - rank, 0)
+    pg.recv([back], 1 - rank, 0)
+    pg._end_coalescing(dev).wait(opts._timeout)
+    return pg
 
 
 def _fan_out(work: Callable[[int, list[BaseException]], None], workers: int, name: str) -> None:
@@ -271,7 +309,7 @@ class NcclTransport(ControlPlaneTransport):
             else:
                 opts = dist.ProcessGroupNCCL.Options()
                 opts._timeout = self._td()
-                pg = dist.ProcessGroupNCCL(store, rank, 2, opts)
+                pg = _nccl_group(store, rank, opts, self.device)
         except (KeyError, TypeError, ValueError) as e:
             conn.close()
             raise PeerClosedError(f"bad process-group rendezvous fields from the peer: {e}", peer=conn.peer.name) from None
@@ -344,7 +382,7 @@ class NcclTransport(ControlPlaneTransport):
         group = self._group(conn, request_id)
         threshold, chunk_bytes, depth = conn.extra["plan"]
         direct, packed, bounds = plan_chunks(length, threshold, chunk_bytes)
-        works = [group.send(v, _DIRECT_TAG + i) for i, v in enumerate(self._views(region, off, length, direct))]
+        works = group.post(self._views(region, off, length, direct), recv=False)
         if len(packed):
             packer = Packer(self.regions, region, off, length, packed, bounds)
             if self.pg_backend == "gloo":
@@ -440,7 +478,7 @@ class NcclTransport(ControlPlaneTransport):
         group = self._group(conn, request_id)
         threshold, chunk_bytes, depth = conn.extra["plan"]
         direct, packed, bounds = plan_chunks(length, threshold, chunk_bytes)
-        inc = _Incoming([group.recv(v, _DIRECT_TAG + i) for i, v in enumerate(self._views(region, off, length, direct))])
+        inc = _Incoming(group.post(self._views(region, off, length, direct), recv=True))
         if len(packed):
             inc.packer = Packer(self.regions, region, off, length, packed, bounds)
             sizes = inc.packer.sizes
