@@ -40,11 +40,15 @@ class TransferHandle:
     """An asynchronous transfer: `wait(timeout)` returns or raises a TransferError; `done()` polls."""
 
     def __init__(self, peer: str, request_id: str | None, nbytes: int):
-        self.peer, self.request_id, self.nbytes = peer, request_id, nbytes
+        self._set_fields(peer, request_id, nbytes)
         self._event = threading.Event()
+        self._lock = threading.Lock()
+
+    def _set_fields(self, peer: str, request_id: str | None, nbytes: int) -> None:
+        """Everything but the threading objects, for handles that make those only when needed."""
+        self.peer, self.request_id, self.nbytes = peer, request_id, nbytes
         self._error: BaseException | None = None
         self._callbacks: list[Callable[["TransferHandle"], None]] = []
-        self._lock = threading.Lock()
 
     def done(self) -> bool:
         return self._event.is_set()

@@ -83,9 +83,7 @@ class _CudaHandle(TransferHandle):
 
     def __init__(self, peer: str, request_id: str | None, nbytes: int, event: torch.cuda.Event,
                  watcher: "CudaIpcTransport"):
-        self.peer, self.request_id, self.nbytes = peer, request_id, nbytes
-        self._error = None
-        self._callbacks = []
+        self._set_fields(peer, request_id, nbytes)
         self._cuda_event, self._watcher = event, watcher
         self._complete = False
 
