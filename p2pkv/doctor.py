@@ -49,6 +49,18 @@ def _backend_checks() -> dict[str, tuple[bool, str]]:
             "nccl": _try(nccl), "ucx": _try(ucx), "cuda_ipc": _try(cuda_ipc)}
 
 
+def _huge_pages() -> str | None:
+    """The kernel's transparent huge page mode (the bracketed word), or None off Linux: tcp and nccl
+    ask for 2 MiB pages under registered CPU memory, which `never` refuses."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            text = f.read()
+    except OSError:
+        return None
+    start, end = text.find("["), text.find("]")
+    return text[start + 1:end] if 0 <= start < end else text.strip()
+
+
 def report() -> dict[str, Any]:
     from p2pkv import __version__
     from p2pkv.transport import available_transports
@@ -60,6 +72,7 @@ def report() -> dict[str, Any]:
         "cuda_runtime": torch.version.cuda, "registered_transports": available_transports(),
         "backends": {k: {"ok": ok, "detail": d} for k, (ok, d) in _backend_checks().items()},
         "auth_token_configured": bool(os.environ.get("P2PKV_AUTH_TOKEN")),
+        "transparent_huge_pages": _huge_pages(),
         "vllm": _try(lambda: importlib.import_module("vllm").__version__)[1] if importlib.util.find_spec("vllm") else None,
     }
 
@@ -73,6 +86,11 @@ def main(as_json: bool = False) -> int:
     print(f"CUDA: {'yes, ' + ', '.join(r['cuda_devices']) if r['cuda_available'] else 'no device'}")
     print(f"vLLM: {r['vllm'] or 'not installed'}")
     print(f"auth token (P2PKV_AUTH_TOKEN): {'set' if r['auth_token_configured'] else 'not set'}")
+    thp = r["transparent_huge_pages"]
+    if thp is not None:
+        note = ("registered CPU memory stays on 4 KiB pages; scattered small blocks cost more"
+                if thp == "never" else "registered CPU memory is put on 2 MiB pages")
+        print(f"transparent huge pages: {thp} ({note})")
     print("backends:")
     for name, b in r["backends"].items():
         print(f"  {name:9s} {'ok ' if b['ok'] else 'no '} {b['detail']}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -61,6 +62,8 @@ def test_doctor_reports_backends():
     assert proc.returncode == 0
     r = json.loads(proc.stdout)
     assert r["backends"]["tcp"]["ok"] and set(r["backends"]) >= {"tcp", "nccl", "ucx", "cuda_ipc"}
+    if sys.platform.startswith("linux") and os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"):
+        assert r["transparent_huge_pages"] in ("always", "madvise", "never")
 
 
 @pytest.mark.timeout(180)
