@@ -92,7 +92,6 @@ def _move(iov: np.ndarray, call: Callable[[int, int], int]) -> None:
     ~100 KiB, so a resume costs one binary search over the cumulative lengths,
     computed once, not a pass over the batch's rows."""
     cum = np.cumsum(iov[:, 1])
-    trimmed, cut = -1, 0  # the row trimmed in place so far, and by how many bytes
     for i, j in _batches(cum):
         pos, end = (int(cum[i - 1]) if i else 0), int(cum[j - 1])
         while True:
@@ -103,12 +102,10 @@ def _move(iov: np.ndarray, call: Callable[[int, int], int]) -> None:
             if pos >= end:
                 break
             i = int(cum.searchsorted(pos, side="right"))
-            rest = pos - (int(cum[i - 1]) if i else 0)
-            if rest:
-                step = rest - cut if i == trimmed else rest
+            step = int(iov[i, 1]) - (int(cum[i]) - pos)  # what this row moved since it was last trimmed
+            if step:
                 iov[i, 0] += step
                 iov[i, 1] -= step
-                trimmed, cut = i, rest
 
 
 def _libc_call(fn: Any, sock: socket.socket, iov: np.ndarray, flags: int) -> Callable[[int, int], int]:
