@@ -75,6 +75,28 @@ def test_plan_chunks_covers_every_segment_once_in_order():
     assert len(plan_chunks(np.array([100_000]), 1 << 40, 4096)[2]) == 2
 
 
+def _greedy_bounds(length: np.ndarray, chunk_bytes: int) -> list[int]:
+    bounds, size = [0], 0
+    for i, n in enumerate(length.tolist()):
+        if i > bounds[-1] and size + n > chunk_bytes:
+            bounds.append(i)
+            size = 0
+        size += n
+    return bounds + [len(length)]
+
+
+@pytest.mark.parametrize("seg,chunk", [(32768, 2 << 20), (3000, 8192), (5000, 4096), (4096, 4096), (7, 100)])
+def test_plan_chunks_of_equal_segments_cuts_as_the_greedy_plan(seg, chunk):
+    for n in (1, 2, 63, 64, 65, 1000):
+        length = np.full(n, seg)
+        direct, packed, bounds = plan_chunks(length, 1 << 40, chunk)
+        assert direct.size == 0 and packed.tolist() == list(range(n))
+        assert bounds.tolist() == _greedy_bounds(length, chunk)
+        mixed = length.copy()
+        mixed[-1] -= 1
+        assert plan_chunks(mixed, 1 << 40, chunk)[2].tolist() == _greedy_bounds(mixed, chunk)
+
+
 _CUDA_PACK = torch.cuda.is_available() and kernels.load() is not None
 
 
