@@ -38,7 +38,8 @@ def stub(name: str, seen: list, params: dict | None = None, status: int = 200) -
     return app
 
 
-async def run_flow(mode: str, stream: bool, p_status: int = 200, need_timeout: float = 0.0):
+async def run_flow(mode: str, stream: bool, p_status: int = 200, need_timeout: float = 0.0,
+                   extra: dict | None = None):
     seen: list = []
     p = TestServer(stub("P", seen, P_PARAMS, p_status))
     d = TestServer(stub("D", seen))
@@ -50,20 +51,21 @@ async def run_flow(mode: str, stream: bool, p_status: int = 200, need_timeout: f
     await client.start_server()
     try:
         r = await client.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 9,
-                                                       "stream": stream})
+                                                       "stream": stream, **(extra or {})})
         assert r.status == 200
         text = await r.text()
+        health = await (await client.get("/health")).json()
     finally:
         await client.close()
         await p.close()
         await d.close()
-    return seen, text
+    return seen, text, health
 
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("stream", [False, True])
 def test_pull_sends_p_first_then_d_with_ps_params(stream):
-    seen, text = asyncio.run(run_flow("pull", stream))
+    seen, text, _ = asyncio.run(run_flow("pull", stream))
     assert [n for n, _ in seen] == ["P", "D"]
     p_body, d_body = seen[0][1], seen[1][1]
     assert p_body["max_tokens"] == 1 and p_body["stream"] is False
@@ -77,7 +79,7 @@ def test_pull_sends_p_first_then_d_with_ps_params(stream):
 
 @pytest.mark.timeout(30)
 def test_push_sends_both_with_one_transfer_id_and_ps_kv_address():
-    seen, text = asyncio.run(run_flow("push", True))
+    seen, text, _ = asyncio.run(run_flow("push", True))
     bodies = dict(seen)
     assert set(bodies) == {"P", "D"}
     d_params, p_params = bodies["D"]["kv_transfer_params"], bodies["P"]["kv_transfer_params"]
@@ -185,7 +187,35 @@ def test_push_without_p_kv_address_is_refused():
 
 @pytest.mark.timeout(30)
 def test_pull_falls_back_to_d_alone_when_p_fails():
-    seen, text = asyncio.run(run_flow("pull", False, p_status=500))
+    seen, text, _ = asyncio.run(run_flow("pull", False, p_status=500))
     assert [n for n, _ in seen] == ["P", "D"]
     assert "kv_transfer_params" not in seen[1][1] and seen[1][1]["max_tokens"] == 9
     assert json.loads(text)["choices"][0]["text"] == "D-answer"
+
+
+CLIENT_PARAMS = {"kv_transfer_params": {"do_remote_prefill": True, "remote_address": "203.0.113.9:7000",
+                                        "router_callback": "http://169.254.169.254/latest", "transfer_id": "t"}}
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("mode,p_status", [("pull", 200), ("pull", 500), ("push", 200)])
+def test_client_kv_transfer_params_never_reach_p_or_d(mode, p_status):
+    seen, _, health = asyncio.run(run_flow(mode, False, p_status=p_status, extra=CLIENT_PARAMS))
+    assert {n for n, _ in seen} == {"P", "D"}
+    for _, body in seen:
+        sent = json.dumps(body)
+        assert "203.0.113.9" not in sent and "169.254.169.254" not in sent
+    assert health["client_params_dropped"] == 1
+
+
+@pytest.mark.timeout(30)
+def test_non_object_body_is_refused_with_400():
+    async def go():
+        client = TestClient(TestServer(make_app(Router(["http://p"], ["http://d"]))))
+        await client.start_server()
+        try:
+            r = await client.post("/v1/completions", json=["not", "an", "object"])
+            assert r.status == 400 and "JSON object" in await r.text()
+        finally:
+            await client.close()
+    asyncio.run(go())

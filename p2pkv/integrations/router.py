@@ -17,7 +17,9 @@ P writes the prompt's KV straight into D's blocks. If D's answer does not come
 within --need-timeout seconds, P gets the request anyway (0: send to P at once,
 without asking). If P fails in pull mode, D gets the plain request and computes the
 prompt itself. Several --prefill / --decode URLs are used in turn (with push,
---prefill-kv-address pairs with --prefill by position).
+--prefill-kv-address pairs with --prefill by position). A client's own
+`kv_transfer_params` are dropped: only the router tells P and D where to send KV
+and whom to call back, so a client cannot point D at another host or URL.
 """
 from __future__ import annotations
 
@@ -106,6 +108,11 @@ class Router:
             body = await request.json()
         except ValueError:
             raise web.HTTPBadRequest(text="request body is not JSON") from None
+        if not isinstance(body, dict):
+            raise web.HTTPBadRequest(text="request body must be a JSON object")
+        if body.pop("kv_transfer_params", None) is not None:
+            self.stats["client_params_dropped"] += 1
+            log.debug("dropped the client's kv_transfer_params: only the router sets them")
         p_url, p_kv = next(self._p)
         d_url = next(self._d)
         if self.mode == "pull":
