@@ -32,7 +32,7 @@ for s in $STEPS; do
            $PY -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(), torch.cuda.device_count())'" ;;
     build) step build 300 "$PY" -m p2pkv.kernels build ;;
     test) step test "${TEST_LIMIT:-240}" "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_cuda_ipc.py tests/test_nccl.py \
-            tests/test_tcp_cuda.py -k "${TEST_K:-not nothing}" ;;
+            tests/test_tcp_cuda.py ${TEST_K:+-k "$TEST_K"} ;;
     kbench) step kbench 180 "$PY" bench/kernel_bench.py --tokens $KTOKENS --json "$OUT/kernel_bench.json" ;;
     pair)  # two processes, cuda_ipc and tcp on CUDA tensors, same-run baselines (bench/gpu_pair_bench.py)
       for b in ${BACKENDS:-cuda_ipc tcp}; do
