@@ -2,6 +2,7 @@
 the timeout, and the survivor keeps serving others."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import time
@@ -14,6 +15,8 @@ from p2pkv.transport import PeerClosedError, TransferError, TransferTimeout, get
 from peer import build
 from procs import peer_process, wait_errors
 
+SOCKET_BACKENDS = ["tcp", pytest.param("ucx", marks=pytest.mark.skipif(
+    importlib.util.find_spec("ucxx") is None, reason="ucxx is not installed (pip install 'p2pkv[ucx]')"))]
 BIG = {"layout": "vllm", "dtype": "fp32", "blocks": 256, "layers": 8, "block_size": 16, "heads": 8, "head_size": 64}
 
 
@@ -60,3 +63,27 @@ def test_peer_that_stops_reading_times_out_instead_of_hanging():
                         h.wait(5)
             finally:
                 os.kill(d.proc.pid, signal.SIGCONT)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", SOCKET_BACKENDS)
+def test_peer_killed_mid_read_fails_pending_requests_with_peer_and_request(backend):
+    cfg = {**BIG, "blocks": 512}
+    with peer_process(backend, [cfg]) as p:
+        d, spec = build({**cfg, "seed": 1})
+        with get_transport(backend, timeout=5) as tr:
+            tr.register(d, spec)
+            peer = tr.connect(p.addresses[0])
+            handles = [tr.read(peer, plan_segments(peer.spec, spec, np.arange(512), np.arange(512)), f"big-{i}")
+                       for i in range(20)]
+            handles[0].wait(20)
+            os.kill(p.proc.pid, signal.SIGKILL)
+            t0 = time.monotonic()
+            errors = wait_errors(handles[1:])
+            assert time.monotonic() - t0 < 10
+            assert errors, "killing P must fail the requests still in flight"
+            assert all(isinstance(e, (PeerClosedError, TransferTimeout)) for e in errors)
+            assert errors[-1].request_id == "big-19" and p.addresses[0] in str(errors[-1])
+            late = tr.read(peer, plan_segments(peer.spec, spec, [0], [0]), "late")
+            with pytest.raises(PeerClosedError, match="late"):
+                late.wait(5)

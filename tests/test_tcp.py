@@ -2,8 +2,6 @@
 layout and dtype, both directions, and the failures a user meets."""
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import threading
 import time
@@ -17,7 +15,7 @@ from p2pkv.layout import PRESETS, make_kv_caches, plan_segments
 from p2pkv.transport import PeerClosedError, TransferError, TransferTimeout, get_transport
 from p2pkv.wire import AuthError, HandshakeError
 from peer import build
-from procs import peer_process, wait_errors
+from procs import peer_process
 
 DTYPES = ["bf16", "fp16", "fp32"] + (["fp8"] if hasattr(torch, "float8_e4m3fn") else [])
 
@@ -192,28 +190,6 @@ def test_stalled_peer_times_out_instead_of_hanging():
             assert time.monotonic() - t0 < 5
     finally:
         srv.close()
-
-
-@pytest.mark.timeout(60)
-def test_peer_killed_mid_transfer_fails_pending_requests_with_peer_and_request():
-    cfg = {"layout": "vllm", "dtype": "fp32", "blocks": 512, "layers": 8, "block_size": 16, "heads": 8, "head_size": 64}
-    with peer_process("tcp", [cfg]) as p:
-        d, spec = build({**cfg, "seed": 1})
-        with get_transport("tcp", timeout=5) as tr:
-            tr.register(d, spec)
-            peer = tr.connect(p.addresses[0])
-            handles = [tr.read(peer, plan_segments(peer.spec, spec, np.arange(512), np.arange(512)), f"big-{i}")
-                       for i in range(20)]
-            os.kill(p.proc.pid, signal.SIGKILL)
-            t0 = time.monotonic()
-            errors = wait_errors(handles)
-            assert time.monotonic() - t0 < 10
-            assert errors, "killing P must fail the requests still in flight"
-            assert all(isinstance(e, (PeerClosedError, TransferTimeout)) for e in errors)
-            assert errors[-1].request_id == "big-19" and p.addresses[0] in str(errors[-1])
-            late = tr.read(peer, plan_segments(peer.spec, spec, [0], [0]), "late")
-            with pytest.raises(PeerClosedError, match="late"):
-                late.wait(5)
 
 
 def _random_iov(rng, arena: np.ndarray, n: int, max_len: int) -> np.ndarray:

@@ -18,7 +18,7 @@ import torch
 from kvcheck import assert_same, expected_after
 from p2pkv.layout import PRESETS, make_kv_caches, plan_segments
 from p2pkv.segments import Segments
-from p2pkv.transport import PeerClosedError, TransferError, TransferTimeout, get_transport
+from p2pkv.transport import TransferTimeout, get_transport
 from peer import build
 from procs import peer_process
 
@@ -222,35 +222,6 @@ def test_both_directions_and_notifs_between_two_transports_of_one_process():
     finally:
         a.close()
         b.close()
-
-
-@needs_ucxx
-@pytest.mark.timeout(60)
-def test_peer_killed_mid_transfer_fails_pending_requests_with_peer_and_request():
-    cfg = {"layout": "vllm", "dtype": "fp32", "blocks": 512, "layers": 8, "block_size": 16, "heads": 8, "head_size": 64}
-    with peer_process("ucx", [cfg]) as p:
-        d, spec = build({**cfg, "seed": 1})
-        with get_transport("ucx", timeout=5) as tr:
-            tr.register(d, spec)
-            peer = tr.connect(p.addresses[0])
-            handles = [tr.read(peer, plan_segments(peer.spec, spec, np.arange(512), np.arange(512)), f"big-{i}")
-                       for i in range(20)]
-            handles[0].wait(20)
-            os.kill(p.proc.pid, signal.SIGKILL)
-            t0 = time.monotonic()
-            errors = []
-            for h in handles[1:]:
-                try:
-                    h.wait(10)
-                except TransferError as e:
-                    errors.append(e)
-            assert time.monotonic() - t0 < 10
-            assert errors, "killing P must fail the requests still in flight"
-            assert all(isinstance(e, (PeerClosedError, TransferTimeout)) for e in errors)
-            assert errors[-1].request_id == "big-19" and p.addresses[0] in str(errors[-1])
-            late = tr.read(peer, plan_segments(peer.spec, spec, [0], [0]), "late")
-            with pytest.raises(PeerClosedError, match="late"):
-                late.wait(5)
 
 
 @pytest.mark.slow
