@@ -108,6 +108,9 @@ class KVCacheSpec:
         tensors = list(tensors)
         if not tensors:
             raise ValueError("no KV tensors given")
+        for i, t in enumerate(tensors):
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"KV tensor {i} is a {type(t).__name__}, not a torch.Tensor")
         dtypes = {t.dtype for t in tensors}
         if len(dtypes) != 1:
             raise ValueError(f"KV tensors have mixed dtypes {sorted(map(str, dtypes))}; register one dtype per spec")
@@ -164,12 +167,12 @@ def _strip_names(content: tuple[Any, ...]) -> tuple[int, ...]:
 def _region_of(t: torch.Tensor, index: int, num_blocks: int | None, block_dim: int | None,
                dim_names: Sequence[str] | None) -> RegionSpec:
     where = f"KV tensor {index} (shape {list(t.shape)}, strides {list(t.stride())})"
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"KV tensor {index} is a {type(t).__name__}, not a torch.Tensor")
     if t.is_sparse or t.layout != torch.strided:
         raise ValueError(f"{where} is not a strided dense tensor")
     if t.dim() == 0:
         raise ValueError(f"{where} has no block dim")
+    if t.numel() == 0:
+        raise ValueError(f"{where} is empty: every dim must have a positive size")
     if dim_names is not None and len(dim_names) != t.dim():
         raise ValueError(f"{where}: dim_names {list(dim_names)} must name all {t.dim()} dims")
     if block_dim is None:
@@ -179,7 +182,10 @@ def _region_of(t: torch.Tensor, index: int, num_blocks: int | None, block_dim: i
         if len(cands) != 1:
             raise ValueError(f"{where}: cannot tell the block dim: {len(cands)} dims have size {num_blocks}; pass block_dim=")
         block_dim = cands[0]
-    block_dim = block_dim % t.dim()
+    if not isinstance(block_dim, (int, np.integer)) or not -t.dim() <= block_dim < t.dim():
+        raise ValueError(f"{where}: block_dim {block_dim!r} is not a dim of a {t.dim()}-dim tensor; "
+                         f"pass an int in [{-t.dim()}, {t.dim()})")
+    block_dim = int(block_dim) % t.dim()
     if num_blocks is not None and t.shape[block_dim] != num_blocks:
         raise ValueError(f"{where}: dim {block_dim} has {t.shape[block_dim]} blocks, expected {num_blocks}")
     if any(s < 0 for s in t.stride()):
@@ -196,8 +202,6 @@ def _region_of(t: torch.Tensor, index: int, num_blocks: int | None, block_dim: i
         run *= inner[k - 1][0]
         k -= 1
     outer = inner[:k]
-    if any(s == 0 for s, _, _ in outer):
-        raise ValueError(f"{where} is empty")
     offsets = np.zeros(1, dtype=np.int64)
     for size, stride, _ in outer:
         offsets = (offsets[:, None] + np.arange(size, dtype=np.int64)[None, :] * stride).reshape(-1)
@@ -250,25 +254,50 @@ def _spec_pieces(src: KVCacheSpec, dst: KVCacheSpec) -> list[np.ndarray]:
     return pieces
 
 
-def plan_segments(src: KVCacheSpec, dst: KVCacheSpec, src_blocks: Sequence[int] | np.ndarray,
-                  dst_blocks: Sequence[int] | np.ndarray, *, check: bool = True) -> Segments:
+_PASS_IDS = "pass block ids (not a mask) as a list of ints or a 1-D integer numpy array or torch tensor"
+
+
+def _block_ids(ids: Any, side: str, num_blocks: int) -> np.ndarray:
+    """`ids` as a flat int64 array of block ids in [0, num_blocks), or a ValueError saying what is wrong."""
+    if isinstance(ids, torch.Tensor):
+        if ids.dtype.is_floating_point or ids.dtype.is_complex:
+            raise ValueError(f"{side} block ids must be integers, got {ids.dtype}; {_PASS_IDS}")
+        ids = ids.detach().cpu().numpy()
+    try:
+        a = np.asarray(ids)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{side} block ids are not a flat sequence of integers ({e}); {_PASS_IDS}") from None
+    if a.dtype.kind not in "iu" and a.size:
+        odd = [x for x in a.flat if not isinstance(x, (int, np.integer))] if a.dtype == object else [a]
+        if odd:
+            got = f"dtype {a.dtype}" if odd[0] is a else f"{type(odd[0]).__name__} {odd[0]!r}"
+            raise ValueError(f"{side} block ids must be integers, got {got}; {_PASS_IDS}")
+    if a.ndim > 1:
+        raise ValueError(f"{side} block ids must be one-dimensional, got shape {a.shape}; {_PASS_IDS}")
+    a = a.reshape(-1)
+    if a.size and (a.min() < 0 or a.max() >= num_blocks):
+        bad = next(x for x in a.tolist() if not 0 <= x < num_blocks)
+        raise ValueError(f"{side} block id {bad} out of range [0, {num_blocks})")
+    return a.astype(np.int64, copy=False)
+
+
+def plan_segments(src: KVCacheSpec, dst: KVCacheSpec, src_blocks: Sequence[int] | np.ndarray | torch.Tensor,
+                  dst_blocks: Sequence[int] | np.ndarray | torch.Tensor, *, check: bool = True) -> Segments:
     """The byte segments that copy `src_blocks` of `src` into `dst_blocks` of `dst`.
 
-    Vectorised over blocks, spans and regions; runs contiguous on both sides are
-    merged, so consecutive blocks cost one segment per region and span.
+    Block ids are lists of ints or 1-D integer numpy arrays or torch tensors; a source
+    id may repeat, a destination id may not. Vectorised over blocks, spans and regions;
+    runs contiguous on both sides are merged, so consecutive blocks cost one segment
+    per region and span.
     """
-    s = np.asarray(src_blocks, dtype=np.int64).reshape(-1)
-    d = np.asarray(dst_blocks, dtype=np.int64).reshape(-1)
     if check:
         src.check_compatible(dst)
+    s = _block_ids(src_blocks, "source", src.num_blocks)
+    d = _block_ids(dst_blocks, "destination", dst.num_blocks)
     if len(s) != len(d):
         raise ValueError(f"block id lists differ in length: {len(s)} source ids vs {len(d)} destination ids")
     if len(s) == 0:
         return Segments.empty()
-    for name, ids, spec in (("source", s, src), ("destination", d, dst)):
-        bad = ids[(ids < 0) | (ids >= spec.num_blocks)]
-        if len(bad):
-            raise ValueError(f"{name} block id {int(bad[0])} out of range [0, {spec.num_blocks})")
     if len(np.unique(d)) != len(d):
         u, c = np.unique(d, return_counts=True)
         raise ValueError(f"duplicate destination block id {int(u[c > 1][0])}: two blocks cannot land in one")

@@ -88,6 +88,35 @@ def test_bad_block_ids_are_refused_with_a_clear_message(bad, msg):
         plan_segments(spec, spec, bad["src"], bad["dst"])
 
 
+@pytest.mark.parametrize("src, msg", [
+    ([1.5], r"source block ids must be integers, got dtype float64"),
+    (torch.tensor([1.0]), r"must be integers, got torch.float32"),
+    (["1"], "must be integers"),
+    ([None], "must be integers, got NoneType None"),
+    ([True, False], "must be integers, got dtype bool.*not a mask"),
+    ({1, 2}, "must be integers, got set"),
+    ([[1], [2, 3]], "not a flat sequence of integers"),
+    ([[1, 2], [3, 4]], r"one-dimensional, got shape \(2, 2\)"),
+    ([2 ** 70], f"source block id {2 ** 70} out of range"),
+    (np.array([2 ** 63 + 1], dtype=np.uint64), f"source block id {2 ** 63 + 1} out of range"),
+])
+def test_block_ids_that_are_not_integers_are_refused(src, msg):
+    _, spec = cache("vllm")
+    with pytest.raises(ValueError, match=msg):
+        plan_segments(spec, spec, src, list(range(len(src))))
+
+
+@pytest.mark.parametrize("ids", [np.array([7, 3, 9], dtype=np.int32), np.array([7, 3, 9], dtype=np.uint8),
+                                 torch.tensor([7, 3, 9]), torch.tensor([7, 3, 9], dtype=torch.int32)])
+def test_integer_arrays_and_tensors_of_ids_plan_like_lists(ids):
+    _, spec = cache("vllm")
+    want = plan_segments(spec, spec, [7, 3, 9], [2, 5, 6])
+    got = plan_segments(spec, spec, ids, torch.tensor([2, 5, 6]))
+    assert all(np.array_equal(getattr(got, f), getattr(want, f)) for f in ("region", "src", "dst", "length"))
+    assert len(plan_segments(spec, spec, [], [])) == 0
+    assert plan_segments(spec, spec, [4, 4], [1, 2]).nbytes == 2 * spec.bytes_per_block
+
+
 def test_spec_mismatch_is_refused():
     _, a = cache("vllm", dtype="bf16")
     _, b = cache("vllm", dtype="fp16")
@@ -122,6 +151,9 @@ def test_vllm_cpu_engine_tensor_as_is():
     (lambda: torch.zeros(4, 1, 6).expand(4, 8, 6), "overlap or interleave"),
     (lambda: torch.zeros(1, 8).expand(4, 8), "block stride 0"),
     (lambda: torch.zeros(4, 8).as_strided((4, 8), (2, 1)), "overlap"),
+    (lambda: torch.zeros(8, 0), "is empty"),
+    (lambda: torch.zeros(0, 4), "is empty"),
+    (lambda: np.zeros((4, 8)), "is a ndarray, not a torch.Tensor"),
 ])
 def test_unsupported_tensors_are_refused_with_the_reason(make, msg):
     with pytest.raises(ValueError, match=msg):
@@ -141,6 +173,12 @@ def test_block_dim_must_be_findable():
         KVCacheSpec.from_tensors([torch.zeros(4, 4)], num_blocks=4)
     with pytest.raises(ValueError, match="pass block_dim= or num_blocks="):
         KVCacheSpec.from_tensors([torch.zeros(4, 4)])
+
+
+@pytest.mark.parametrize("block_dim", [2, -3, 1.0])
+def test_block_dim_outside_the_tensor_is_refused(block_dim):
+    with pytest.raises(ValueError, match=r"block_dim .* is not a dim of a 2-dim tensor"):
+        KVCacheSpec.from_tensors([torch.zeros(8, 4)], block_dim=block_dim)
 
 
 def test_spec_round_trips_through_a_dict():
