@@ -8,8 +8,10 @@ torchrun rank 0 is P and rank 1 is D and they meet through torchrun's store.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
+import math
 import os
 import resource
 import statistics
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 
 from p2pkv.layout import PRESETS, KVCacheSpec, dtype_from_name, make_kv_caches, plan_segments
-from p2pkv.transport import get_transport
+from p2pkv.transport import available_transports, get_transport, transport_factory
 from p2pkv.transport.base import Transport
 
 __all__ = ["add_arguments", "main", "format_table"]
@@ -32,23 +34,51 @@ RESULT_TAG = "P2PKV_RESULT "
 P_SEED, D_SEED = 1234, 98765
 
 
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least `minimum`, refused with the bound in the message."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
+MAX_TIMEOUT = 1e6
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds in (0, MAX_TIMEOUT] (sockets refuse larger ones)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0 and at most {MAX_TIMEOUT:g}, got {text}")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="tcp", help="transport(s), comma separated: tcp, nccl, ucx, cuda_ipc (default tcp)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--layers", type=int, default=32)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--head-size", type=int, default=128)
+    p.add_argument("--layers", type=_at_least(1), default=32)
+    p.add_argument("--block-size", type=_at_least(1), default=16)
+    p.add_argument("--kv-heads", type=_at_least(1), default=8)
+    p.add_argument("--head-size", type=_at_least(1), default=128)
     p.add_argument("--dtype", default="bf16", help="bf16, fp16, fp32 or fp8 (e4m3)")
     p.add_argument("--layout", default="vllm", choices=list(PRESETS))
-    p.add_argument("--tokens", type=int, nargs="+", default=[2048], help="tokens per request (several values: one row each)")
-    p.add_argument("--requests", type=int, default=4, help="requests per iteration, each its own random blocks")
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--tokens", type=_at_least(1), nargs="+", default=[2048],
+                   help="tokens per request (several values: one row each)")
+    p.add_argument("--requests", type=_at_least(1), default=4, help="requests per iteration, each its own random blocks")
+    p.add_argument("--iters", type=_at_least(1), default=5)
+    p.add_argument("--warmup", type=_at_least(0), default=1)
     p.add_argument("--json", metavar="PATH", help="write machine-readable results here (by P / rank 0)")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of GB/s against tokens per request (needs matplotlib)")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds before a stalled transfer is an error")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=_seconds, default=120.0, help="seconds before a stalled transfer is an error")
+    p.add_argument("--seed", type=_at_least(0), default=0)
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="backend option passed to get_transport (repeatable), e.g. pack_threshold=65536")
     p.add_argument("--role", choices=["p", "d"], help=argparse.SUPPRESS)
@@ -60,6 +90,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _num_blocks(args: argparse.Namespace) -> tuple[int, int]:
     per_req = max(-(-t // args.block_size) for t in args.tokens)
     return per_req, per_req * args.requests + max(8, per_req * args.requests // 8)
+
+
+def _cache_bytes(args: argparse.Namespace) -> tuple[int, int]:
+    """Bytes of one rank's KV cache and of its largest tensor (D's verification holds two more of those)."""
+    _, nb = _num_blocks(args)
+    block, heads, head = args.block_size, args.kv_heads, args.head_size
+    per_block = block * head if args.layout == "mla" else 2 * block * heads * head
+    per_layer = nb * per_block * dtype_from_name(args.dtype).itemsize
+    total = per_layer * args.layers
+    return total, total if args.layout == "cross_layer" else per_layer
 
 
 FILL_CHUNK = 4 << 20
@@ -108,17 +148,107 @@ def _verify(args: argparse.Namespace, tensors: list[torch.Tensor], last_src: dic
 
 # --------------------------------------------------------------------------------------------- roles
 
-def _options(args: argparse.Namespace) -> dict[str, Any]:
+_KINDS: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool, int), "str": (str,),
+                                       "bytes": (str,), "None": (type(None),), "dict": (dict,), "list": (list,)}
+
+
+def _constructor_params(backend: str) -> dict[str, inspect.Parameter] | None:
+    """The keyword options a backend's constructor chain takes (raises for an unknown backend); None when
+    the chain ends open (**kw), so any key may be valid."""
+    params: dict[str, inspect.Parameter] = {}
+    for cls in getattr(transport_factory(backend), "__mro__", ()):
+        init = cls.__dict__.get("__init__")
+        if init is None or cls is object:
+            continue
+        sig = inspect.signature(init)
+        params.update({n: p for n, p in sig.parameters.items() if n != "self" and n not in params
+                       and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)})
+        if all(p.kind is not p.VAR_KEYWORD for p in sig.parameters.values()):
+            return params
+    return None
+
+
+def _kinds(annotation: Any) -> tuple[list[str], tuple[type, ...]]:
+    """The names and Python types an annotation allows; no types when it names something else."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "?")
+    names = [a.strip().split("[")[0] for a in text.split("|")]
+    return names, tuple(k for n in names for k in _KINDS[n]) if all(n in _KINDS for n in names) else ()
+
+
+def _options(args: argparse.Namespace, backend: str) -> dict[str, Any]:
+    """--timeout and the --option pairs for `backend`, each value read as JSON unless the backend wants text;
+    a key the backend does not take, or a value of another kind, is refused before any cache is built."""
+    params = _constructor_params(backend)
     out: dict[str, Any] = {"timeout": args.timeout}
     for kv in args.option:
         k, sep, v = kv.partition("=")
-        if not sep:
-            raise SystemExit(f"--option {kv!r} is not KEY=VALUE")
+        if not sep or not k:
+            raise ValueError(f"--option {kv!r} is not KEY=VALUE")
         try:
-            out[k] = json.loads(v)
+            value = json.loads(v)
         except ValueError:
-            out[k] = v
+            value = v
+        if params is not None:
+            if k not in params:
+                raise ValueError(f"--option {k}: backend {backend!r} takes no such option; "
+                                 f"it takes {', '.join(sorted(params))}")
+            names, kinds = _kinds(params[k].annotation)
+            if kinds and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
+                if str not in kinds:
+                    raise ValueError(f"--option {k}={v!r}: backend {backend!r} expects {' or '.join(names)}")
+                value = v
+        out[k] = value
     return out
+
+
+def _check_output(flag: str, path: str | None) -> None:
+    """Refuse a --json or --plot path that cannot be written, before the run rather than after it."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        example = os.path.join(path, "bench.png" if flag == "--plot" else "bench.json")
+        raise ValueError(f"{flag} {path!r} is a folder; give a file path such as {example!r}")
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag} {path!r}: folder {folder!r} does not exist; create it first")
+    ext = os.path.splitext(path)[1].lstrip(".").lower()
+    if flag == "--plot" and ext:
+        try:
+            from matplotlib.backend_bases import FigureCanvasBase
+        except ImportError:
+            return
+        kinds = FigureCanvasBase.get_supported_filetypes()
+        if ext not in kinds:
+            raise ValueError(f"--plot {path!r}: matplotlib cannot write .{ext}; use one of {', '.join(sorted(kinds))}")
+
+
+def _available_memory(device: str) -> int | None:
+    """Bytes free now for the cache: host MemAvailable, or the free memory of this rank's GPU; None if unknown."""
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            return None
+        return torch.cuda.mem_get_info(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_memory(args: argparse.Namespace, local_pair: bool) -> None:
+    """Refuse a shape whose caches cannot fit, before allocating: P's and D's caches (both here without
+    torchrun, on one host or GPU) plus D's two verification copies of its largest tensor."""
+    cache, largest = _cache_bytes(args)
+    is_d = local_pair or int(os.environ.get("RANK", "0")) == 1
+    need = cache * (2 if local_pair and args.device == "cpu" else 1) + (2 * largest if is_d else 0)
+    free = _available_memory(args.device)
+    if free is not None and need > free:
+        raise ValueError(f"this run needs {need / 2**30:.1f} GiB of {args.device} memory ({cache / 2**30:.1f} GiB "
+                         f"of KV cache per rank) but {free / 2**30:.1f} GiB is available; "
+                         "lower --tokens, --requests or --layers")
 
 
 def _device(args: argparse.Namespace) -> str:
@@ -148,7 +278,7 @@ def run_d(args: argparse.Namespace, backend: str, p_address: str) -> list[dict[s
     device = _device(args)
     rss_base = _rss_mib()
     tensors, spec = _build(args, device, D_SEED + args.seed)
-    tr: Transport = get_transport(backend, **_options(args))
+    tr: Transport = get_transport(backend, **_options(args, backend))
     rows = []
     try:
         tr.register(tensors, spec)
@@ -216,9 +346,9 @@ def run_p(args: argparse.Namespace, backend: str, publish: Callable[[str], None]
           collect: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """P's side: register the random cache, serve D until it reports, return D's rows."""
     device = _device(args)
-    tensors, spec = _build(args, device, P_SEED + args.seed)
-    tr: Transport = get_transport(backend, **_options(args))
+    tr: Transport = get_transport(backend, **_options(args, backend))
     try:
+        tensors, spec = _build(args, device, P_SEED + args.seed)
         tr.register(tensors, spec)
         publish(tr.address)
         return collect()
@@ -323,16 +453,21 @@ def _plot(rows: list[dict[str, Any]], path: str) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    if min(args.layers, args.block_size, args.kv_heads, args.head_size, args.requests, args.iters, *args.tokens) <= 0 \
-            or args.warmup < 0:
-        raise SystemExit("--layers, --block-size, --kv-heads, --head-size, --tokens, --requests and --iters must be positive")
     dtype_from_name(args.dtype)
     backends = [b.strip() for b in args.backend.split(",") if b.strip()]
+    if not backends:
+        raise ValueError(f"--backend names no transport; choose from {', '.join(available_transports())}")
+    for backend in backends:
+        _options(args, backend)
     if args.role == "d":
         rows = run_d(args, backends[0], args.connect)
         print(RESULT_TAG + json.dumps(rows), flush=True)
         return 0
     under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if int(os.environ.get("RANK", "0")) == 0:
+        _check_output("--json", args.json)
+        _check_output("--plot", args.plot)
+    _check_memory(args, local_pair=not under_torchrun)
     if "nccl" in backends and args.device == "cuda" and torch.cuda.is_available() and torch.cuda.device_count() < 2:
         raise SystemExit("--backend nccl --device cuda needs two GPUs, one per rank (NCCL refuses two ranks on one "
                          "GPU); this machine has one. Use --device cpu (gloo), or --backend cuda_ipc for two "

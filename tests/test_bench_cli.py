@@ -76,3 +76,69 @@ def test_bench_under_torchrun_rank0_is_p_and_writes_the_json(tmp_path):
     rows = json.loads(out.read_text())["results"]
     assert len(rows) == 1 and rows[0]["verified"] is True and rows[0]["backend"] == "tcp"
     assert proc.stdout.count("verified") == 1  # only rank 0 prints the table
+
+
+SMALL = ["--layers", "2", "--tokens", "32", "--requests", "1", "--iters", "1", "--warmup", "0"]
+
+
+def _bench(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "p2pkv", "bench", *SMALL, *argv], capture_output=True, text=True,
+                          timeout=90)
+
+
+@pytest.mark.parametrize("argv,says", [(["--tokens", "0"], "argument --tokens: must be at least 1, got 0"),
+                                       (["--requests", "0"], "argument --requests: must be at least 1"),
+                                       (["--iters", "0"], "argument --iters: must be at least 1"),
+                                       (["--block-size", "-16"], "argument --block-size: must be at least 1"),
+                                       (["--layers", "0"], "argument --layers: must be at least 1"),
+                                       (["--warmup", "-1"], "argument --warmup: must be at least 0"),
+                                       (["--seed", "-1"], "argument --seed: must be at least 0"),
+                                       (["--timeout", "0"], "argument --timeout"),
+                                       (["--timeout", "inf"], "argument --timeout"),
+                                       (["--timeout", "nan"], "argument --timeout")])
+def test_a_bad_number_names_its_flag_and_the_allowed_range(argv, says):
+    proc = _bench(*argv)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert says in proc.stderr
+
+
+def test_a_cache_too_big_for_memory_is_refused_before_allocating():
+    proc = _bench("--tokens", "100000000")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "memory" in proc.stderr and "lower --tokens" in proc.stderr
+    assert "allocate" not in proc.stderr
+
+
+@pytest.mark.parametrize("layout", ["vllm", "vllm_cpu", "block_first", "mla", "cross_layer"])
+def test_cache_size_estimate_matches_the_allocation(layout):
+    args = build_parser().parse_args(["bench", "--layers", "3", "--tokens", "40", "--kv-heads", "2", "--head-size", "8",
+                                      "--layout", layout])
+    tensors, _ = benchmark._build(args, "cpu", 0)
+    total, largest = benchmark._cache_bytes(args)
+    assert total == sum(t.nbytes for t in tensors) and largest == max(t.nbytes for t in tensors)
+
+
+@pytest.mark.parametrize("argv,says", [(["--option", "bogus=1"], "staging_bytes"),
+                                       (["--option", "=5"], "KEY=VALUE"),
+                                       (["--option", "staging_bytes=abc"], "--option staging_bytes='abc'"),
+                                       (["--option", "timeout=abc"], "--option timeout='abc'"),
+                                       (["--backend", "nccl", "--option", "pack_threshold=abc"], "pack_threshold='abc'"),
+                                       (["--backend", ","], "--backend names no transport")])
+def test_a_bad_backend_or_option_is_named_before_the_run(argv, says):
+    proc = _bench(*argv)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert says in proc.stderr and "iteration" not in proc.stderr
+
+
+@pytest.mark.parametrize("flag", ["--json", "--plot"])
+def test_an_output_path_in_a_missing_folder_fails_before_the_run(tmp_path, flag):
+    proc = _bench(flag, str(tmp_path / "missing" / "r.png"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "does not exist" in proc.stderr and "iteration" not in proc.stderr
+
+
+def test_a_plot_format_matplotlib_cannot_write_fails_before_the_run(tmp_path):
+    pytest.importorskip("matplotlib")
+    proc = _bench("--plot", str(tmp_path / "r.out"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "cannot write .out" in proc.stderr and "png" in proc.stderr and "iteration" not in proc.stderr

@@ -9,8 +9,8 @@ from typing import Any, Callable
 from p2pkv.transport.base import (Notif, Peer, PeerClosedError, TransferError, TransferHandle, TransferTimeout,
                                   Transport)
 
-__all__ = ["get_transport", "register_transport", "available_transports", "Transport", "TransferHandle", "Peer",
-           "Notif", "TransferError", "PeerClosedError", "TransferTimeout", "BackendUnavailable"]
+__all__ = ["get_transport", "transport_factory", "register_transport", "available_transports", "Transport",
+           "TransferHandle", "Peer", "Notif", "TransferError", "PeerClosedError", "TransferTimeout", "BackendUnavailable"]
 
 _BUILTIN: dict[str, str] = {
     "loopback": "p2pkv.transport.loopback:LoopbackTransport",
@@ -58,6 +58,11 @@ def _load(name: str) -> Callable[..., Transport]:
     if name in eps:
         return eps[name].load()
     raise ValueError(f"unknown transport {name!r}; available: {available_transports()}")
+
+
+def transport_factory(name: str) -> Callable[..., Transport]:
+    """The class (or factory) behind a backend name, not yet called: lets a caller check options first."""
+    return _load(name)
 
 
 def get_transport(name: str, **options: Any) -> Transport:
