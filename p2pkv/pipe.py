@@ -28,6 +28,20 @@ def _dtype(name: Any) -> torch.dtype:
     return dt
 
 
+def _sendable(tensor: Any) -> torch.Tensor:
+    """`tensor` as a dense tensor whose bytes are its values, or a TypeError saying why the pipe cannot send it."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"send_tensor() takes a torch.Tensor or None, got {type(tensor).__name__}")
+    if tensor.is_quantized:
+        raise TypeError(f"the pipe cannot send quantized tensors ({tensor.dtype}): send int_repr() and the "
+                        "quantization parameters instead")
+    if tensor.layout != torch.strided:
+        raise TypeError(f"the pipe sends dense tensors only, got a {tensor.layout} (sparse) tensor: send to_dense()")
+    if tensor.is_meta:
+        raise TypeError("the pipe cannot send a tensor on the meta device: it has no data")
+    return tensor.detach().resolve_conj().resolve_neg().contiguous()
+
+
 class TensorPipe:
     """One direction of an ordered tensor pipe. The receiving end listens (`address`);
     the sending end calls `connect(receiver_address)`."""
@@ -46,6 +60,7 @@ class TensorPipe:
         self._free: collections.deque[int] = collections.deque(range(slots))
         self._pending: dict[int, dict[str, Any]] = {}
         self._seq = 0
+        self._closed = False
 
     @property
     def address(self) -> str:
@@ -53,8 +68,13 @@ class TensorPipe:
 
     def connect(self, receiver_address: str) -> None:
         """Sender side: connect to the receiver and tell it where to send credits."""
+        self._check_open()
         self._peer = self.transport.connect(receiver_address)
         self.transport.send_notif(self._peer, {"pipe": "hello", "address": self.address})
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("pipe is closed")
 
     # ------------------------------------------------------------------ sender
     def _poll(self) -> None:
@@ -69,13 +89,14 @@ class TensorPipe:
 
     def send_tensor(self, tensor: torch.Tensor | None) -> None:
         """Send a tensor (or None) after every earlier one; waits for free slots up to the timeout."""
+        self._check_open()
         if self._peer is None:
             raise RuntimeError("send_tensor() before connect(receiver_address)")
         if tensor is None:
             seq, self._seq = self._seq, self._seq + 1
             self.transport.send_notif(self._peer, {"seq": seq, "none": True})
             return
-        t = tensor.detach().contiguous()
+        t = _sendable(tensor)
         raw = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
         n = raw.numel()
         need = max(1, math.ceil(n / self.slot_bytes))
@@ -103,6 +124,7 @@ class TensorPipe:
     # ------------------------------------------------------------------ receiver
     def recv_tensor(self, timeout: float | None = None) -> torch.Tensor | None:
         """The next tensor in send order (None where None was sent); TimeoutError if none arrives in time."""
+        self._check_open()
         seq = self._seq
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while seq not in self._pending:
@@ -136,4 +158,5 @@ class TensorPipe:
         return out.view(dtype).reshape(shape) if n else torch.empty(shape, dtype=dtype)
 
     def close(self) -> None:
+        self._closed = True
         self.transport.close()

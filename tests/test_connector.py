@@ -371,3 +371,128 @@ def test_a_layer_of_a_planned_request_keeps_its_block_ids_for_device_copies():
     finally:
         p.close()
         d.close()
+
+
+def test_bad_block_ids_offsets_and_request_ids_are_refused_up_front():
+    p, d, *_ = pair("pull")
+    try:
+        for ids, msg in [([1.7, 2], "must be integers"), ([[1, 2]], "one-dimensional"),
+                         ([1, 12], "block id 12 out of range"), ([-1, 2], "block id -1 out of range"),
+                         ([3, 3], "duplicate block id 3")]:
+            with pytest.raises(ValueError, match=msg):
+                d.load("r", ids, peer=p.address, remote_block_ids=[1, 2])
+        with pytest.raises(ValueError, match="remote block id -3"):
+            d.load("r", [1], peer=p.address, remote_block_ids=[-3])
+        with pytest.raises(ValueError, match="remote_offset"):
+            d.load("r", [1], peer=p.address, remote_block_ids=[1], remote_offset=-1)
+        with pytest.raises(TypeError, match="request id"):
+            d.load(5, [1], peer=p.address, remote_block_ids=[1])
+        with pytest.raises(ValueError, match="block id 16 out of range"):
+            p.save("s", [1, 16])
+        with pytest.raises(ValueError, match="must be integers"):
+            p.save("s", [0.5])
+        with pytest.raises(KeyError, match="not held"):
+            p.transfer_params("never-saved")
+        assert p.holding() == {} and not d.busy()
+    finally:
+        p.close()
+        d.close()
+
+
+@pytest.mark.timeout(30)
+def test_calls_before_register_or_after_close_are_refused():
+    c = KVConnector("loopback")
+    p, d, (pt, pspec), _ = pair("pull")
+    try:
+        with pytest.raises(RuntimeError, match="register_kv_caches"):
+            c.save("a", [1])
+        with pytest.raises(RuntimeError, match="register_kv_caches"):
+            c.load("a", [1], peer=p.address, remote_block_ids=[1])
+        with pytest.raises(RuntimeError, match="already registered"):
+            p.register_kv_caches(pt, pspec)
+        d.close()
+        d.close()
+        with pytest.raises(RuntimeError, match="connector is closed"):
+            d.load("a", [1], peer=p.address, remote_block_ids=[1])
+        p.close()
+        with pytest.raises(RuntimeError, match="connector is closed"):
+            p.save("a", [1])
+    finally:
+        c.close()
+        p.close()
+        d.close()
+
+
+@pytest.mark.timeout(30)
+def test_push_load_of_more_blocks_than_the_producer_holds_names_the_missing_ones():
+    p, d, *_ = pair("push")
+    try:
+        p.save("m", [1, 2])
+        d.load("m", [5, 6, 7], peer=p.address)
+        f = wait_finished(d, "m")
+        assert f.failed["m"].blocks == (7,) and "sent only 2 of 3" in f.failed["m"].reason
+    finally:
+        p.close()
+        d.close()
+
+
+def slow_writes(conn: KVConnector, delay: float) -> list[tuple[float, float]]:
+    """Make the connector's transport writes land `delay` s late; returns (posted, ended) times."""
+    import threading
+    from p2pkv.transport import TransferHandle
+    real_write, times = conn.transport.write, []
+
+    def write(peer, segments, request_id=None, notify=None):
+        h, posted = TransferHandle(str(peer), request_id, segments.nbytes), time.monotonic()
+
+        def later():
+            real_write(peer, segments, request_id, notify).wait(5)
+            times.append((posted, time.monotonic()))
+            h._finish()
+        threading.Timer(delay, later).start()
+        return h
+    conn.transport.write = write
+    return times
+
+
+@pytest.mark.timeout(30)
+def test_release_with_push_writes_in_flight_reports_the_hold_only_after_they_end():
+    """The engine frees a released hold's blocks once it hears "saved": no write may
+    still be reading them then."""
+    p, d, *_ = pair("push")
+    times = slow_writes(p, 0.5)
+    try:
+        d.load("r", [1, 2], peer=p.address)
+        p.save("r", [5, 6])
+        end = time.monotonic() + 10
+        while not p._holds["r"].inflight and time.monotonic() < end:
+            time.sleep(0.005)
+        p.release("r")
+        wait_finished(p, "r", "saved", timeout=10)
+        reported = time.monotonic()
+        assert len(times) == 3 and max(e for _, e in times) <= reported
+    finally:
+        p.close()
+        d.close()
+
+
+@pytest.mark.timeout(30)
+def test_consumer_giving_up_stops_the_producer_pushing_further_layers():
+    """After D reported a push load failed (the engine reuses its blocks), P must not
+    start writing the layers it saves later into them."""
+    p, d, *_ = pair("push", load_timeout=0.3)
+    times = slow_writes(p, 0.8)
+    try:
+        d.load("g", [1, 2], peer=p.address)
+        p.save("g", [5, 6], layer=0, final=False)
+        f = wait_finished(d, "g", timeout=5)
+        assert f.failed["g"].blocks == (1, 2)
+        time.sleep(1.2)
+        p.save("g", [5, 6], layer=1, final=False)
+        p.save("g", [5, 6], layer=2)
+        wait_finished(p, "g", "saved", timeout=5)
+        time.sleep(0.3)
+        assert len(times) == 1 and p.metrics["released_aborted"] == 1
+    finally:
+        p.close()
+        d.close()

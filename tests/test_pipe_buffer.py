@@ -131,3 +131,127 @@ def test_lookup_buffer_insert_drop_select_and_backpressure():
         consumer.close()
         for p in pipes:
             p.close()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_pipe_refuses_what_it_cannot_send_and_stays_in_order():
+    tx, rx = make_pipe(slots=4, slot_bytes=256, timeout=2.0)
+    try:
+        q = torch.quantize_per_tensor(torch.ones(4), 0.1, 0, torch.quint8)
+        for bad, msg in [([1, 2], "torch.Tensor"), (q, "quantized"), (torch.eye(2).to_sparse(), "sparse"),
+                         (torch.empty(3, device="meta"), "meta")]:
+            with pytest.raises(TypeError, match=msg):
+                tx.send_tensor(bad)
+        z = torch.tensor([1 + 2j, 3 - 1j]).conj()
+        tx.send_tensor(z)
+        tx.send_tensor(torch.arange(6).reshape(2, 3).t())
+        assert torch.equal(rx.recv_tensor(timeout=5), z.resolve_conj())
+        assert torch.equal(rx.recv_tensor(timeout=5), torch.arange(6).reshape(2, 3).t())
+    finally:
+        tx.close()
+        rx.close()
+
+
+@pytest.mark.timeout(30)
+def test_pipe_used_after_close_says_so_at_once():
+    tx, rx = make_pipe(timeout=10.0)
+    tx.close()
+    rx.close()
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="pipe is closed"):
+        rx.recv_tensor()
+    with pytest.raises(RuntimeError, match="pipe is closed"):
+        tx.send_tensor(torch.ones(1))
+    assert time.monotonic() - t0 < 5
+
+
+@pytest.mark.timeout(30)
+def test_lookup_that_timed_out_never_gets_another_keys_answer():
+    """The producer serves from its first insert on; a lookup made before then times out,
+    and its late answer must not be taken for the answer to a later lookup."""
+    producer, consumer, pipes = buffers(capacity=1 << 20, timeout=1.0)
+    try:
+        with pytest.raises(TimeoutError, match="lookup of 'a'"):
+            consumer.drop_select("a")
+        a, b = [torch.arange(5)], [torch.ones(3)]
+        producer.insert("a", a)
+        producer.insert("b", b)
+        got_b = consumer.drop_select("b")
+        assert got_b is not None and torch.equal(got_b[0], b[0])
+        got_a = consumer.drop_select("a")
+        assert got_a is not None and torch.equal(got_a[0], a[0])
+        assert consumer.drop_select("a") is None
+    finally:
+        producer.close()
+        consumer.close()
+        for p in pipes:
+            p.close()
+
+
+@pytest.mark.timeout(30)
+def test_same_key_inserted_twice_while_waiting_for_space_is_refused():
+    producer, consumer, pipes = buffers(capacity=100, timeout=5.0)
+    try:
+        producer.insert("x", [torch.zeros(100, dtype=torch.uint8)])
+        errors = []
+
+        def put(v):
+            try:
+                producer.insert("k", [torch.full((40,), v, dtype=torch.uint8)])
+            except ValueError as e:
+                errors.append(e)
+        threads = [threading.Thread(target=put, args=(v,)) for v in (1, 2)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        assert consumer.drop_select("x") is not None
+        for t in threads:
+            t.join(10)
+        assert len(errors) == 1 and "already in the buffer" in str(errors[0])
+        assert producer.used_bytes == 40
+    finally:
+        producer.close()
+        consumer.close()
+        for p in pipes:
+            p.close()
+
+
+@pytest.mark.timeout(30)
+def test_lookup_buffer_misuse_is_refused():
+    producer, consumer, pipes = buffers(capacity=100, timeout=5.0)
+    try:
+        with pytest.raises(ValueError, match="timeout"):
+            LookupBuffer(pipes[0], pipes[1], timeout=0)
+        with pytest.raises(TypeError, match="sequence of tensors"):
+            producer.insert("s", torch.zeros(3))
+        with pytest.raises(TypeError, match="list"):
+            producer.insert("n", [[1, 2]])
+        with pytest.raises(TypeError, match="key"):
+            producer.insert(5, [torch.zeros(1)])
+        assert producer.used_bytes == 0
+        producer.insert("full", [torch.zeros(100, dtype=torch.uint8)])
+        errors = []
+
+        def put():
+            try:
+                producer.insert("late", [torch.zeros(10, dtype=torch.uint8)])
+            except RuntimeError as e:
+                errors.append(e)
+        waiter = threading.Thread(target=put)
+        waiter.start()
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        producer.close()
+        waiter.join(10)
+        assert time.monotonic() - t0 < 3 and len(errors) == 1 and "closed" in str(errors[0])
+        with pytest.raises(RuntimeError, match="lookup buffer is closed"):
+            producer.insert("z", [torch.zeros(1)])
+        consumer.close()
+        with pytest.raises(RuntimeError, match="lookup buffer is closed"):
+            consumer.drop_select("z")
+    finally:
+        producer.close()
+        consumer.close()
+        for p in pipes:
+            p.close()

@@ -24,6 +24,36 @@ log = logging.getLogger("p2pkv.connector")
 MODES = ("pull", "push")
 
 
+def _check_request_id(request_id: Any, what: str = "request id") -> str:
+    if not isinstance(request_id, str):
+        raise TypeError(f"{what}s are str, got {type(request_id).__name__} {request_id!r}")
+    return request_id
+
+
+def _block_ids(request_id: str, ids: Any, what: str, num_blocks: int | None = None,
+               distinct: bool = False) -> np.ndarray:
+    """`ids` as a 1-D int64 array (in [0, num_blocks) when given, else non-negative), or a
+    ValueError naming the request and what is wrong with them."""
+    where = f"request {request_id!r}: {what}"
+    try:
+        a = np.asarray(ids.detach().cpu() if isinstance(ids, torch.Tensor) else ids)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where} ids are not a flat sequence of integers ({e})") from None
+    if a.ndim != 1:
+        raise ValueError(f"{where} ids must be one-dimensional, got shape {a.shape}")
+    if a.size and a.dtype.kind not in "iu":
+        raise ValueError(f"{where} ids must be integers, got {a.dtype}")
+    a = a.astype(np.int64)
+    bad = a[(a < 0) | (a >= (num_blocks if num_blocks is not None else np.iinfo(np.int64).max))]
+    if len(bad):
+        limit = f"out of range [0, {num_blocks})" if num_blocks is not None else "is negative"
+        raise ValueError(f"{where} id {int(bad[0])} {limit}")
+    if distinct and len(np.unique(a)) != len(a):
+        u, c = np.unique(a, return_counts=True)
+        raise ValueError(f"{where}: duplicate block id {int(u[c > 1][0])} (two blocks cannot land in one)")
+    return a
+
+
 class KVConnector:
     """Save and load requests' KV blocks between engines (see module docstring).
 
@@ -63,6 +93,10 @@ class KVConnector:
         """Register the engine's KV tensors as they are. `layers[i]` lists the tensor
         indices that hold layer i; by default each tensor is one layer (or, when a
         single tensor holds every layer, that tensor is the one "layer")."""
+        if self._stop.is_set():
+            raise RuntimeError("connector is closed")
+        if self.spec is not None:
+            raise RuntimeError("KV caches are already registered with this connector")
         self.transport.register(tensors, spec)
         self.spec = spec
         self.layers = [list(g) for g in layers] if layers is not None else [[i] for i in range(len(spec.regions))]
@@ -92,14 +126,16 @@ class KVConnector:
         save that makes the request final (by default: once every layer is saved;
         `final=False` keeps it open, e.g. until the engine has finished the request,
         so the end is never reported before the engine lets go of the blocks)."""
+        spec = self._check_usable()
+        _check_request_id(request_id)
+        blocks = _block_ids(request_id, block_ids, "block", spec.num_blocks)
         layers = set(range(self.num_layers)) if layer is None else {self._check_layer(layer)}
         with self._cv:
             h = self._holds.get(request_id)
             if h is None:
-                h = self._holds[request_id] = _Hold(request_id, np.asarray(block_ids, dtype=np.int64), set(),
-                                                    time.monotonic() + self.hold_timeout)
+                h = self._holds[request_id] = _Hold(request_id, blocks, set(), time.monotonic() + self.hold_timeout)
                 self.metrics["saved_requests"] += 1
-            elif len(block_ids) != len(h.blocks) or np.any(h.blocks != np.asarray(block_ids)):
+            elif len(blocks) != len(h.blocks) or np.any(h.blocks != blocks):
                 raise ValueError(f"request {request_id!r}: save() got blocks {list(block_ids)} but earlier layers "
                                  f"were saved from {h.blocks.tolist()}")
             h.saved |= layers
@@ -115,15 +151,22 @@ class KVConnector:
             self._cv.notify_all()
 
     def release(self, request_id: str) -> None:
-        """Drop a hold now (the engine aborted the request); it is reported as saved."""
+        """Drop a hold now (the engine aborted the request); it is reported as saved once
+        no write of its blocks is in flight any more."""
         with self._cv:
-            if request_id in self._holds:
+            h = self._holds.get(request_id)
+            if h is not None and h.inflight:
+                h.stop, h.want = "released_aborted", None
+                del self._holds[request_id]
+            elif h is not None:
                 self._end_hold(request_id, "released_aborted", force=True)
 
     def transfer_params(self, request_id: str) -> dict[str, Any]:
         """What D needs to load a held request: where P is, which blocks, which request."""
         with self._cv:
-            h = self._holds[request_id]
+            h = self._holds.get(request_id)
+            if h is None:
+                raise KeyError(f"request {request_id!r} is not held here (never saved, or already released)")
             return {"remote_address": self.address, "remote_request_id": request_id,
                     "remote_block_ids": h.blocks.tolist(), "mode": self.mode}
 
@@ -140,8 +183,15 @@ class KVConnector:
         Pull needs `remote_block_ids` (P's blocks, in the same order); push sends
         our block ids to P, which writes P's blocks `[remote_offset:]` into them.
         The outcome comes back from `get_finished()`."""
-        blocks = np.asarray(block_ids, dtype=np.int64)
-        remote = None if remote_block_ids is None else np.asarray(remote_block_ids, dtype=np.int64)
+        spec = self._check_usable()
+        _check_request_id(request_id)
+        if remote_request_id is not None:
+            _check_request_id(remote_request_id, "remote request id")
+        blocks = _block_ids(request_id, block_ids, "block", spec.num_blocks, distinct=True)
+        remote = None if remote_block_ids is None else _block_ids(request_id, remote_block_ids, "remote block")
+        if not isinstance(remote_offset, (int, np.integer)) or remote_offset < 0:
+            raise ValueError(f"request {request_id!r}: remote_offset must be a non-negative integer, "
+                             f"got {remote_offset!r}")
         if self.mode == "pull" and (remote is None or len(remote) != len(blocks)):
             raise ValueError(f"request {request_id!r}: pull needs remote_block_ids of the same length as block_ids "
                              f"({len(blocks)}), got {None if remote is None else len(remote)}")
@@ -155,6 +205,7 @@ class KVConnector:
     def discard(self, peer: str, remote_request_id: str) -> None:
         """Tell the producer at `peer` that we will not load `remote_request_id` (e.g. a
         local prefix-cache hit covered it), so it can release its blocks now."""
+        self._check_usable()
         with self._cv:
             self._outbox.append((peer, _msg("cancel", remote_request_id)))
             self._cv.notify_all()
@@ -202,6 +253,13 @@ class KVConnector:
         self.close()
 
     # ----------------------------------------------------------------------- internals
+    def _check_usable(self) -> KVCacheSpec:
+        if self._stop.is_set():
+            raise RuntimeError("connector is closed")
+        if self.spec is None:
+            raise RuntimeError("register_kv_caches() the engine's KV tensors before saving or loading")
+        return self.spec
+
     def _check_layer(self, layer: int) -> int:
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer {layer} out of range [0, {self.num_layers})")
@@ -249,7 +307,11 @@ class KVConnector:
         else:
             failed = set(range(len(ld.blocks))) if error is not None else ld.bad
             blocks = tuple(int(ld.blocks[i]) for i in sorted(failed))
-            reason = error or f"checksum mismatch in {len(ld.bad)} block(s)"
+            missing = set(range(ld.sent, len(ld.blocks))) if ld.sent is not None else set()
+            parts = [f"the producer sent only {ld.sent} of {len(ld.blocks)} blocks"] if missing else []
+            if ld.bad - missing:
+                parts.append(f"checksum mismatch in {len(ld.bad - missing)} block(s)")
+            reason = error or "; ".join(parts)
             self._fin.failed[ld.key] = LoadFailure(blocks, f"request {ld.key!r} from {ld.peer_address}: {reason}")
             self.metrics["load_failures"] += 1
             self.metrics["failed_blocks"] += len(blocks)
@@ -374,8 +436,11 @@ class KVConnector:
                 self._end_load(ld, None)
 
     def _push(self, h: _Hold) -> None:
-        assert h.want is not None and self.spec is not None
-        dst, addr = h.want
+        assert self.spec is not None
+        with self._cv:
+            if self._holds.get(h.key) is not h or h.want is None:
+                return
+            dst, addr = h.want
         try:
             if h.peer is None:
                 h.peer = self.transport.connect(addr)
@@ -387,6 +452,8 @@ class KVConnector:
                 self._end_hold(h.key, "released_error")
             return
         with self._cv:
+            if self._holds.get(h.key) is not h or h.want is None:
+                return
             layers = sorted(h.saved - h.written)
             h.written |= set(layers)
             h.inflight += len(layers)
@@ -403,18 +470,28 @@ class KVConnector:
             hh.add_done_callback(lambda x, h=h: self._on_write(h, x))
 
     def _on_write(self, h: _Hold, x: TransferHandle) -> None:
+        """A push write ended. A hold that was stopped (D gave up, the engine released it,
+        a write failed) ends only once none of its writes is in flight any more."""
         with self._cv:
             h.inflight -= 1
-            if self._holds.get(h.key) is not h:
-                return
             if x.error is not None:
                 log.warning("push of request %r failed: %s", h.key, x.error)
-                self._end_hold(h.key, "released_error")
                 if h.want is not None:
                     self._outbox.append((h.want[1], _msg("abort", h.key, reason=str(x.error))))
+                h.want = None
+                if self._holds.get(h.key) is h:
+                    h.stop = h.stop or "released_error"
+            else:
+                self.metrics["sent_bytes"] += x.nbytes
+            if h.inflight:
                 return
-            self.metrics["sent_bytes"] += x.nbytes
-            if len(h.written) == self.num_layers and h.inflight == 0:
+            if self._holds.get(h.key) is not h:
+                if h.stop is not None:
+                    self.metrics[h.stop] += 1
+                    self._fin.saved.add(h.key)
+            elif h.stop is not None:
+                self._end_hold(h.key, h.stop)
+            elif len(h.written) == self.num_layers:
                 self._end_hold(h.key, "released_confirmed")
 
     def _on_notif(self, n: Notif) -> None:
@@ -425,10 +502,14 @@ class KVConnector:
         with self._cv:
             if kind in ("release", "cancel"):
                 how = "released_confirmed" if kind == "release" else "released_aborted"
-                if key in self._holds and self._holds[key].inflight == 0:
-                    self._end_hold(key, how)
-                elif key not in self._holds:
+                h = self._holds.get(key)
+                if h is None:
                     self._early[key] = (how, time.monotonic() + self.hold_timeout)
+                elif h.inflight:
+                    h.stop, h.want = how, None
+                else:
+                    h.want = None
+                    self._end_hold(key, how)
                 self._wants.pop(key, None)
             elif kind == "want":
                 blocks = np.asarray(m.get("blocks") or [], dtype=np.int64)
@@ -448,6 +529,7 @@ class KVConnector:
                     return
                 n_written = int(m.get("n", len(ld.blocks)))
                 ld.bad |= set(range(n_written, len(ld.blocks)))
+                ld.sent = n_written
                 sums = m.get("sums")
                 if sums is not None:
                     mine = self._block_sums(ld.blocks[:len(sums)], layer)

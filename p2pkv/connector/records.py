@@ -46,6 +46,7 @@ class Hold:
     ready: dict[int, Any] = field(default_factory=dict)
     final: bool = False
     pending_end: str | None = None
+    stop: str | None = None  # how it ends once no write is in flight: D gave up, the engine released it, a write failed
 
 
 @dataclass
@@ -66,6 +67,7 @@ class Load:
     reads_pending: int = 0
     peer: Peer | None = None
     error: str | None = None
+    sent: int | None = None
 
 
 def message(kind: str, key: str, **fields: Any) -> dict[str, Any]:
