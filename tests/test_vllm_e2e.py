@@ -186,6 +186,27 @@ def test_consumer_loads_only_what_its_prefix_cache_lacks():
     assert c.get_num_new_matched_tokens(req, 0) == (0, False)
 
 
+PULL = {"do_remote_prefill": True, "transfer_mode": "pull", "remote_address": "10.0.0.1:7100",
+        "remote_request_id": "p-7", "remote_block_ids": [21, 22, 23], "remote_num_tokens": 70}
+
+
+@pytest.mark.parametrize("bad", [{"remote_block_ids": [21, -1, 23]}, {"remote_block_ids": [21, "22", 23]},
+                                 {"remote_block_ids": [21.0, 22, 23]}, {"remote_block_ids": [True, 22, 23]},
+                                 {"remote_block_ids": "21,22,23"}, {"remote_num_tokens": "70"},
+                                 {"remote_address": 7100}, {"remote_address": "nohost"},
+                                 {"remote_request_id": None}, {"transfer_mode": "pul"},
+                                 {"transfer_mode": "push", "transfer_id": 5},
+                                 {"transfer_mode": "push", "transfer_id": "t", "router_callback": ["x"]}])
+def test_malformed_transfer_params_cost_a_local_prefill_not_the_engine(bad, caplog):
+    c = fake_connector("kv_consumer")
+    req = fake_request(70, {**PULL, **bad})
+    assert c.get_num_new_matched_tokens(req, 0) == (0, False)
+    assert "kv_transfer_params ignored" in caplog.text
+    c.update_state_after_alloc(req, fake_blocks([5, 6, 7], cached=0), 0)
+    meta = c.build_connector_meta(None)
+    assert meta.loads == [] and meta.discards == []
+
+
 def test_kv_both_serves_as_producer_and_consumer_and_single_roles_stay_in_their_lane():
     from vllm.v1.request import RequestStatus
     pull = {"do_remote_prefill": True, "transfer_mode": "pull", "remote_address": "10.0.0.1:7100",

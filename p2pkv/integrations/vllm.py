@@ -155,6 +155,34 @@ class _NeedNotifier:
             self._thread = None
 
 
+def _is_uint(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _params_problem(params: dict[str, Any]) -> str | None:
+    """What is wrong with a consumer's kv_transfer_params, or None. They come with the
+    request, so a malformed set must cost a local prefill, never the engine."""
+    mode = params.get("transfer_mode", "pull")
+    if mode not in ("pull", "push"):
+        return f"transfer_mode {mode!r} is neither 'pull' nor 'push'"
+    if not isinstance(params.get("remote_address"), str) or ":" not in params["remote_address"]:
+        return f"remote_address {params.get('remote_address')!r} is not a 'host:port' string"
+    if mode == "push":
+        if not isinstance(params.get("transfer_id"), str) or not params["transfer_id"]:
+            return f"transfer_id {params.get('transfer_id')!r} is not a non-empty string"
+        if params.get("router_callback") is not None and not isinstance(params["router_callback"], str):
+            return f"router_callback {params['router_callback']!r} is not a URL string"
+        return None
+    if not isinstance(params.get("remote_request_id"), str) or not params["remote_request_id"]:
+        return f"remote_request_id {params.get('remote_request_id')!r} is not a non-empty string"
+    ids = params.get("remote_block_ids")
+    if not isinstance(ids, list) or not ids or not all(_is_uint(b) for b in ids):
+        return "remote_block_ids is not a non-empty list of non-negative integers"
+    if params.get("remote_num_tokens") is not None and not _is_uint(params["remote_num_tokens"]):
+        return f"remote_num_tokens {params['remote_num_tokens']!r} is not a non-negative integer"
+    return None
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -222,13 +250,15 @@ class P2pKvConnector(KVConnectorBase_V1, SupportsHMA):
         params = request.kv_transfer_params
         if not params or not params.get("do_remote_prefill") or not self.is_consumer:
             return 0, False
+        problem = _params_problem(params)
+        if problem is not None:
+            log.warning("request %s: kv_transfer_params ignored, the prompt is computed here: %s",
+                        request.request_id, problem)
+            params["do_remote_prefill"] = False
+            return 0, False
         n = request.num_prompt_tokens
         if params.get("transfer_mode", "pull") == "pull":
-            if not params.get("remote_block_ids") or not params.get("remote_address"):
-                return 0, False
-            n = min(n, int(params.get("remote_num_tokens") or n))
-        elif not params.get("remote_address") or not params.get("transfer_id"):
-            return 0, False
+            n = min(n, params.get("remote_num_tokens") or n)
         elif n - num_computed_tokens <= self.block_size:
             # D's own prefix cache holds every full block of the prompt it can hold (a
             # prefix cache never holds the last token): P is not needed for the rest.
