@@ -1,6 +1,7 @@
 """Ordered tensor pipe and bounded lookup buffer over real loopback sockets."""
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import textwrap
@@ -92,20 +93,30 @@ def test_pipe_across_processes():
         rx.close()
 
 
+@contextlib.contextmanager
 def buffers(capacity, timeout=2.0):
+    """A producer and a consumer LookupBuffer over two pipe pairs on loopback; all closed on exit."""
     p_req, c_data = TensorPipe("tcp"), TensorPipe("tcp")
     p_data, c_req = TensorPipe("tcp"), TensorPipe("tcp")
-    c_req.connect(p_req.address)
-    p_data.connect(c_data.address)
-    producer = LookupBuffer(p_data, p_req, capacity_bytes=capacity, timeout=timeout)
-    consumer = LookupBuffer(c_req, c_data, timeout=timeout)
-    return producer, consumer, [p_req, c_data, p_data, c_req]
+    pipes = [p_req, c_data, p_data, c_req]
+    producer = consumer = None
+    try:
+        c_req.connect(p_req.address)
+        p_data.connect(c_data.address)
+        producer = LookupBuffer(p_data, p_req, capacity_bytes=capacity, timeout=timeout)
+        consumer = LookupBuffer(c_req, c_data, timeout=timeout)
+        yield producer, consumer, pipes
+    finally:
+        for b in (producer, consumer):
+            if b is not None:
+                b.close()
+        for pipe in pipes:
+            pipe.close()
 
 
 @pytest.mark.timeout(60)
 def test_lookup_buffer_insert_drop_select_and_backpressure():
-    producer, consumer, pipes = buffers(capacity=3300)
-    try:
+    with buffers(capacity=3300) as (producer, consumer, pipes):
         a = [torch.arange(250, dtype=torch.int32), torch.ones(10)]
         producer.insert("req-a", a)
         assert producer.used_bytes == 1040
@@ -126,11 +137,6 @@ def test_lookup_buffer_insert_drop_select_and_backpressure():
         assert producer.used_bytes == 1600  # req-b is still held
         with pytest.raises(ValueError, match="exceed"):
             producer.insert("huge", [torch.zeros(1000)])
-    finally:
-        producer.close()
-        consumer.close()
-        for p in pipes:
-            p.close()
 
 
 @pytest.mark.timeout(30)
@@ -170,8 +176,7 @@ def test_pipe_used_after_close_says_so_at_once():
 def test_lookup_that_timed_out_never_gets_another_keys_answer():
     """The producer serves from its first insert on; a lookup made before then times out,
     and its late answer must not be taken for the answer to a later lookup."""
-    producer, consumer, pipes = buffers(capacity=1 << 20, timeout=1.0)
-    try:
+    with buffers(capacity=1 << 20, timeout=1.0) as (producer, consumer, pipes):
         with pytest.raises(TimeoutError, match="lookup of 'a'"):
             consumer.drop_select("a")
         a, b = [torch.arange(5)], [torch.ones(3)]
@@ -182,17 +187,11 @@ def test_lookup_that_timed_out_never_gets_another_keys_answer():
         got_a = consumer.drop_select("a")
         assert got_a is not None and torch.equal(got_a[0], a[0])
         assert consumer.drop_select("a") is None
-    finally:
-        producer.close()
-        consumer.close()
-        for p in pipes:
-            p.close()
 
 
 @pytest.mark.timeout(30)
 def test_same_key_inserted_twice_while_waiting_for_space_is_refused():
-    producer, consumer, pipes = buffers(capacity=100, timeout=5.0)
-    try:
+    with buffers(capacity=100, timeout=5.0) as (producer, consumer, pipes):
         producer.insert("x", [torch.zeros(100, dtype=torch.uint8)])
         errors = []
 
@@ -210,17 +209,11 @@ def test_same_key_inserted_twice_while_waiting_for_space_is_refused():
             t.join(10)
         assert len(errors) == 1 and "already in the buffer" in str(errors[0])
         assert producer.used_bytes == 40
-    finally:
-        producer.close()
-        consumer.close()
-        for p in pipes:
-            p.close()
 
 
 @pytest.mark.timeout(30)
 def test_lookup_buffer_misuse_is_refused():
-    producer, consumer, pipes = buffers(capacity=100, timeout=5.0)
-    try:
+    with buffers(capacity=100, timeout=5.0) as (producer, consumer, pipes):
         with pytest.raises(ValueError, match="timeout"):
             LookupBuffer(pipes[0], pipes[1], timeout=0)
         with pytest.raises(TypeError, match="sequence of tensors"):
@@ -250,8 +243,3 @@ def test_lookup_buffer_misuse_is_refused():
         consumer.close()
         with pytest.raises(RuntimeError, match="lookup buffer is closed"):
             consumer.drop_select("z")
-    finally:
-        producer.close()
-        consumer.close()
-        for p in pipes:
-            p.close()
