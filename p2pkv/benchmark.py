@@ -62,23 +62,23 @@ def _seconds(text: str) -> float:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="tcp", help="transport(s), comma separated: tcp, nccl, ucx, cuda_ipc (default tcp)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--layers", type=_at_least(1), default=32)
-    p.add_argument("--block-size", type=_at_least(1), default=16)
-    p.add_argument("--kv-heads", type=_at_least(1), default=8)
-    p.add_argument("--head-size", type=_at_least(1), default=128)
+    p.add_argument("--backend", default="tcp", help="transport(s), comma separated: tcp, nccl, ucx, cuda_ipc")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both KV caches live")
+    p.add_argument("--layers", type=_at_least(1), default=32, help="KV layers (one tensor each, except cross_layer)")
+    p.add_argument("--block-size", type=_at_least(1), default=16, help="tokens per KV block")
+    p.add_argument("--kv-heads", type=_at_least(1), default=8, help="KV heads per layer")
+    p.add_argument("--head-size", type=_at_least(1), default=128, help="elements per head")
     p.add_argument("--dtype", default="bf16", help="bf16, fp16, fp32 or fp8 (e4m3)")
-    p.add_argument("--layout", default="vllm", choices=list(PRESETS))
+    p.add_argument("--layout", default="vllm", choices=list(PRESETS), help="KV tensor layout preset")
     p.add_argument("--tokens", type=_at_least(1), nargs="+", default=[2048],
                    help="tokens per request (several values: one row each)")
     p.add_argument("--requests", type=_at_least(1), default=4, help="requests per iteration, each its own random blocks")
-    p.add_argument("--iters", type=_at_least(1), default=5)
-    p.add_argument("--warmup", type=_at_least(0), default=1)
+    p.add_argument("--iters", type=_at_least(1), default=5, help="measured iterations")
+    p.add_argument("--warmup", type=_at_least(0), default=1, help="iterations run first and not measured")
     p.add_argument("--json", metavar="PATH", help="write machine-readable results here (by P / rank 0)")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of GB/s against tokens per request (needs matplotlib)")
     p.add_argument("--timeout", type=_seconds, default=120.0, help="seconds before a stalled transfer is an error")
-    p.add_argument("--seed", type=_at_least(0), default=0)
+    p.add_argument("--seed", type=_at_least(0), default=0, help="seed of the random caches and block choices")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="backend option passed to get_transport (repeatable), e.g. pack_threshold=65536")
     p.add_argument("--role", choices=["p", "d"], help=argparse.SUPPRESS)
