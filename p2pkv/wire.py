@@ -20,13 +20,15 @@ import msgpack
 
 __all__ = ["MAGIC", "VERSION", "HEADER", "FrameType", "Frame", "ProtocolError", "HandshakeError", "AuthError",
            "encode_frame", "decode_header", "decode_meta", "send_frame", "recv_frame", "recv_exact", "recv_into_exact",
-           "client_handshake", "server_handshake", "MAX_META", "MAX_PAYLOAD"]
+           "client_handshake", "server_handshake", "MAX_META", "MAX_PAYLOAD", "MAX_REQUEST_ID", "check_request_id",
+           "check_message"]
 
 MAGIC = b"P2KV"
 VERSION = 1
 HEADER = struct.Struct("<4sHHIQ")
 MAX_META = 32 << 20
 MAX_PAYLOAD = 1 << 40
+MAX_REQUEST_ID = 1 << 10  # UTF-8 bytes; ids travel in every request frame and in every error message
 NONCE_BYTES = 32
 
 
@@ -67,6 +69,32 @@ def encode_frame(ftype: FrameType, meta: Mapping[str, Any] | None = None, payloa
     if len(body) > MAX_META:
         raise ProtocolError(f"metadata of {len(body)} bytes exceeds the frame limit of {MAX_META}")
     return HEADER.pack(MAGIC, VERSION, int(ftype), len(body), payload_len) + body
+
+
+def check_request_id(request_id: Any) -> None:
+    """TypeError/ValueError unless `request_id` is None or a str of at most MAX_REQUEST_ID UTF-8 bytes."""
+    if request_id is None:
+        return
+    if not isinstance(request_id, str):
+        raise TypeError(f"request_id must be a str or None, got {type(request_id).__name__} {request_id!r:.80}")
+    try:
+        n = len(request_id.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        raise ValueError(f"request_id {request_id[:40]!r} is not valid text: {e.reason}") from None
+    if n > MAX_REQUEST_ID:
+        raise ValueError(f"request_id {request_id[:40]!r}... is {n} bytes long; the limit is {MAX_REQUEST_ID}")
+
+
+def check_message(message: Any, what: str = "message") -> None:
+    """TypeError unless `message` is a dict the peer can decode: msgpack types only (None, bool, int, float,
+    str, bytes, list, tuple, dict) with str keys at every level."""
+    if not isinstance(message, Mapping):
+        raise TypeError(f"{what} must be a dict of msgpack-able values, got {type(message).__name__}")
+    try:
+        msgpack.unpackb(msgpack.packb(dict(message), use_bin_type=True), raw=False, strict_map_key=True)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise TypeError(f"{what} cannot be sent: {e}; use str keys and msgpack types (None, bool, int, float, "
+                        "str, bytes, list, dict)") from None
 
 
 def decode_header(raw: bytes, max_meta: int = MAX_META, max_payload: int = MAX_PAYLOAD) -> tuple[FrameType, int, int]:

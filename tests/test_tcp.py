@@ -450,3 +450,163 @@ def test_a_request_of_more_rows_than_the_limit_is_refused_before_sending(monkeyp
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("backend", ["tcp", "loopback"])
+@pytest.mark.parametrize("opts, exc, why", [
+    ({"timeout": float("nan")}, ValueError, "positive, finite"),
+    ({"timeout": float("inf")}, ValueError, "positive, finite"),
+    ({"timeout": "5"}, TypeError, "timeout must be a number"),
+    ({"auth_token": 123}, TypeError, "auth_token must be a str or bytes"),
+    ({"auth_token": ""}, ValueError, "auth_token is empty"),
+])
+def test_bad_timeout_and_auth_token_are_refused_up_front(backend, opts, exc, why):
+    with pytest.raises(exc, match=why):
+        get_transport(backend, **opts)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("opts, exc, why", [
+    ({"listen": "127.0.0.1:99999"}, ValueError, "listen address '127.0.0.1:99999': port 99999 is out of range"),
+    ({"listen": 5555}, ValueError, "listen address must be a 'host:port' string, got int"),
+    ({"sock_buf_bytes": -5}, ValueError, "sock_buf_bytes must be at least 0"),
+    ({"staging_bytes": "16M"}, TypeError, "staging_bytes must be an int"),
+    ({"staging_bytes": 0}, ValueError, "staging_bytes must be at least 65536"),
+    ({"hugepages": "no"}, TypeError, "hugepages must be True or False"),
+])
+def test_bad_tcp_options_are_refused_without_leaving_a_listener(opts, exc, why):
+    def accept_threads() -> int:
+        return sum(t.name == "p2pkv-tcp-accept" for t in threading.enumerate())
+    before = accept_threads()
+    with pytest.raises(exc, match=why):
+        get_transport("tcp", **opts)
+    assert accept_threads() == before
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("backend", ["tcp", "loopback"])
+def test_register_refuses_tensors_its_spec_does_not_describe(backend):
+    tensors, spec = _cache()
+    cases = [
+        (lambda: (tensors, _cache(num_blocks=8)[1]), ValueError, "spans 6144 bytes but the spec describes region 0 as 8 blocks"),
+        (lambda: (tensors, _cache(dtype="fp32")[1]), ValueError, "does not match the spec's dtype 'float32'"),
+        (lambda: (tensors[0], spec), ValueError, "1 tensors given for a spec of 2 regions"),
+        (lambda: ([tensors[0], torch.empty_like(tensors[1], device="meta")], spec), ValueError, "several devices"),
+        (lambda: ([1, 2], spec), TypeError, "KV tensor 0 is a int, not a torch.Tensor"),
+        (lambda: (tensors, spec.to_dict()), TypeError, "spec must be a KVCacheSpec"),
+    ]
+    with get_transport(backend) as t:
+        for make, exc, why in cases:
+            with pytest.raises(exc, match=why):
+                t.register(*make())
+        assert t.spec is None
+        t.register(tensors, spec)
+        with pytest.raises(RuntimeError, match="already registered"):
+            t.register(*_cache())
+        assert t.tensors[0] is tensors[0]
+
+
+@pytest.mark.timeout(30)
+def test_bad_request_arguments_are_refused_at_entry_and_the_connection_lives_on():
+    """Each bad argument is a TypeError/ValueError from the call itself; none costs the connection
+    (before, several failed on the handle only after the connection to the peer was dropped)."""
+    from p2pkv.segments import Segments
+    a, b = get_transport("tcp"), get_transport("tcp")
+    try:
+        ta, sa = _cache(fill="random", generator=torch.Generator().manual_seed(2))
+        a.register(ta, sa)
+        b.register(*_cache())
+        peer = b.connect(a.address)
+        conn = b._out[a.address]
+        segs = plan_segments(sa, b.spec, [1], [2])
+        one = np.array([0])
+        calls = [
+            (lambda: b.read(peer, segs, 123), TypeError, "request_id must be a str or None, got int"),
+            (lambda: b.read(peer, segs, "x" * (40 << 20)), ValueError, "is 41943040 bytes long; the limit is 1024"),
+            (lambda: b.write(peer, segs, "w", notify={"k": object()}), TypeError, "notify cannot be sent"),
+            (lambda: b.write(peer, segs, "w", notify={1: 2}), TypeError, "notify cannot be sent: int is not allowed"),
+            (lambda: b.write(peer, segs, "w", notify=["done"]), TypeError, "notify must be a dict"),
+            (lambda: b.write(peer, segs, "w", notify={"k": bytes(40 << 20)}), ValueError,
+             "write request 'w' cannot be sent: metadata of .* exceeds the frame limit"),
+            (lambda: b.send_notif(peer, ["done"]), TypeError, "notification must be a dict"),
+            (lambda: b.send_notif(peer, {3: "x"}), TypeError, "notification cannot be sent"),
+            (lambda: b.read(peer, None, "r"), TypeError, "segments must be a p2pkv Segments"),
+            (lambda: b.read(peer, Segments(one, one * 0.5, one, one + 16), "r"), TypeError,
+             "Segments.src must be a 1-D numpy array of integers"),
+            (lambda: b.read(peer, Segments(np.array([0, 0]), one, one, one + 16), "r"), ValueError,
+             "Segments arrays differ in length: region 2, src 1, dst 1, length 1"),
+            (lambda: b.read(object(), segs, "r"), TypeError, "peer must be a Peer from connect"),
+            (lambda: b.baseline(peer, 0), ValueError, "nbytes must be an int from 1"),
+        ]
+        for call, exc, why in calls:
+            with pytest.raises(exc, match=why):
+                call()
+        b.write(peer, Segments.empty(), "empty", notify={"k": 1}).wait(10)
+        b.read(peer, segs, "good").wait(10)
+        assert b._out[a.address] is conn and conn.dead is None
+        assert torch.equal(b.tensors[0][:, 2].view(torch.uint8), ta[0][:, 1].view(torch.uint8))
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.timeout(30)
+def test_calls_before_register_and_after_close_are_runtime_errors():
+    a = get_transport("tcp")
+    with a, get_transport("tcp") as b:
+        for call in (lambda: b.read(a.address, None), lambda: b.write(a.address, None), lambda: b.send_notif(a.address, {})):
+            with pytest.raises(RuntimeError, match="register"):
+                call()
+        a.register(*_cache())
+        b.register(*_cache())
+        peer = b.connect(a.address)
+        segs = plan_segments(a.spec, b.spec, [1], [2])
+        address = b.address
+        b.close()
+        b.close()
+        assert b.address == address
+        for call in (lambda: b.read(peer, segs, "r"), lambda: b.write(peer, segs, "w"), lambda: b.send_notif(peer, {}),
+                     lambda: b.connect(a.address), lambda: b.register(*_cache()), lambda: b.baseline(peer, 1)):
+            with pytest.raises(RuntimeError, match="tcp transport is closed"):
+                call()
+        assert b.get_notifs() == [] and b.peers() == []
+
+
+@pytest.mark.timeout(30)
+def test_wait_refuses_negative_and_nan_timeouts():
+    from p2pkv.transport import TransferHandle
+    h = TransferHandle("peer-x", "req-w", 0)
+    for bad in (-1, float("nan")):
+        with pytest.raises(ValueError, match="timeout must be >= 0"):
+            h.wait(bad)
+    with pytest.raises(TypeError, match="number of seconds or None"):
+        h.wait("1")
+    with pytest.raises(TransferTimeout, match="req-w"):
+        h.wait(0)
+    h._finish()
+    h.wait(0)
+    h.wait(float("inf"))
+
+
+@pytest.mark.timeout(30)
+def test_a_host_name_that_does_not_resolve_in_time_fails_within_the_timeout(monkeypatch):
+    real, release = socket.getaddrinfo, threading.Event()
+
+    def stuck(host, *a, **kw):
+        if host == "stuck.example":
+            release.wait(20)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *a, **kw)
+    monkeypatch.setattr(socket, "getaddrinfo", stuck)
+    try:
+        with get_transport("tcp", timeout=1) as t:
+            t.register(*_cache())
+            t0 = time.monotonic()
+            with pytest.raises(TransferTimeout, match="stuck.example:5555 failed: cannot connect: cannot resolve host"):
+                t.connect("stuck.example:5555")
+            assert time.monotonic() - t0 < 10
+            with pytest.raises(TransferError, match="no-such-host.invalid:5555"):
+                t.connect("no-such-host.invalid:5555")
+    finally:
+        release.set()

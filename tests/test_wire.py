@@ -11,8 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pkv.wire import (HEADER, MAGIC, MAX_META, VERSION, AuthError, FrameType, HandshakeError, ProtocolError,
-                        client_handshake, decode_header, decode_meta, encode_frame, recv_frame, server_handshake)
+from p2pkv.wire import (HEADER, MAGIC, MAX_META, MAX_REQUEST_ID, VERSION, AuthError, FrameType, HandshakeError,
+                        ProtocolError, check_message, check_request_id, client_handshake, decode_header, decode_meta,
+                        encode_frame, recv_frame, server_handshake)
 
 
 def pair():
@@ -144,3 +145,31 @@ def test_frame_encoding(benchmark):
     meta = {"req": "request-0001", "segs": bytes(24 * 64), "notify": {"done": True}}
     out = benchmark(encode_frame, FrameType.WRITE, meta, 1 << 20)
     assert struct.unpack_from("<4s", out)[0] == MAGIC
+
+
+@pytest.mark.parametrize("rid, cls, msg", [
+    (7, TypeError, "request_id must be a str or None, got int 7"),
+    (b"r1", TypeError, "got bytes"),
+    ("é" * (MAX_REQUEST_ID // 2 + 1), ValueError, f"is {MAX_REQUEST_ID + 2} bytes long; the limit is {MAX_REQUEST_ID}"),
+    ("\ud800", ValueError, "not valid text"),
+])
+def test_bad_request_ids_are_refused(rid, cls, msg):
+    with pytest.raises(cls, match=msg):
+        check_request_id(rid)
+
+
+def test_good_request_ids_and_messages_pass():
+    check_request_id(None)
+    check_request_id("r" * MAX_REQUEST_ID)
+    check_message({"done": True, "ids": [1, 2], "raw": b"x", "sub": {"k": None}})
+
+
+@pytest.mark.parametrize("msg, text", [
+    ([1, 2], "must be a dict of msgpack-able values, got list"),
+    ({"k": {1: "v"}}, "int is not allowed for map key"),
+    ({"k": {1, 2}}, "can not serialize 'set' object"),
+    ({"k": 1 << 70}, "cannot be sent"),
+])
+def test_messages_the_peer_could_not_decode_are_refused(msg, text):
+    with pytest.raises(TypeError, match=text):
+        check_message(msg, "notify")

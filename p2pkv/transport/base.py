@@ -4,6 +4,7 @@ local) asynchronously. Transports know nothing of layers, heads or requests
 beyond the id they carry for error messages."""
 from __future__ import annotations
 
+import numbers
 import sys
 import threading
 from abc import ABC, abstractmethod
@@ -58,6 +59,13 @@ class TransferHandle:
         return self._error
 
     def wait(self, timeout: float | None = None) -> None:
+        """Block until the transfer ends (at most `timeout` seconds; 0 polls, None or inf waits for good)."""
+        if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+                raise TypeError(f"wait() timeout must be a number of seconds or None, got {type(timeout).__name__}")
+            if not timeout >= 0:
+                raise ValueError(f"wait() timeout must be >= 0 seconds (or None to wait for good), got {timeout}")
+            timeout = None if timeout > threading.TIMEOUT_MAX else float(timeout)
         if not self._event.wait(timeout):
             raise TransferTimeout(f"not finished after {timeout:.3g} s", peer=self.peer, request_id=self.request_id)
         if self._error is not None:
@@ -99,6 +107,42 @@ class Notif:
 
     peer: str
     message: dict[str, Any]
+
+
+def _checked_tensors(tensors: Any, spec: Any) -> list[torch.Tensor]:
+    """The KV tensors as a list, or a TypeError/ValueError naming the first way they differ from what
+    `spec` describes (a spec of other tensors would let transfers address memory outside these)."""
+    if spec is None:
+        raise ValueError("register() needs the KVCacheSpec of the tensors (KVCacheSpec.from_tensors(...))")
+    if not isinstance(spec, KVCacheSpec):
+        raise TypeError(f"register() spec must be a KVCacheSpec (KVCacheSpec.from_tensors(...)), "
+                        f"got {type(spec).__name__}")
+    tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"KV tensor {i} is a {type(t).__name__}, not a torch.Tensor")
+    if len(tensors) != len(spec.regions):
+        raise ValueError(f"{len(tensors)} tensors given for a spec of {len(spec.regions)} regions")
+    devices = sorted({str(t.device) for t in tensors})
+    if len(devices) > 1:
+        raise ValueError(f"KV tensors live on several devices {devices}; register the tensors of one device "
+                         "per transport")
+    for i, (t, r) in enumerate(zip(tensors, spec.regions)):
+        where = f"KV tensor {i} (shape {list(t.shape)}, {str(t.dtype).removeprefix('torch.')})"
+        if t.is_meta:
+            raise ValueError(f"{where} is on the meta device: it has no memory to transfer")
+        if str(t.dtype).removeprefix("torch.") != spec.dtype:
+            raise ValueError(f"{where} does not match the spec's dtype {spec.dtype!r}; build the spec from "
+                             "these tensors")
+        esz = t.element_size()
+        extent = (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * esz if t.numel() else 0
+        blocks_fit = any(n == r.num_blocks and (n == 1 or st * esz == r.block_stride)
+                         for n, st in zip(t.shape, t.stride()))
+        if extent != r.nbytes or not blocks_fit:
+            raise ValueError(f"{where} spans {extent} bytes but the spec describes region {i} as {r.num_blocks} blocks "
+                             f"{r.block_stride} bytes apart in {r.nbytes} bytes; build the spec from these tensors, in "
+                             "the same order (KVCacheSpec.from_tensors(...))")
+    return tensors
 
 
 def byte_regions(tensors: Sequence[torch.Tensor], spec: KVCacheSpec) -> list[torch.Tensor]:
@@ -157,8 +201,17 @@ class Transport(ABC):
     name: ClassVar[str] = "?"
 
     def __init__(self, *, timeout: float = 30.0, auth_token: str | bytes | None = None, name: str | None = None):
-        if timeout <= 0:
-            raise ValueError(f"timeout must be positive, got {timeout}")
+        if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+            raise TypeError(f"timeout must be a number of seconds, got {type(timeout).__name__} {timeout!r}")
+        if not 0 < timeout <= threading.TIMEOUT_MAX:
+            raise ValueError(f"timeout must be a positive, finite number of seconds, got {timeout}")
+        if auth_token is not None and not isinstance(auth_token, (str, bytes)):
+            raise TypeError(f"auth_token must be a str or bytes shared secret (or None), "
+                            f"got {type(auth_token).__name__}")
+        if auth_token is not None and not auth_token:
+            raise ValueError("auth_token is empty: pass the same non-empty secret on both sides, or None for no token")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str or None, got {type(name).__name__}")
         self.timeout = float(timeout)
         self.auth_token = auth_token.encode() if isinstance(auth_token, str) else auth_token
         self.local_name = name or f"{self.name}-{id(self):x}"
@@ -167,12 +220,11 @@ class Transport(ABC):
         self.regions: list[torch.Tensor] = []
 
     def register(self, tensors: Sequence[torch.Tensor], spec: KVCacheSpec | None = None) -> KVCacheSpec:
-        """Register the KV tensors (as the engine holds them) that transfers read and write."""
-        tensors = list(tensors)
-        if spec is None:
-            raise ValueError("register() needs the KVCacheSpec of the tensors (KVCacheSpec.from_tensors(...))")
-        if len(tensors) != len(spec.regions):
-            raise ValueError(f"{len(tensors)} tensors given for a spec of {len(spec.regions)} regions")
+        """Register the KV tensors (as the engine holds them) that transfers read and write; once per transport."""
+        if self.spec is not None:
+            raise RuntimeError(f"{self.name} transport: KV memory is already registered; register() may be called "
+                               "once (make a new transport for other tensors)")
+        tensors = _checked_tensors(tensors, spec)
         self.tensors, self.spec = tensors, spec
         self.regions = byte_regions(tensors, spec)
         return spec

@@ -22,14 +22,15 @@ from p2pkv.layout import BlockRows, KVCacheSpec
 from p2pkv.segments import Segments
 from p2pkv.transport.base import (Notif, Peer, PeerClosedError, TransferError, TransferHandle, TransferTimeout,
                                   Transport)
-from p2pkv.wire import (FrameType, HandshakeError, ProtocolError, client_handshake, encode_frame, recv_frame, send_frame,
-                        server_handshake)
+from p2pkv.wire import (FrameType, HandshakeError, ProtocolError, check_message, check_request_id, client_handshake,
+                        encode_frame, recv_frame, send_frame, server_handshake)
 
 __all__ = ["ControlPlaneTransport", "Conn", "LocalRows", "parse_address"]
 
 log = logging.getLogger("p2pkv.transport")
 
 MAX_SEGMENTS = 1 << 21
+MAX_BASELINE = 1 << 34
 
 
 def _tls_contexts(cert: str | None, key: str | None, ca: str | None) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
@@ -50,16 +51,77 @@ def _tls_contexts(cert: str | None, key: str | None, ca: str | None) -> tuple[ss
     return server, client
 
 
-def parse_address(address: str) -> tuple[str, int]:
+def parse_address(address: str, what: str = "peer address") -> tuple[str, int]:
     """'host:port', '[v6]:port' or 'scheme://host:port' → (host, port), or a ValueError that says what is wrong."""
     if not isinstance(address, str):
-        raise ValueError(f"peer address must be a 'host:port' string, got {type(address).__name__}")
+        raise ValueError(f"{what} must be a 'host:port' string, got {type(address).__name__} {address!r:.80}")
     rest = address.split("://", 1)[-1]
     host, sep, port = rest.rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ValueError(f"peer address {address!r} is not 'host:port' (for example '127.0.0.1:5555')")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"{what} {address!r:.80} is not 'host:port' (for example '127.0.0.1:5555')")
+    if int(port) > 65535:
+        raise ValueError(f"{what} {address!r:.80}: port {int(port)} is out of range (0-65535)")
     return host, int(port)
+
+
+def _resolve(host: str, port: int, timeout: float) -> list[tuple]:
+    """`getaddrinfo` for a stream socket, given at most `timeout` seconds (the system resolver has no timeout of
+    its own): socket.timeout when it takes longer, socket.gaierror when the name does not resolve."""
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except OSError as e:
+            out.append(e)
+    t = threading.Thread(target=run, name="p2pkv-resolve", daemon=True)
+    t.start()
+    t.join(timeout)
+    if not out:
+        raise socket.timeout(f"cannot resolve host {host!r} within the {timeout:g} s timeout")
+    if isinstance(out[0], OSError):
+        raise out[0]
+    return out[0]
+
+
+def _dial(host: str, port: int, timeout: float) -> socket.socket:
+    """A connected TCP socket to the first address of `host` that answers, all within `timeout`."""
+    deadline = time.monotonic() + timeout
+    try:
+        infos = _resolve(host, port, timeout)
+    except socket.gaierror as e:
+        raise socket.gaierror(e.errno, f"cannot resolve host {host!r}: {e.strerror}") from None
+    err: OSError = OSError(f"no address for host {host!r}")
+    for family, kind, proto, _, sockaddr in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(max(deadline - time.monotonic(), 1e-3))
+            sock.connect(sockaddr)
+            return sock
+        except OSError as e:
+            sock.close()
+            err = e
+    raise err
+
+
+def _encode(ftype: FrameType, meta: dict[str, Any], nbytes: int, what: str) -> bytes:
+    """A request's frame, built at call entry so that one that cannot be sent is refused with a ValueError."""
+    try:
+        return encode_frame(ftype, meta, nbytes)
+    except ProtocolError as e:
+        raise ValueError(f"{what} cannot be sent: {e}") from None
+
+
+def _check_table(segments: Segments) -> None:
+    """TypeError/ValueError unless the four arrays of hand-made segments are 1-D integer arrays of one length."""
+    arrays = {"region": segments.region, "src": segments.src, "dst": segments.dst, "length": segments.length}
+    for k, a in arrays.items():
+        if not isinstance(a, np.ndarray) or a.ndim != 1 or a.dtype.kind not in "iu":
+            raise TypeError(f"Segments.{k} must be a 1-D numpy array of integers, got "
+                            f"{getattr(a, 'dtype', type(a).__name__)} of shape {getattr(a, 'shape', '?')}")
+    if len({len(a) for a in arrays.values()}) != 1:
+        raise ValueError("Segments arrays differ in length: " + ", ".join(f"{k} {len(a)}" for k, a in arrays.items()))
 
 
 class Conn:
@@ -114,12 +176,14 @@ class ControlPlaneTransport(Transport):
             auth_token = os.environ.get("P2PKV_AUTH_TOKEN") or None
         super().__init__(timeout=timeout, auth_token=auth_token, name=name)
         self._tls_server, self._tls_client = _tls_contexts(tls_cert, tls_key, tls_ca)
-        host, port = parse_address(listen)
+        host, port = parse_address(listen, "listen address")
         try:
             self._listener = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
                                                   backlog=64, reuse_port=False)
         except OSError as e:
             raise OSError(e.errno, f"{self.name} transport cannot listen on {listen}: {e.strerror or e}") from None
+        bound = self._listener.getsockname()
+        self._address = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
         self._host = host
         self._closed = threading.Event()
         self._lock = threading.Lock()
@@ -173,8 +237,15 @@ class ControlPlaneTransport(Transport):
     # -------------------------------------------------------------- public API
     @property
     def address(self) -> str:
-        host, port = self._listener.getsockname()[:2]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return self._address
+
+    def _check_open(self) -> None:
+        if self._closed.is_set():
+            raise RuntimeError(f"{self.name} transport is closed; make a new one")
+
+    def register(self, tensors: Any, spec: KVCacheSpec | None = None) -> KVCacheSpec:
+        self._check_open()
+        return super().register(tensors, spec)
 
     def _info(self) -> dict[str, Any]:
         return {"name": self.local_name, "backend": self.name, "spec": self._require_registered().to_dict(),
@@ -186,18 +257,20 @@ class ControlPlaneTransport(Transport):
         self._require_registered().check_compatible(KVCacheSpec.from_dict(info.get("spec") or {}))
 
     def connect(self, address: str) -> Peer:
+        self._check_open()
         self._require_registered()
-        if self._closed.is_set():
-            raise RuntimeError(f"{self.name} transport is closed")
         host, port = parse_address(address)
         with self._lock:
             conn = self._out.get(address)
             if conn is not None and conn.dead is None:
                 return conn.peer
         try:
-            sock = socket.create_connection((host, port), timeout=self.timeout)
+            sock = _dial(host, port, self.timeout)
+        except socket.timeout as e:
+            raise TransferTimeout(f"cannot connect: {e}", peer=address) from None
         except OSError as e:
             raise PeerClosedError(f"cannot connect: {e}", peer=address) from None
+        sock.settimeout(self.timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             if self._tls_client is not None:
@@ -225,22 +298,28 @@ class ControlPlaneTransport(Transport):
     def write(self, peer: Peer | str, segments: Segments, request_id: str | None = None,
               notify: dict[str, Any] | None = None) -> TransferHandle:
         conn = self._conn(peer)
+        check_request_id(request_id)
+        if notify is not None:
+            check_message(notify, "notify")
         local_rows, nbytes, meta = self._request(conn, segments, pull=False)
         meta.update(req=request_id, notify=notify)
+        frame = _encode(FrameType.WRITE, meta, nbytes, f"write request {request_id!r}")
 
         def run(c: Conn) -> None:
-            send_frame(c.sock, FrameType.WRITE, meta, payload_len=nbytes)
+            c.sock.sendall(frame)
             self._send_plan(c, local_rows, request_id)()
             self._expect_ack(c)
         return self._submit(conn, run, request_id, nbytes)
 
     def read(self, peer: Peer | str, segments: Segments, request_id: str | None = None) -> TransferHandle:
         conn = self._conn(peer)
+        check_request_id(request_id)
         local_rows, nbytes, meta = self._request(conn, segments, pull=True)
         meta["req"] = request_id
+        frame = _encode(FrameType.READ, meta, nbytes, f"read request {request_id!r}")
 
         def ask(c: Conn) -> None:
-            send_frame(c.sock, FrameType.READ, meta, payload_len=nbytes)
+            c.sock.sendall(frame)
 
         def run(c: Conn) -> None:
             go = self._recv_plan(c, local_rows, request_id)  # while the request travels
@@ -257,6 +336,8 @@ class ControlPlaneTransport(Transport):
         on the other side. Other segments travel as the table. Either way everything is checked here,
         before anything is sent; the local rows themselves are computed later, off the round trip."""
         local = self._require_registered()
+        if not isinstance(segments, Segments):
+            raise TypeError(f"segments must be a p2pkv Segments (from plan_segments), got {type(segments).__name__}")
         plan = segments.plan
         rows = self._plan_rows(conn, plan, pull) if plan is not None else None
         side, other = ("dst", "src") if pull else ("src", "dst")
@@ -277,6 +358,7 @@ class ControlPlaneTransport(Transport):
             meta: dict[str, Any] = {"blocks": theirs.astype("<i8").tobytes(),
                                     "regions": None if regions is None else [int(r) for r in regions]}
             return LocalRows(blocks=(rows, mine, side, regions)), rows.nbytes(len(mine), regions), meta
+        _check_table(segments)
         off = segments.dst if pull else segments.src
         Segments.check_bounds(segments.region.astype(np.int64), off, segments.length, [r.nbytes for r in local.regions])
         return LocalRows((segments.region, off, segments.length)), segments.nbytes, {"segs": segments.pack(other)}
@@ -321,7 +403,9 @@ class ControlPlaneTransport(Transport):
 
     def send_notif(self, peer: Peer | str, message: dict[str, Any]) -> None:
         conn = self._conn(peer)
-        h = self._submit(conn, lambda c: send_frame(c.sock, FrameType.NOTIF, {"msg": message}), None, 0)
+        check_message(message, "notification")
+        frame = _encode(FrameType.NOTIF, {"msg": message}, 0, "notification")
+        h = self._submit(conn, lambda c: c.sock.sendall(frame), None, 0)
         h.wait(self.timeout)
 
     def get_notifs(self) -> list[Notif]:
@@ -332,6 +416,9 @@ class ControlPlaneTransport(Transport):
 
     def baseline(self, peer: Peer | str, nbytes: int, iters: int = 1) -> float:
         conn = self._conn(peer)
+        for what, v, hi in (("nbytes", nbytes, MAX_BASELINE), ("iters", iters, 1 << 20)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= v <= hi:
+                raise ValueError(f"baseline() {what} must be an int from 1 to {hi}, got {v!r}")
         times: list[float] = []
 
         def run(c: Conn) -> None:
@@ -377,6 +464,10 @@ class ControlPlaneTransport(Transport):
 
     # -------------------------------------------------------------- internals
     def _conn(self, peer: Peer | str) -> Conn:
+        self._check_open()
+        self._require_registered()
+        if not isinstance(peer, (Peer, str)):
+            raise TypeError(f"peer must be a Peer from connect() or its 'host:port' address, got {type(peer).__name__}")
         address = peer.address if isinstance(peer, Peer) else peer
         with self._lock:
             conn = self._out.get(address)
@@ -553,7 +644,7 @@ class ControlPlaneTransport(Transport):
             return True
         if f.type == FrameType.BASELINE:
             n = f.meta.get("nbytes")
-            if not isinstance(n, int) or not 0 < n <= 1 << 34:
+            if not isinstance(n, int) or not 0 < n <= MAX_BASELINE:
                 raise ProtocolError(f"bad baseline size {n!r}")
             send_frame(sock, FrameType.ACK, {})
             self._baseline_send(conn, n)

@@ -202,9 +202,14 @@ class TcpTransport(ControlPlaneTransport):
 
     def __init__(self, *, staging_bytes: int = 16 << 20, sock_buf_bytes: int = 0, hugepages: bool = True,
                  **kw: Any):
+        for what, v, lo in (("staging_bytes", staging_bytes, 1 << 16), ("sock_buf_bytes", sock_buf_bytes, 0)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"{what} must be an int number of bytes, got {type(v).__name__} {v!r}")
+            if v < lo:
+                raise ValueError(f"{what} must be at least {lo} bytes, got {v}")
+        if not isinstance(hugepages, (bool, int, np.bool_, np.integer)):
+            raise TypeError(f"hugepages must be True or False, got {type(hugepages).__name__} {hugepages!r}")
         super().__init__(**kw)
-        if staging_bytes < 1 << 16:
-            raise ValueError(f"staging_bytes must be at least 64 KiB, got {staging_bytes}")
         self.staging_bytes = int(staging_bytes)
         self.sock_buf_bytes = int(sock_buf_bytes)
         self.hugepages = bool(hugepages)
