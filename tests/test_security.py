@@ -127,3 +127,28 @@ def test_mutual_tls_transfers_and_refuses_plaintext_and_foreign_certs(tmp_path):
         good_transfer(p.address, pt, **certs["d"])
     with pytest.raises(ValueError, match="tls_cert, tls_key and tls_ca"):
         get_transport("tcp", tls_cert=certs["p"]["tls_cert"])
+
+
+UNPICKLING_MODULES = {"pickle", "cPickle", "_pickle", "cloudpickle", "dill", "marshal", "shelve", "joblib"}
+UNPICKLING_CALLS = {"send_object_list", "recv_object_list", "broadcast_object_list", "all_gather_object",
+                    "gather_object", "scatter_object_list", "load"}
+
+
+def test_no_module_of_the_package_can_unpickle():
+    """docs/security.md's promise: nothing that crosses a process is unpickled. No p2pkv module imports a
+    pickling module, calls torch.distributed's object collectives (pickle underneath) or torch.load."""
+    import ast
+    import pathlib
+
+    import p2pkv
+    root = pathlib.Path(p2pkv.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{path.name}:{node.lineno} imports {n}" for n in names if n.split(".")[0] in UNPICKLING_MODULES]
+            if isinstance(node, ast.Attribute) and node.attr in UNPICKLING_CALLS and not (
+                    node.attr == "load" and not (isinstance(node.value, ast.Name) and node.value.id == "torch")):
+                found.append(f"{path.name}:{node.lineno} uses .{node.attr}")
+    assert len(list(root.rglob("*.py"))) > 20 and found == []

@@ -467,6 +467,13 @@ def test_bad_timeout_and_auth_token_are_refused_up_front(backend, opts, exc, why
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize("backend", ["tcp", "loopback"])
+def test_the_name_option_names_the_transport_not_the_backend(backend):
+    with get_transport(backend, name="prefill-0") as t:
+        assert t.local_name == "prefill-0" and t.name == backend
+
+
+@pytest.mark.timeout(30)
 @pytest.mark.parametrize("opts, exc, why", [
     ({"listen": "127.0.0.1:99999"}, ValueError, "listen address '127.0.0.1:99999': port 99999 is out of range"),
     ({"listen": 5555}, ValueError, "listen address must be a 'host:port' string, got int"),

@@ -60,11 +60,11 @@ def _load(name: str) -> Callable[..., Transport]:
     raise ValueError(f"unknown transport {name!r}; available: {available_transports()}")
 
 
-def transport_factory(name: str) -> Callable[..., Transport]:
+def transport_factory(name: str, /) -> Callable[..., Transport]:
     """The class (or factory) behind a backend name, not yet called: lets a caller check options first."""
     return _load(name)
 
 
-def get_transport(name: str, **options: Any) -> Transport:
+def get_transport(name: str, /, **options: Any) -> Transport:
     """Create a transport by name: 'tcp', 'nccl', 'ucx', 'cuda_ipc', 'loopback' or a registered third party."""
     return _load(name)(**options)
