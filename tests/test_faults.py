@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from p2pkv.layout import plan_segments
 from p2pkv.transport import PeerClosedError, TransferError, TransferTimeout, get_transport
@@ -87,3 +88,33 @@ def test_peer_killed_mid_read_fails_pending_requests_with_peer_and_request(backe
             late = tr.read(peer, plan_segments(peer.spec, spec, [0], [0]), "late")
             with pytest.raises(PeerClosedError, match="late"):
                 late.wait(5)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", [*SOCKET_BACKENDS, "nccl"])
+def test_bad_request_arguments_are_refused_at_entry_on_every_cpu_backend(backend):
+    """Backends with their own read/write (nccl, ucx) make the control plane's entry checks too,
+    and the connection still moves good requests afterwards."""
+    from p2pkv.segments import Segments
+    cfg = {"layout": "vllm", "dtype": "fp32", "blocks": 24, "layers": 2, "block_size": 4, "heads": 2, "head_size": 8}
+    with peer_process(backend, [cfg]) as p:
+        d, spec = build({**cfg, "seed": 2})
+        p_tensors, _ = build(cfg)
+        with get_transport(backend, timeout=10) as tr:
+            tr.register(d, spec)
+            peer = tr.connect(p.addresses[0])
+            segs = plan_segments(peer.spec, spec, [1], [2])
+            one = np.array([0])
+            for call, exc, why in [
+                (lambda: tr.read(peer, segs, 123), TypeError, "request_id must be a str or None, got int"),
+                (lambda: tr.read(peer, segs, "x" * 2000), ValueError, "the limit is 1024"),
+                (lambda: tr.write(peer, segs, "w", notify={"k": object()}), TypeError, "notify cannot be sent"),
+                (lambda: tr.write(peer, segs, "w", notify=["done"]), TypeError, "notify must be a dict"),
+                (lambda: tr.read(peer, None, "r"), TypeError, "segments must be a p2pkv Segments"),
+                (lambda: tr.read(peer, Segments(one, one * 0.5, one, one + 16), "r"), TypeError,
+                 "Segments.src must be a 1-D numpy array of integers"),
+            ]:
+                with pytest.raises(exc, match=why):
+                    call()
+            tr.read(peer, segs, "good").wait(20)
+            assert torch.equal(d[0][:, 2].view(torch.uint8), p_tensors[0][:, 1].view(torch.uint8))

@@ -463,6 +463,16 @@ class ControlPlaneTransport(Transport):
                 t.join(timeout=2)
 
     # -------------------------------------------------------------- internals
+    @staticmethod
+    def _check_request(segments: Segments, request_id: str | None, notify: dict[str, Any] | None = None) -> None:
+        """For backends with their own read/write: the entry checks the control plane's own read/write make."""
+        if not isinstance(segments, Segments):
+            raise TypeError(f"segments must be a p2pkv Segments (from plan_segments), got {type(segments).__name__}")
+        _check_table(segments)
+        check_request_id(request_id)
+        if notify is not None:
+            check_message(notify, "notify")
+
     def _conn(self, peer: Peer | str) -> Conn:
         self._check_open()
         self._require_registered()

@@ -386,12 +386,14 @@ class CudaIpcTransport(ControlPlaneTransport):
         return table
 
     def read(self, peer: Peer | str, segments: Segments, request_id: str | None = None) -> TransferHandle:
+        self._check_request(segments, request_id)
         conn = self._live(peer)
         done, nbytes = self._launch(conn, segments, True, request_id)
         return _CudaHandle(conn.peer.name, request_id, nbytes, done, self)
 
     def write(self, peer: Peer | str, segments: Segments, request_id: str | None = None,
               notify: dict[str, Any] | None = None) -> TransferHandle:
+        self._check_request(segments, request_id, notify)
         conn = self._live(peer)
         done, nbytes = self._launch(conn, segments, False, request_id)
         if notify is None:

@@ -461,6 +461,7 @@ class NcclTransport(ControlPlaneTransport):
         A gloo pair's I/O thread holds the pair's lock while bytes stream in, so a receive
         posted mid-stream waits for the stream to pause; posted up front, none waits."""
         conn = self._conn(peer)
+        self._check_request(segments, request_id)
         local = [r.nbytes for r in self._require_registered().regions]
         Segments.check_bounds(segments.region.astype(np.int64), segments.dst, segments.length, local)
 

@@ -255,6 +255,7 @@ class UcxTransport(StagedPath, ControlPlaneTransport):
     def write(self, peer: Peer | str, segments: Segments, request_id: str | None = None,
               notify: dict[str, Any] | None = None) -> TransferHandle:
         conn = self._conn(peer)
+        self._check_request(segments, request_id, notify)
         region = segments.region.astype(np.int64)
         Segments.check_bounds(region, segments.src, segments.length, [r.nbytes for r in self._require_registered().regions])
         Segments.check_bounds(region, segments.dst, segments.length, [r.nbytes for r in conn.peer.spec.regions])  # type: ignore[union-attr]
@@ -273,6 +274,7 @@ class UcxTransport(StagedPath, ControlPlaneTransport):
 
     def read(self, peer: Peer | str, segments: Segments, request_id: str | None = None) -> TransferHandle:
         conn = self._conn(peer)
+        self._check_request(segments, request_id)
         region = segments.region.astype(np.int64)
         Segments.check_bounds(region, segments.dst, segments.length, [r.nbytes for r in self._require_registered().regions])
         table = np.ascontiguousarray(segments.dst, dtype="<i8")
