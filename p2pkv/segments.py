@@ -53,6 +53,20 @@ class Segments:
     def __len__(self) -> int:
         return len(self.length)
 
+    @staticmethod
+    def check_given(segments: Any) -> None:
+        """TypeError/ValueError unless `segments` is a Segments whose four arrays are 1-D integer arrays of one
+        length (hand-made ones included), so a bad table is refused before it reaches a peer."""
+        if not isinstance(segments, Segments):
+            raise TypeError(f"segments must be a p2pkv Segments (from plan_segments), got {type(segments).__name__}")
+        arrays = {"region": segments.region, "src": segments.src, "dst": segments.dst, "length": segments.length}
+        for k, a in arrays.items():
+            if not isinstance(a, np.ndarray) or a.ndim != 1 or a.dtype.kind not in "iu":
+                raise TypeError(f"Segments.{k} must be a 1-D numpy array of integers, got "
+                                f"{getattr(a, 'dtype', type(a).__name__)} of shape {getattr(a, 'shape', '?')}")
+        if len({len(a) for a in arrays.values()}) != 1:
+            raise ValueError("Segments arrays differ in length: " + ", ".join(f"{k} {len(a)}" for k, a in arrays.items()))
+
     @cached_property
     def nbytes(self) -> int:
         return int(self.length.sum())

@@ -10,7 +10,6 @@ import os
 import queue
 import select
 import socket
-import ssl
 import threading
 import time
 from abc import abstractmethod
@@ -22,6 +21,7 @@ from p2pkv.layout import BlockRows, KVCacheSpec
 from p2pkv.segments import Segments
 from p2pkv.transport.base import (Notif, Peer, PeerClosedError, TransferError, TransferHandle, TransferTimeout,
                                   Transport)
+from p2pkv.transport.net import dial, parse_address, tls_contexts
 from p2pkv.wire import (FrameType, HandshakeError, ProtocolError, check_message, check_request_id, client_handshake,
                         encode_frame, recv_frame, send_frame, server_handshake)
 
@@ -33,95 +33,12 @@ MAX_SEGMENTS = 1 << 21
 MAX_BASELINE = 1 << 34
 
 
-def _tls_contexts(cert: str | None, key: str | None, ca: str | None) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
-    """Mutual TLS for the control (and, for tcp, data) connections: each side presents
-    `cert`/`key` and accepts only peers whose certificate `ca` signed. Peers are
-    identified by the CA, not by host name (P and D are often dialled by IP)."""
-    if not (cert or key or ca):
-        return None, None
-    if not (cert and key and ca):
-        raise ValueError("TLS needs all of tls_cert, tls_key and tls_ca (mutual TLS)")
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=ca)
-    server.load_cert_chain(cert, key)
-    server.verify_mode = ssl.CERT_REQUIRED
-    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
-    client.load_cert_chain(cert, key)
-    client.check_hostname = False
-    client.verify_mode = ssl.CERT_REQUIRED
-    return server, client
-
-
-def parse_address(address: str, what: str = "peer address") -> tuple[str, int]:
-    """'host:port', '[v6]:port' or 'scheme://host:port' → (host, port), or a ValueError that says what is wrong."""
-    if not isinstance(address, str):
-        raise ValueError(f"{what} must be a 'host:port' string, got {type(address).__name__} {address!r:.80}")
-    rest = address.split("://", 1)[-1]
-    host, sep, port = rest.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"{what} {address!r:.80} is not 'host:port' (for example '127.0.0.1:5555')")
-    if int(port) > 65535:
-        raise ValueError(f"{what} {address!r:.80}: port {int(port)} is out of range (0-65535)")
-    return host, int(port)
-
-
-def _resolve(host: str, port: int, timeout: float) -> list[tuple]:
-    """`getaddrinfo` for a stream socket, given at most `timeout` seconds (the system resolver has no timeout of
-    its own): socket.timeout when it takes longer, socket.gaierror when the name does not resolve."""
-    out: list[Any] = []
-
-    def run() -> None:
-        try:
-            out.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
-        except OSError as e:
-            out.append(e)
-    t = threading.Thread(target=run, name="p2pkv-resolve", daemon=True)
-    t.start()
-    t.join(timeout)
-    if not out:
-        raise socket.timeout(f"cannot resolve host {host!r} within the {timeout:g} s timeout")
-    if isinstance(out[0], OSError):
-        raise out[0]
-    return out[0]
-
-
-def _dial(host: str, port: int, timeout: float) -> socket.socket:
-    """A connected TCP socket to the first address of `host` that answers, all within `timeout`."""
-    deadline = time.monotonic() + timeout
-    try:
-        infos = _resolve(host, port, timeout)
-    except socket.gaierror as e:
-        raise socket.gaierror(e.errno, f"cannot resolve host {host!r}: {e.strerror}") from None
-    err: OSError = OSError(f"no address for host {host!r}")
-    for family, kind, proto, _, sockaddr in infos:
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.settimeout(max(deadline - time.monotonic(), 1e-3))
-            sock.connect(sockaddr)
-            return sock
-        except OSError as e:
-            sock.close()
-            err = e
-    raise err
-
-
 def _encode(ftype: FrameType, meta: dict[str, Any], nbytes: int, what: str) -> bytes:
     """A request's frame, built at call entry so that one that cannot be sent is refused with a ValueError."""
     try:
         return encode_frame(ftype, meta, nbytes)
     except ProtocolError as e:
         raise ValueError(f"{what} cannot be sent: {e}") from None
-
-
-def _check_table(segments: Segments) -> None:
-    """TypeError/ValueError unless the four arrays of hand-made segments are 1-D integer arrays of one length."""
-    arrays = {"region": segments.region, "src": segments.src, "dst": segments.dst, "length": segments.length}
-    for k, a in arrays.items():
-        if not isinstance(a, np.ndarray) or a.ndim != 1 or a.dtype.kind not in "iu":
-            raise TypeError(f"Segments.{k} must be a 1-D numpy array of integers, got "
-                            f"{getattr(a, 'dtype', type(a).__name__)} of shape {getattr(a, 'shape', '?')}")
-    if len({len(a) for a in arrays.values()}) != 1:
-        raise ValueError("Segments arrays differ in length: " + ", ".join(f"{k} {len(a)}" for k, a in arrays.items()))
 
 
 class Conn:
@@ -175,7 +92,7 @@ class ControlPlaneTransport(Transport):
         if auth_token is None:
             auth_token = os.environ.get("P2PKV_AUTH_TOKEN") or None
         super().__init__(timeout=timeout, auth_token=auth_token, name=name)
-        self._tls_server, self._tls_client = _tls_contexts(tls_cert, tls_key, tls_ca)
+        self._tls_server, self._tls_client = tls_contexts(tls_cert, tls_key, tls_ca)
         host, port = parse_address(listen, "listen address")
         try:
             self._listener = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
@@ -265,7 +182,7 @@ class ControlPlaneTransport(Transport):
             if conn is not None and conn.dead is None:
                 return conn.peer
         try:
-            sock = _dial(host, port, self.timeout)
+            sock = dial(host, port, self.timeout)
         except socket.timeout as e:
             raise TransferTimeout(f"cannot connect: {e}", peer=address) from None
         except OSError as e:
@@ -298,9 +215,7 @@ class ControlPlaneTransport(Transport):
     def write(self, peer: Peer | str, segments: Segments, request_id: str | None = None,
               notify: dict[str, Any] | None = None) -> TransferHandle:
         conn = self._conn(peer)
-        check_request_id(request_id)
-        if notify is not None:
-            check_message(notify, "notify")
+        self._check_request(segments, request_id, notify)
         local_rows, nbytes, meta = self._request(conn, segments, pull=False)
         meta.update(req=request_id, notify=notify)
         frame = _encode(FrameType.WRITE, meta, nbytes, f"write request {request_id!r}")
@@ -313,7 +228,7 @@ class ControlPlaneTransport(Transport):
 
     def read(self, peer: Peer | str, segments: Segments, request_id: str | None = None) -> TransferHandle:
         conn = self._conn(peer)
-        check_request_id(request_id)
+        self._check_request(segments, request_id)
         local_rows, nbytes, meta = self._request(conn, segments, pull=True)
         meta["req"] = request_id
         frame = _encode(FrameType.READ, meta, nbytes, f"read request {request_id!r}")
@@ -336,8 +251,6 @@ class ControlPlaneTransport(Transport):
         on the other side. Other segments travel as the table. Either way everything is checked here,
         before anything is sent; the local rows themselves are computed later, off the round trip."""
         local = self._require_registered()
-        if not isinstance(segments, Segments):
-            raise TypeError(f"segments must be a p2pkv Segments (from plan_segments), got {type(segments).__name__}")
         plan = segments.plan
         rows = self._plan_rows(conn, plan, pull) if plan is not None else None
         side, other = ("dst", "src") if pull else ("src", "dst")
@@ -358,7 +271,6 @@ class ControlPlaneTransport(Transport):
             meta: dict[str, Any] = {"blocks": theirs.astype("<i8").tobytes(),
                                     "regions": None if regions is None else [int(r) for r in regions]}
             return LocalRows(blocks=(rows, mine, side, regions)), rows.nbytes(len(mine), regions), meta
-        _check_table(segments)
         off = segments.dst if pull else segments.src
         Segments.check_bounds(segments.region.astype(np.int64), off, segments.length, [r.nbytes for r in local.regions])
         return LocalRows((segments.region, off, segments.length)), segments.nbytes, {"segs": segments.pack(other)}
@@ -465,10 +377,8 @@ class ControlPlaneTransport(Transport):
     # -------------------------------------------------------------- internals
     @staticmethod
     def _check_request(segments: Segments, request_id: str | None, notify: dict[str, Any] | None = None) -> None:
-        """For backends with their own read/write: the entry checks the control plane's own read/write make."""
-        if not isinstance(segments, Segments):
-            raise TypeError(f"segments must be a p2pkv Segments (from plan_segments), got {type(segments).__name__}")
-        _check_table(segments)
+        """What every read/write checks at entry, before anything is queued (backends with their own call it too)."""
+        Segments.check_given(segments)
         check_request_id(request_id)
         if notify is not None:
             check_message(notify, "notify")
