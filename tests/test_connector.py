@@ -133,6 +133,29 @@ def test_producer_releases_after_hold_timeout_when_nobody_comes():
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize("checksum", [False, True])
+def test_pull_load_after_the_hold_expired_fails_instead_of_reading_reused_blocks(checksum):
+    """P freed the blocks (D came after hold_timeout) and its engine wrote another request's KV
+    there: D's read gets those bytes, so the load must fail and name every block to recompute."""
+    p, d, (pt, _), (dt, _) = pair("pull", hold_timeout=0.2, checksum=checksum)
+    try:
+        p.save("late", [7, 3])
+        wait_finished(p, "late", "saved", timeout=5)
+        assert p.metrics["released_timeout"] == 1
+        for t in pt:
+            t.fill_(1.5)
+        d.load("d-late", [2, 5], peer=p.address, remote_request_id="late", remote_block_ids=[7, 3])
+        f = wait_finished(d, "d-late")
+        assert set(f.failed["d-late"].blocks) == {2, 5} and "released these blocks" in f.failed["d-late"].reason
+        p.save("fresh", [4])
+        d.load("d-fresh", [6], peer=p.address, remote_request_id="fresh", remote_block_ids=[4])
+        assert not wait_finished(d, "d-fresh").failed
+    finally:
+        p.close()
+        d.close()
+
+
+@pytest.mark.timeout(30)
 def test_load_from_gone_peer_reports_every_block():
     p, d, *_ = pair("pull")
     addr = p.address

@@ -6,7 +6,9 @@ P never holds blocks forever: a hold ends when D confirms, or after `hold_timeou
 A failed load names exactly the local blocks that did not arrive, so the engine
 can recompute them. Control messages are small msgpack dicts sent as transport
 notifs: D→P "release" (pull, loaded), "cancel" (gave up), "want" (push: D's blocks),
-"sum?" (pull checksum); P→D "landed" (push, per layer), "abort", "sum".
+"held?" (pull: were the blocks still held, or did P free them before D read them),
+"sum?" (pull checksum, which answers that too); P→D "landed" (push, per layer),
+"abort", "held", "sum". A pull load is reported loaded only after P's answer.
 """
 from p2pkv.connector.core import MODES, KVConnector
 from p2pkv.connector.records import Finished, LoadFailure

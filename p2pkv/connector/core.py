@@ -22,6 +22,7 @@ __all__ = ["KVConnector", "Finished", "LoadFailure", "MODES"]
 
 log = logging.getLogger("p2pkv.connector")
 MODES = ("pull", "push")
+GONE_KEPT = 1 << 16  # holds ended without D's confirmation that the producer still recognises
 
 
 def _check_request_id(request_id: Any, what: str = "request id") -> str:
@@ -81,6 +82,7 @@ class KVConnector:
         self._loads: dict[str, _Load] = {}
         self._early: dict[str, tuple[str, float]] = {}
         self._ended: dict[str, bool] = {}
+        self._gone: dict[str, None] = {}
         self._fin = Finished()
         self._cv = threading.Condition()
         self._stop = threading.Event()
@@ -298,6 +300,10 @@ class KVConnector:
         if h is not None:
             self.metrics[how] += 1
             self._fin.saved.add(key)
+            if how != "released_confirmed":
+                self._gone[key] = None
+                if len(self._gone) > GONE_KEPT:
+                    del self._gone[next(iter(self._gone))]
 
     def _end_load(self, ld: _Load, error: str | None) -> None:
         self._loads.pop(ld.key, None)
@@ -428,12 +434,11 @@ class KVConnector:
                 return
             if ld.error is not None:
                 self._end_load(ld, ld.error)
-            elif self.checksum:
-                ld.awaiting_sums = True
-                self._outbox.append((ld.peer_address, _msg("sum?", ld.remote_key, blocks=ld.remote_blocks.tolist(),
-                                                           addr=self.address)))
             else:
-                self._end_load(ld, None)
+                ld.awaiting_answer = True
+                ask = (_msg("sum?", ld.remote_key, blocks=ld.remote_blocks.tolist(), addr=self.address)
+                       if self.checksum else _msg("held?", ld.remote_key, addr=self.address))
+                self._outbox.append((ld.peer_address, ask))
 
     def _push(self, h: _Hold) -> None:
         assert self.spec is not None
@@ -540,13 +545,19 @@ class KVConnector:
                 self._cv.notify_all()
                 if len(ld.done) == self.num_layers:
                     self._end_load(ld, None)
+            elif kind == "held?":
+                self._outbox.append((str(m.get("addr")), _msg("held", key, gone=key in self._gone)))
             elif kind == "sum?":
                 blocks = np.asarray(m.get("blocks") or [], dtype=np.int64)
                 sums = [self._block_sums(blocks, layer) for layer in range(self.num_layers)]
-                self._outbox.append((str(m.get("addr")), _msg("sum", key, sums=sums)))
-            elif kind == "sum":
+                self._outbox.append((str(m.get("addr")), _msg("sum", key, sums=sums, gone=key in self._gone)))
+            elif kind in ("held", "sum"):
                 ld = self._find_load(key)
-                if ld is None or not ld.awaiting_sums:
+                if ld is None or not ld.awaiting_answer:
+                    return
+                if m.get("gone"):
+                    self._end_load(ld, "the producer had released these blocks (its hold_timeout passed or its "
+                                       "engine dropped the request), so what was read may be another request's KV")
                     return
                 for layer, theirs in enumerate(m.get("sums") or []):
                     mine = self._block_sums(ld.blocks, layer)

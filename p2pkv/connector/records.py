@@ -63,7 +63,7 @@ class Load:
     done: dict[int, bool] = field(default_factory=dict)
     bad: set[int] = field(default_factory=set)
     started: bool = False
-    awaiting_sums: bool = False
+    awaiting_answer: bool = False
     reads_pending: int = 0
     peer: Peer | None = None
     error: str | None = None
