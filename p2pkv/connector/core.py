@@ -87,6 +87,7 @@ class KVConnector:
         self._cv = threading.Condition()
         self._stop = threading.Event()
         self._outbox: list[tuple[str, dict[str, Any]]] = []
+        self._kicked = False
         self._thread: threading.Thread | None = None
 
     # ----------------------------------------------------------------------- set-up
@@ -104,6 +105,7 @@ class KVConnector:
         self.layers = [list(g) for g in layers] if layers is not None else [[i] for i in range(len(spec.regions))]
         if sorted(i for g in self.layers for i in g) != list(range(len(spec.regions))):
             raise ValueError(f"layers {self.layers} must name every registered tensor index exactly once")
+        self.transport.on_notif(self._kick)
         self._thread = threading.Thread(target=self._pump, name="p2pkv-connector", daemon=True)
         self._thread.start()
         return spec
@@ -340,7 +342,19 @@ class KVConnector:
             except Exception:  # noqa: BLE001 - the pump must survive anything one request does
                 log.exception("p2pkv connector step failed")
             with self._cv:
-                self._cv.wait(self.poll_interval)
+                if not self._kicked and not self._outbox:
+                    self._cv.wait(self.poll_interval)
+                self._kicked = False
+
+    def _kick(self) -> None:
+        """A notification arrived: wake the pump now. Never blocks (it runs on a transport thread, which may
+        be a peer's pump in loopback), so when the lock is busy the flag makes the pump skip its next wait."""
+        self._kicked = True
+        if self._cv.acquire(blocking=False):
+            try:
+                self._cv.notify_all()
+            finally:
+                self._cv.release()
 
     def _step(self) -> None:
         for n in self.transport.get_notifs():

@@ -265,6 +265,16 @@ class Transport(ABC):
     def get_notifs(self) -> list[Notif]:
         """Messages received since the last call."""
 
+    def on_notif(self, callback: Callable[[], None] | None) -> None:
+        """Call `callback` (no arguments, on a transport thread; it must not block) as each message
+        arrives, so a caller polling get_notifs() can wake at once instead of at its next tick."""
+        self._on_notif = callback
+
+    def _notif_arrived(self) -> None:
+        callback = getattr(self, "_on_notif", None)
+        if callback is not None:
+            callback()
+
     def baseline(self, peer: Peer | str, nbytes: int, iters: int = 1) -> float:
         """Seconds per move of `nbytes` as one contiguous buffer over this link's cheapest raw path."""
         raise NotImplementedError(f"{self.name} has no raw baseline")
