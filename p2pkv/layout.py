@@ -16,8 +16,8 @@ import torch
 
 from p2pkv.segments import BlockPlan, Segments
 
-__all__ = ["KVCacheSpec", "RegionSpec", "PRESETS", "make_kv_caches", "plan_segments", "block_geometry", "BlockRows",
-           "merge_rows", "dtype_from_name"]
+__all__ = ["KVCacheSpec", "RegionSpec", "PRESETS", "make_kv_caches", "plan_segments", "block_ids", "block_geometry",
+           "BlockRows", "merge_rows", "dtype_from_name"]
 
 _DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -257,28 +257,36 @@ def _spec_pieces(src: KVCacheSpec, dst: KVCacheSpec) -> list[np.ndarray]:
 _PASS_IDS = "pass block ids (not a mask) as a list of ints or a 1-D integer numpy array or torch tensor"
 
 
-def _block_ids(ids: Any, side: str, num_blocks: int) -> np.ndarray:
-    """`ids` as a flat int64 array of block ids in [0, num_blocks), or a ValueError saying what is wrong."""
+def block_ids(ids: Any, what: str, num_blocks: int | None = None, *, distinct: bool = False,
+              scalar: bool = True) -> np.ndarray:
+    """`ids` as a flat int64 array of block ids (in [0, num_blocks) when given, else non-negative), or a
+    ValueError whose message starts with `what` ('source block', ...) and says what is wrong. `distinct`
+    refuses a repeated id (two blocks cannot land in one); `scalar=False` refuses a single int."""
     if isinstance(ids, torch.Tensor):
         if ids.dtype.is_floating_point or ids.dtype.is_complex:
-            raise ValueError(f"{side} block ids must be integers, got {ids.dtype}; {_PASS_IDS}")
+            raise ValueError(f"{what} ids must be integers, got {ids.dtype}; {_PASS_IDS}")
         ids = ids.detach().cpu().numpy()
     try:
         a = np.asarray(ids)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{side} block ids are not a flat sequence of integers ({e}); {_PASS_IDS}") from None
+        raise ValueError(f"{what} ids are not a flat sequence of integers ({e}); {_PASS_IDS}") from None
     if a.dtype.kind not in "iu" and a.size:
         odd = [x for x in a.flat if not isinstance(x, (int, np.integer))] if a.dtype == object else [a]
         if odd:
             got = f"dtype {a.dtype}" if odd[0] is a else f"{type(odd[0]).__name__} {odd[0]!r}"
-            raise ValueError(f"{side} block ids must be integers, got {got}; {_PASS_IDS}")
-    if a.ndim > 1:
-        raise ValueError(f"{side} block ids must be one-dimensional, got shape {a.shape}; {_PASS_IDS}")
+            raise ValueError(f"{what} ids must be integers, got {got}; {_PASS_IDS}")
+    if a.ndim > 1 or (a.ndim == 0 and not scalar):
+        raise ValueError(f"{what} ids must be one-dimensional, got shape {a.shape}; {_PASS_IDS}")
     a = a.reshape(-1)
-    if a.size and (a.min() < 0 or a.max() >= num_blocks):
-        bad = next(x for x in a.tolist() if not 0 <= x < num_blocks)
-        raise ValueError(f"{side} block id {bad} out of range [0, {num_blocks})")
-    return a.astype(np.int64, copy=False)
+    if a.size and (a.min() < 0 or (num_blocks is not None and a.max() >= num_blocks)):
+        bad = next(x for x in a.tolist() if x < 0 or (num_blocks is not None and x >= num_blocks))
+        raise ValueError(f"{what} id {bad} " + (f"out of range [0, {num_blocks})" if num_blocks is not None
+                                                 else "is negative"))
+    a = a.astype(np.int64, copy=False)
+    if distinct and len(np.unique(a)) != len(a):
+        u, c = np.unique(a, return_counts=True)
+        raise ValueError(f"duplicate {what} id {int(u[c > 1][0])}: two blocks cannot land in one")
+    return a
 
 
 def plan_segments(src: KVCacheSpec, dst: KVCacheSpec, src_blocks: Sequence[int] | np.ndarray | torch.Tensor,
@@ -292,15 +300,12 @@ def plan_segments(src: KVCacheSpec, dst: KVCacheSpec, src_blocks: Sequence[int] 
     """
     if check:
         src.check_compatible(dst)
-    s = _block_ids(src_blocks, "source", src.num_blocks)
-    d = _block_ids(dst_blocks, "destination", dst.num_blocks)
+    s = block_ids(src_blocks, "source block", src.num_blocks)
+    d = block_ids(dst_blocks, "destination block", dst.num_blocks, distinct=True)
     if len(s) != len(d):
         raise ValueError(f"block id lists differ in length: {len(s)} source ids vs {len(d)} destination ids")
     if len(s) == 0:
         return Segments.empty()
-    if len(np.unique(d)) != len(d):
-        u, c = np.unique(d, return_counts=True)
-        raise ValueError(f"duplicate destination block id {int(u[c > 1][0])}: two blocks cannot land in one")
     parts = []
     for ri, (ra, rb, pc) in enumerate(zip(src.regions, dst.regions, _spec_pieces(src, dst))):
         so = (s[None, :] * ra.block_stride + pc[:, 0:1]).reshape(-1)

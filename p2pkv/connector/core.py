@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from p2pkv.connector.records import Finished, Hold as _Hold, Load as _Load, LoadFailure, message as _msg
-from p2pkv.layout import KVCacheSpec, plan_segments
+from p2pkv.layout import KVCacheSpec, block_ids, plan_segments
 from p2pkv.segments import Segments
 from p2pkv.transport import Notif, TransferError, TransferHandle, Transport, get_transport
 
@@ -33,26 +33,11 @@ def _check_request_id(request_id: Any, what: str = "request id") -> str:
 
 def _block_ids(request_id: str, ids: Any, what: str, num_blocks: int | None = None,
                distinct: bool = False) -> np.ndarray:
-    """`ids` as a 1-D int64 array (in [0, num_blocks) when given, else non-negative), or a
-    ValueError naming the request and what is wrong with them."""
-    where = f"request {request_id!r}: {what}"
+    """layout.block_ids for one request's list (never a single int), its error naming the request."""
     try:
-        a = np.asarray(ids.detach().cpu() if isinstance(ids, torch.Tensor) else ids)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{where} ids are not a flat sequence of integers ({e})") from None
-    if a.ndim != 1:
-        raise ValueError(f"{where} ids must be one-dimensional, got shape {a.shape}")
-    if a.size and a.dtype.kind not in "iu":
-        raise ValueError(f"{where} ids must be integers, got {a.dtype}")
-    a = a.astype(np.int64)
-    bad = a[(a < 0) | (a >= (num_blocks if num_blocks is not None else np.iinfo(np.int64).max))]
-    if len(bad):
-        limit = f"out of range [0, {num_blocks})" if num_blocks is not None else "is negative"
-        raise ValueError(f"{where} id {int(bad[0])} {limit}")
-    if distinct and len(np.unique(a)) != len(a):
-        u, c = np.unique(a, return_counts=True)
-        raise ValueError(f"{where}: duplicate block id {int(u[c > 1][0])} (two blocks cannot land in one)")
-    return a
+        return block_ids(ids, what, num_blocks, distinct=distinct, scalar=False)
+    except ValueError as e:
+        raise ValueError(f"request {request_id!r}: {e}") from None
 
 
 class KVConnector:

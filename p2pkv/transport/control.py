@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from p2pkv.layout import BlockRows, KVCacheSpec
+from p2pkv.layout import BlockRows, KVCacheSpec, block_ids
 from p2pkv.segments import Segments
 from p2pkv.transport.base import (Notif, Peer, PeerClosedError, TransferError, TransferHandle, TransferTimeout,
                                   Transport)
@@ -308,9 +308,8 @@ class ControlPlaneTransport(Transport):
             rows.check_regions(regions)
             regions = tuple(regions)
         rows.check_row_limit(len(ids), regions, MAX_SEGMENTS)
-        if not read and len(np.unique(ids)) != len(ids):
-            u, c = np.unique(ids, return_counts=True)
-            raise ValueError(f"duplicate destination block id {int(u[c > 1][0])}: two blocks cannot land in one")
+        if not read:
+            block_ids(ids, "destination block", distinct=True)
         return LocalRows(blocks=(rows, ids, side, regions)), rows.nbytes(len(ids), regions)
 
     def send_notif(self, peer: Peer | str, message: dict[str, Any]) -> None:
