@@ -283,14 +283,17 @@ class KVConnector:
         if h is not None and not h.final and not force:
             h.pending_end = h.pending_end or how
             return
-        h = self._holds.pop(key, None)
-        if h is not None:
-            self.metrics[how] += 1
-            self._fin.saved.add(key)
-            if how != "released_confirmed":
-                self._gone[key] = None
-                if len(self._gone) > GONE_KEPT:
-                    del self._gone[next(iter(self._gone))]
+        if self._holds.pop(key, None) is not None:
+            self._report_end(key, how)
+
+    def _report_end(self, key: str, how: str) -> None:
+        """Count how a hold ended and report it saved; one that D did not confirm is remembered as gone."""
+        self.metrics[how] += 1
+        self._fin.saved.add(key)
+        if how != "released_confirmed":
+            self._gone[key] = None
+            if len(self._gone) > GONE_KEPT:
+                del self._gone[next(iter(self._gone))]
 
     def _end_load(self, ld: _Load, error: str | None) -> None:
         self._loads.pop(ld.key, None)
@@ -491,8 +494,7 @@ class KVConnector:
                 return
             if self._holds.get(h.key) is not h:
                 if h.stop is not None:
-                    self.metrics[h.stop] += 1
-                    self._fin.saved.add(h.key)
+                    self._report_end(h.key, h.stop)
             elif h.stop is not None:
                 self._end_hold(h.key, h.stop)
             elif len(h.written) == self.num_layers:

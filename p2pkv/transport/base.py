@@ -215,6 +215,7 @@ class Transport(ABC):
         self.timeout = float(timeout)
         self.auth_token = auth_token.encode() if isinstance(auth_token, str) else auth_token
         self.local_name = name or f"{self.name}-{id(self):x}"
+        self._on_notif: Callable[[], None] | None = None
         self.spec: KVCacheSpec | None = None
         self.tensors: list[torch.Tensor] = []
         self.regions: list[torch.Tensor] = []
@@ -271,7 +272,7 @@ class Transport(ABC):
         self._on_notif = callback
 
     def _notif_arrived(self) -> None:
-        callback = getattr(self, "_on_notif", None)
+        callback = self._on_notif
         if callback is not None:
             callback()
 
