@@ -24,7 +24,7 @@ __all__ = ["MAGIC", "VERSION", "HEADER", "FrameType", "Frame", "ProtocolError", 
            "check_message"]
 
 MAGIC = b"P2KV"
-VERSION = 1
+VERSION = 2  # 2: tcp's data path speaks the binary request frames of csrc/net/frame.h
 HEADER = struct.Struct("<4sHHIQ")
 MAX_META = 32 << 20
 MAX_PAYLOAD = 1 << 40

@@ -50,8 +50,14 @@ class Conn:
         self.ops: queue.Queue = queue.Queue()
         self.thread: threading.Thread | None = None
         self.extra: dict[str, Any] = {}
+        self.link: Any = None  # the native data path's link, when a backend hands the connection to it
         self.lock = threading.Lock()
         self.pending = 0  # ops queued or running
+
+    @property
+    def up(self) -> bool:
+        """Neither dropped here nor ended by its native link."""
+        return self.dead is None and (self.link is None or self.link.alive())
 
     def close(self) -> None:
         for fn in (lambda: self.sock.shutdown(socket.SHUT_RDWR), self.sock.close):
@@ -145,6 +151,11 @@ class ControlPlaneTransport(Transport):
     def _on_disconnect(self, conn: Conn) -> None:
         """Free what the data path held for this peer."""
 
+    def _adopt(self, conn: Conn) -> bool:
+        """Hand a connection whose handshake passed to a native data path (sets `conn.link`); True
+        means no Python thread of the control plane drives it from then on."""
+        return False
+
     def _baseline_send(self, conn: Conn, nbytes: int) -> None:
         raise NotImplementedError
 
@@ -179,7 +190,7 @@ class ControlPlaneTransport(Transport):
         host, port = parse_address(address)
         with self._lock:
             conn = self._out.get(address)
-            if conn is not None and conn.dead is None:
+            if conn is not None and conn.up:
                 return conn.peer
         try:
             sock = dial(host, port, self.timeout)
@@ -203,13 +214,16 @@ class ControlPlaneTransport(Transport):
         peer = Peer(f"{info.get('name', '?')}@{address}", address, KVCacheSpec.from_dict(info["spec"]), info)
         conn = Conn(sock, peer, initiator=True)
         self._on_connect(conn)
-        conn.thread = threading.Thread(target=self._op_loop, args=(conn,), name=f"p2pkv-{self.name}-op", daemon=True)
+        if not self._adopt(conn):
+            conn.thread = threading.Thread(target=self._op_loop, args=(conn,), name=f"p2pkv-{self.name}-op",
+                                           daemon=True)
         with self._lock:
             old = self._out.get(address)
             self._out[address] = conn
         if old is not None:
             self._drop(old, PeerClosedError("replaced by a new connection", peer=old.peer.name))
-        conn.thread.start()
+        if conn.thread is not None:
+            conn.thread.start()
         return peer
 
     def write(self, peer: Peer | str, segments: Segments, request_id: str | None = None,
@@ -344,7 +358,7 @@ class ControlPlaneTransport(Transport):
 
     def peers(self) -> list[Peer]:
         with self._lock:
-            return [c.peer for c in self._out.values() if c.dead is None]
+            return [c.peer for c in self._out.values() if c.up]
 
     def close(self) -> None:
         if self._closed.is_set():
@@ -535,8 +549,17 @@ class ControlPlaneTransport(Transport):
         with self._lock:
             self._in.add(conn)
         try:
+            if self._adopt(conn):
+                return
+        except Exception as e:  # noqa: BLE001
+            log.warning("%s: native data path to %s failed to start: %s", self.name, conn.peer.name, e)
+            self._drop(conn, e)
+            return
+        poller = select.poll()  # not select(): descriptors above 1023 must work
+        poller.register(sock.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
+        try:
             while not self._closed.is_set() and conn.dead is None:
-                if not select.select([sock], [], [], 0.5)[0]:
+                if not poller.poll(500):
                     continue
                 if not self._serve_one(conn):
                     break

@@ -1,12 +1,15 @@
-"""TCP backend: payload bytes go straight from the registered KV memory into the
-socket and from the socket into the destination blocks, with vectored `sendmsg` /
-`recvmsg` calls over iovec arrays built in one numpy step per request (CPU memory,
-hinted to 2 MiB pages); CUDA tensors go through a bounded, double-buffered pinned
-staging area overlapped with the socket."""
+"""TCP backend. For CPU memory the data path is native (csrc/net): after the handshake each
+connection belongs to a C++ thread that sends a request's block ids, moves the bytes with
+vectored `sendmsg`/`recvmsg` straight from and into the registered KV memory (hinted to 2 MiB
+pages), and on the serving side parses, checks and serves requests, all without the GIL; the
+caller posts and polls. With TLS, or for CUDA tensors (a bounded, double-buffered pinned staging
+area overlapped with the socket), transfers run on the control plane's Python threads."""
 from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
+import logging
 import os
 import socket
 import ssl
@@ -15,15 +18,19 @@ import sys
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
+import msgpack
 import numpy as np
 import torch
 
 from p2pkv import kernels
-from p2pkv.layout import merge_rows
+from p2pkv.layout import BlockRows, merge_rows
 from p2pkv.segments import Segments
-from p2pkv.transport.base import advise_hugepages
-from p2pkv.transport.control import Conn, ControlPlaneTransport, LocalRows
-from p2pkv.wire import recv_into_exact
+from p2pkv.transport import native as nat
+from p2pkv.transport.base import Notif, Peer, PeerClosedError, TransferHandle, advise_hugepages
+from p2pkv.transport.control import Conn, ControlPlaneTransport, LocalRows, MAX_BASELINE
+from p2pkv.wire import check_message, recv_into_exact
+
+log = logging.getLogger("p2pkv.transport.tcp")
 
 __all__ = ["TcpTransport", "iovecs", "sendv", "recvv"]
 
@@ -209,6 +216,11 @@ class TcpTransport(ControlPlaneTransport):
                 raise ValueError(f"{what} must be at least {lo} bytes, got {v}")
         if not isinstance(hugepages, (bool, int, np.bool_, np.integer)):
             raise TypeError(f"hugepages must be True or False, got {type(hugepages).__name__} {hugepages!r}")
+        self._nat = nat.require("tcp")
+        self._inbox = self._nat.Inbox()
+        self._peer_names: dict[int, str] = {}
+        self._peer_ids = itertools.count(1)
+        self._mem: Any = None
         super().__init__(**kw)
         self.staging_bytes = int(staging_bytes)
         self.sock_buf_bytes = int(sock_buf_bytes)
@@ -223,7 +235,140 @@ class TcpTransport(ControlPlaneTransport):
             self._bases = np.array([r.data_ptr() for r in self.regions], dtype=np.uintp)
             if self.hugepages:
                 advise_hugepages(self.regions)
+            self._mem = self._geometry(None, "src")
         return spec
+
+    # ---------------------------------------------------------------- the native data path (CPU, no TLS)
+    def _geometry(self, rows: BlockRows | None, side: str) -> Any:
+        """This side's native geometry for a spec pair (None: only the regions, for segment tables)."""
+        sizes = [r.nbytes for r in self.spec.regions]  # type: ignore[union-attr]
+        if rows is None:
+            n = len(sizes)
+            z = np.zeros(n, dtype="<u8").tobytes()
+            return self._nat.Geometry(self._bases.astype("<u8").tobytes(), np.asarray(sizes, "<u8").tobytes(), z, 0,
+                                      np.zeros(n + 1, "<u4").tobytes(), b"", b"")
+        return nat.geometry(rows, side, self._bases, sizes)
+
+    def _adopt(self, conn: Conn) -> bool:
+        if not self._direct(conn):
+            return False
+        fd_owner = conn.sock
+        if conn.initiator:
+            conn.link = self._nat.Initiator(fd_owner.detach(), self.timeout)
+            return True
+        assert self.spec is not None and conn.peer.spec is not None
+        pid = next(self._peer_ids)
+        self._peer_names[pid] = conn.peer.name
+        rg = self._geometry(BlockRows(self.spec, conn.peer.spec), "src")
+        wg = self._geometry(BlockRows(conn.peer.spec, self.spec), "dst")
+        sizes = np.asarray([r.nbytes for r in self.spec.regions], "<u8").tobytes()
+        conn.link = self._nat.Server(fd_owner.detach(), self.timeout, pid, self._bases.astype("<u8").tobytes(), sizes,
+                                     rg, wg, self._inbox)
+        return True
+
+    def _on_disconnect(self, conn: Conn) -> None:
+        if conn.link is not None:
+            conn.link.close()
+
+    def _local_geometry(self, conn: Conn, rows: LocalRows, pull: bool) -> tuple[Any, bytes]:
+        """The native geometry and body of this side's rows of a request."""
+        if rows.blocks is None:
+            region, off, length = rows.arrays()
+            table = np.stack([region.astype("<i8"), off.astype("<i8"), length.astype("<i8")], axis=1).tobytes()
+            return self._mem, nat.request_body(nat.FORM_TABLE, None, table, len(length), None)
+        geo_rows, ids, _, regions = rows.blocks
+        key = ("native", pull)
+        hit = conn.extra.get(key)
+        if hit is None or hit[0] is not geo_rows:
+            hit = conn.extra[key] = (geo_rows, self._geometry(geo_rows, "dst" if pull else "src"))
+        return hit[1], nat.request_body(nat.FORM_BLOCKS, None, np.asarray(ids, "<i8").tobytes(), len(ids), regions)
+
+    def _post(self, conn: Conn, segments: Segments, request_id: str | None, pull: bool,
+              notify: dict[str, Any] | None = None) -> TransferHandle:
+        rows, nbytes, meta = self._request(conn, segments, pull)
+        geo, local = self._local_geometry(conn, rows, pull)
+        note = b"" if notify is None else msgpack.packb(notify, use_bin_type=True)
+        if "blocks" in meta:
+            theirs = meta["blocks"]
+            body = nat.request_body(nat.FORM_BLOCKS, request_id, theirs, len(theirs) // 8, meta["regions"], note)
+        else:
+            body = nat.request_body(nat.FORM_TABLE, request_id, meta["segs"], len(meta["segs"]) // 24, None, note)
+        op = conn.link.post(nat.OP_READ if pull else nat.OP_WRITE,
+                            nat.frame(nat.DATA_READ if pull else nat.DATA_WRITE, body, nbytes), local, geo, nbytes)
+        return nat.NativeHandle(op, conn.peer.name, request_id, nbytes)
+
+    def read(self, peer: Peer | str, segments: Segments, request_id: str | None = None) -> TransferHandle:
+        conn = self._conn(peer)
+        if conn.link is None:
+            return super().read(peer, segments, request_id)
+        self._check_request(segments, request_id)
+        return self._post(conn, segments, request_id, pull=True)
+
+    def write(self, peer: Peer | str, segments: Segments, request_id: str | None = None,
+              notify: dict[str, Any] | None = None) -> TransferHandle:
+        conn = self._conn(peer)
+        if conn.link is None:
+            return super().write(peer, segments, request_id, notify)
+        self._check_request(segments, request_id, notify)
+        if notify is not None and len(msgpack.packb(notify, use_bin_type=True)) > self._nat.MAX_NOTIFY:
+            raise ValueError(f"notify message exceeds the limit of {self._nat.MAX_NOTIFY} bytes")
+        return self._post(conn, segments, request_id, pull=False, notify=notify)
+
+    def send_notif(self, peer: Peer | str, message: dict[str, Any]) -> None:
+        """Natively: queued behind earlier transfers to that peer and returns at once; raises only if the
+        connection is already down (a later failure shows on the next transfer to that peer)."""
+        conn = self._conn(peer)
+        if conn.link is None:
+            return super().send_notif(peer, message)
+        check_message(message, "notification")
+        body = msgpack.packb(dict(message), use_bin_type=True)
+        if len(body) > self._nat.MAX_NOTIFY:
+            raise ValueError(f"notification of {len(body)} bytes exceeds the limit of {self._nat.MAX_NOTIFY}")
+        op = conn.link.post(nat.OP_SEND, nat.frame(nat.NOTIF, body), None, None, 0)
+        if op.done() and op.error() is not None:
+            nat.NativeHandle(op, conn.peer.name, None, 0).wait(0)
+
+    def get_notifs(self) -> list[Notif]:
+        out = super().get_notifs()
+        for pid, body in self._inbox.drain():
+            try:
+                msg = msgpack.unpackb(body, raw=False, strict_map_key=True)
+            except Exception as e:  # noqa: BLE001 - a malformed message is dropped, not raised into the caller
+                log.warning("tcp: dropped a malformed message from %s: %s", self._peer_names.get(pid, "?"), e)
+                continue
+            if not isinstance(msg, dict):
+                log.warning("tcp: dropped a message from %s that is not a map", self._peer_names.get(pid, "?"))
+                continue
+            out.append(Notif(self._peer_names.get(pid, "?"), msg))
+        self._reap()
+        return out
+
+    def _reap(self) -> None:
+        """Close served connections whose native thread ended (the peer left, or broke the protocol)."""
+        with self._lock:
+            ended = [c for c in self._in if c.link is not None and not c.link.alive()]
+        for c in ended:
+            why = c.link.reason()
+            if why not in ("peer closed", "transport closed locally"):
+                log.warning("tcp: closed the connection from %s: %s", c.peer.name, why)
+            self._drop(c, PeerClosedError(why, peer=c.peer.name))
+
+    def baseline(self, peer: Peer | str, nbytes: int, iters: int = 1) -> float:
+        conn = self._conn(peer)
+        if conn.link is None:
+            return super().baseline(peer, nbytes, iters)
+        for what, v, hi in (("nbytes", nbytes, MAX_BASELINE), ("iters", iters, 1 << 20)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= v <= hi:
+                raise ValueError(f"baseline() {what} must be an int from 1 to {hi}, got {v!r}")
+        buf = self._baseline_buf(int(nbytes))
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        times = []
+        for _ in range(iters):
+            op = conn.link.post(nat.OP_BASELINE, nat.frame(nat.BASELINE, struct.pack("<Q", int(nbytes))), None, None,
+                                int(nbytes), addr, int(nbytes))
+            nat.NativeHandle(op, conn.peer.name, "baseline", int(nbytes)).wait(self.timeout * 4)
+            times.append(op.seconds())
+        return min(times)
 
     def _on_connect(self, conn: Conn) -> None:
         if self.sock_buf_bytes <= 0:

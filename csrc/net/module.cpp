@@ -1,0 +1,400 @@
+// p2pkv._native: the Python face of the native data path. Each call takes or returns plain
+// bytes and ints and returns at once; waits and joins release the GIL. No native thread ever
+// calls into Python.
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <cstring>
+#include <memory>
+#include <string>
+
+#include "frame.h"
+#include "geometry.h"
+#include "link.h"
+
+using namespace p2pkv;
+
+namespace {
+
+template <class T>
+bool read_array(PyObject* obj, std::vector<T>& out, const char* what) {
+  Py_buffer b;
+  if (PyObject_GetBuffer(obj, &b, PyBUF_SIMPLE) < 0) return false;
+  bool ok = b.len % Py_ssize_t(sizeof(T)) == 0;
+  if (ok) {
+    out.resize(size_t(b.len) / sizeof(T));
+    if (b.len) std::memcpy(out.data(), b.buf, size_t(b.len));
+  } else {
+    PyErr_Format(PyExc_ValueError, "%s: %zd bytes is not a whole number of %zu-byte items", what, b.len, sizeof(T));
+  }
+  PyBuffer_Release(&b);
+  return ok;
+}
+
+bool read_bytes(PyObject* obj, std::string& out) {
+  if (obj == Py_None) {
+    out.clear();
+    return true;
+  }
+  Py_buffer b;
+  if (PyObject_GetBuffer(obj, &b, PyBUF_SIMPLE) < 0) return false;
+  out.assign(static_cast<const char*>(b.buf), size_t(b.len));
+  PyBuffer_Release(&b);
+  return true;
+}
+
+// ------------------------------------------------------------------------------ Geometry
+struct GeometryObject {
+  PyObject_HEAD
+  std::shared_ptr<const Geometry> geo;
+};
+
+int Geometry_init(GeometryObject* self, PyObject* args, PyObject*) {
+  PyObject *bases, *sizes, *strides, *starts, *offs, *lens;
+  unsigned long long num_blocks;
+  if (!PyArg_ParseTuple(args, "OOOKOOO", &bases, &sizes, &strides, &num_blocks, &starts, &offs, &lens)) return -1;
+  auto g = std::make_shared<Geometry>();
+  g->num_blocks = num_blocks;
+  if (!read_array(bases, g->mem.base, "bases") || !read_array(sizes, g->mem.size, "sizes") ||
+      !read_array(strides, g->stride, "strides") || !read_array(starts, g->piece_start, "piece starts") ||
+      !read_array(offs, g->piece_off, "piece offsets") || !read_array(lens, g->piece_len, "piece lengths"))
+    return -1;
+  std::string why;
+  if (!g->validate(why)) {
+    PyErr_SetString(PyExc_ValueError, why.c_str());
+    return -1;
+  }
+  new (&self->geo) std::shared_ptr<const Geometry>(std::move(g));
+  return 0;
+}
+
+void Geometry_dealloc(GeometryObject* self) {
+  self->geo.~shared_ptr();
+  Py_TYPE(self)->tp_free(reinterpret_cast<PyObject*>(self));
+}
+
+// iovecs(body, is_write, distinct) -> bytes of (address, length) uint64 pairs; ValueError(why).
+PyObject* Geometry_iovecs(GeometryObject* self, PyObject* args) {
+  PyObject* body_obj;
+  int is_write, dst_side, distinct;
+  if (!PyArg_ParseTuple(args, "Oppp", &body_obj, &is_write, &dst_side, &distinct)) return nullptr;
+  std::string body;
+  if (!read_bytes(body_obj, body)) return nullptr;
+  Request req;
+  std::string why;
+  std::vector<iovec> rows;
+  uint64_t total = 0;
+  if (!parse_request(reinterpret_cast<const uint8_t*>(body.data()), body.size(), is_write, req, why) ||
+      !request_iovecs(req, self->geo.get(), self->geo->mem, dst_side, distinct, rows, total, why)) {
+    PyErr_SetString(PyExc_ValueError, why.c_str());
+    return nullptr;
+  }
+  std::string out(rows.size() * 16, '\0');
+  for (size_t i = 0; i < rows.size(); ++i) {
+    uint64_t a = reinterpret_cast<uint64_t>(rows[i].iov_base), n = rows[i].iov_len;
+    std::memcpy(&out[16 * i], &a, 8);
+    std::memcpy(&out[16 * i + 8], &n, 8);
+  }
+  return PyBytes_FromStringAndSize(out.data(), Py_ssize_t(out.size()));
+}
+
+PyMethodDef Geometry_methods[] = {
+    {"iovecs", reinterpret_cast<PyCFunction>(Geometry_iovecs), METH_VARARGS,
+     "iovec rows of a request body on this side, as (address, length) uint64 pairs"},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyTypeObject GeometryType = {PyVarObject_HEAD_INIT(nullptr, 0)};
+
+// ------------------------------------------------------------------------------------ Op
+struct OpObject {
+  PyObject_HEAD
+  std::shared_ptr<Op> op;
+};
+
+PyTypeObject OpType = {PyVarObject_HEAD_INIT(nullptr, 0)};
+
+void Op_dealloc(OpObject* self) {
+  self->op.~shared_ptr();
+  Py_TYPE(self)->tp_free(reinterpret_cast<PyObject*>(self));
+}
+
+PyObject* Op_done(OpObject* self, PyObject*) { return PyBool_FromLong(self->op->finished.load()); }
+
+PyObject* Op_wait(OpObject* self, PyObject* args) {
+  double timeout = -1;
+  if (!PyArg_ParseTuple(args, "|d", &timeout)) return nullptr;
+  bool done;
+  std::shared_ptr<Op> op = self->op;
+  Py_BEGIN_ALLOW_THREADS
+  done = op->wait(timeout);
+  Py_END_ALLOW_THREADS
+  return PyBool_FromLong(done);
+}
+
+// error() -> None, or (kind, message, peer's ERROR body) once finished with an error.
+PyObject* Op_error(OpObject* self, PyObject*) {
+  Op& op = *self->op;
+  if (!op.finished.load() || op.error == kOk) Py_RETURN_NONE;
+  return Py_BuildValue("(is#y#)", int(op.error), op.message.data(), Py_ssize_t(op.message.size()),
+                       op.peer_meta.data(), Py_ssize_t(op.peer_meta.size()));
+}
+
+PyObject* Op_seconds(OpObject* self, PyObject*) { return PyFloat_FromDouble(self->op->seconds); }
+
+PyMethodDef Op_methods[] = {
+    {"done", reinterpret_cast<PyCFunction>(Op_done), METH_NOARGS, "whether the op ended (ok or not)"},
+    {"wait", reinterpret_cast<PyCFunction>(Op_wait), METH_VARARGS,
+     "wait(timeout=-1) -> ended? (waits without the GIL; < 0 waits for good)"},
+    {"error", reinterpret_cast<PyCFunction>(Op_error), METH_NOARGS, "None, or (kind, message, peer_meta)"},
+    {"seconds", reinterpret_cast<PyCFunction>(Op_seconds), METH_NOARGS, "first byte sent to last byte moved"},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyObject* wrap_op(std::shared_ptr<Op> op) {
+  auto* o = reinterpret_cast<OpObject*>(OpType.tp_alloc(&OpType, 0));
+  if (o == nullptr) return nullptr;
+  new (&o->op) std::shared_ptr<Op>(std::move(op));
+  return reinterpret_cast<PyObject*>(o);
+}
+
+// ------------------------------------------------------------------------------- Inbox
+struct InboxObject {
+  PyObject_HEAD
+  std::shared_ptr<Inbox> inbox;
+};
+
+PyTypeObject InboxType = {PyVarObject_HEAD_INIT(nullptr, 0)};
+
+int Inbox_init(InboxObject* self, PyObject* args, PyObject*) {
+  unsigned long long max_bytes = 256ull << 20;
+  if (!PyArg_ParseTuple(args, "|K", &max_bytes)) return -1;
+  new (&self->inbox) std::shared_ptr<Inbox>(std::make_shared<Inbox>(size_t(max_bytes)));
+  return 0;
+}
+
+void Inbox_dealloc(InboxObject* self) {
+  self->inbox.~shared_ptr();
+  Py_TYPE(self)->tp_free(reinterpret_cast<PyObject*>(self));
+}
+
+PyObject* Inbox_drain(InboxObject* self, PyObject*) {
+  if (!self->inbox) return PyList_New(0);
+  auto items = self->inbox->drain();
+  PyObject* out = PyList_New(Py_ssize_t(items.size()));
+  if (out == nullptr) return nullptr;
+  for (size_t i = 0; i < items.size(); ++i) {
+    PyObject* t = Py_BuildValue("(Ky#)", static_cast<unsigned long long>(items[i].first), items[i].second.data(),
+                                Py_ssize_t(items[i].second.size()));
+    if (t == nullptr) {
+      Py_DECREF(out);
+      return nullptr;
+    }
+    PyList_SET_ITEM(out, Py_ssize_t(i), t);
+  }
+  return out;
+}
+
+PyMethodDef Inbox_methods[] = {
+    {"drain", reinterpret_cast<PyCFunction>(Inbox_drain), METH_NOARGS, "[(peer id, msgpack body)] since the last call"},
+    {nullptr, nullptr, 0, nullptr}};
+
+// ------------------------------------------------------------------------------- links
+struct LinkObject {
+  PyObject_HEAD
+  std::shared_ptr<Link> link;
+};
+
+PyTypeObject InitiatorType = {PyVarObject_HEAD_INIT(nullptr, 0)};
+PyTypeObject ServerType = {PyVarObject_HEAD_INIT(nullptr, 0)};
+
+void Link_dealloc(LinkObject* self) {
+  if (self->link) {
+    std::shared_ptr<Link> l = std::move(self->link);
+    Py_BEGIN_ALLOW_THREADS
+    l->close();
+    l.reset();
+    Py_END_ALLOW_THREADS
+  }
+  self->link.~shared_ptr();
+  Py_TYPE(self)->tp_free(reinterpret_cast<PyObject*>(self));
+}
+
+PyObject* Link_alive(LinkObject* self, PyObject*) { return PyBool_FromLong(self->link && self->link->alive()); }
+
+PyObject* Link_reason(LinkObject* self, PyObject*) {
+  std::string r = self->link ? self->link->dead_reason() : std::string("closed");
+  return PyUnicode_DecodeUTF8(r.data(), Py_ssize_t(r.size()), "replace");
+}
+
+PyObject* Link_close(LinkObject* self, PyObject*) {
+  std::shared_ptr<Link> l = self->link;
+  if (l) {
+    Py_BEGIN_ALLOW_THREADS
+    l->close();
+    Py_END_ALLOW_THREADS
+  }
+  Py_RETURN_NONE;
+}
+
+// Initiator(fd, timeout): takes ownership of the connected descriptor.
+int Initiator_init(LinkObject* self, PyObject* args, PyObject*) {
+  int fd;
+  double timeout;
+  if (!PyArg_ParseTuple(args, "id", &fd, &timeout)) return -1;
+  new (&self->link) std::shared_ptr<Link>(Initiator::make(fd, timeout));
+  return 0;
+}
+
+// post(kind, frame, local, geometry, nbytes, buf_addr=0, buf_len=0) -> Op
+PyObject* Initiator_post(LinkObject* self, PyObject* args) {
+  int kind;
+  PyObject *frame, *local, *geo;
+  unsigned long long nbytes, buf_addr = 0, buf_len = 0;
+  if (!PyArg_ParseTuple(args, "iOOOK|KK", &kind, &frame, &local, &geo, &nbytes, &buf_addr, &buf_len)) return nullptr;
+  if (kind < kOpRead || kind > kOpBaseline) {
+    PyErr_Format(PyExc_ValueError, "unknown op kind %d", kind);
+    return nullptr;
+  }
+  if (geo != Py_None && !PyObject_TypeCheck(geo, &GeometryType)) {
+    PyErr_SetString(PyExc_TypeError, "geometry must be a p2pkv._native.Geometry or None");
+    return nullptr;
+  }
+  auto op = std::make_shared<Op>();
+  op->kind = OpKind(kind);
+  op->nbytes = nbytes;
+  if (!read_bytes(frame, op->frame) || !read_bytes(local, op->local)) return nullptr;
+  if (geo != Py_None) op->geo = reinterpret_cast<GeometryObject*>(geo)->geo;
+  if (buf_len) op->iov.push_back(iovec{reinterpret_cast<void*>(buf_addr), size_t(buf_len)});
+  std::static_pointer_cast<Initiator>(self->link)->post(op);
+  return wrap_op(std::move(op));
+}
+
+// Server(fd, timeout, peer_id, bases, sizes, read_geometry, write_geometry, inbox)
+int Server_init(LinkObject* self, PyObject* args, PyObject*) {
+  int fd;
+  double timeout;
+  unsigned long long peer_id;
+  PyObject *bases, *sizes, *rg, *wg, *inbox;
+  if (!PyArg_ParseTuple(args, "idKOOOOO!", &fd, &timeout, &peer_id, &bases, &sizes, &rg, &wg, &InboxType, &inbox))
+    return -1;
+  Regions mem;
+  if (!read_array(bases, mem.base, "bases") || !read_array(sizes, mem.size, "sizes")) return -1;
+  if (mem.base.size() != mem.size.size()) {
+    PyErr_SetString(PyExc_ValueError, "bases and sizes differ in length");
+    return -1;
+  }
+  std::shared_ptr<const Geometry> g[2];
+  PyObject* gs[2] = {rg, wg};
+  for (int i = 0; i < 2; ++i) {
+    if (gs[i] == Py_None) continue;
+    if (!PyObject_TypeCheck(gs[i], &GeometryType)) {
+      PyErr_SetString(PyExc_TypeError, "geometries must be p2pkv._native.Geometry or None");
+      return -1;
+    }
+    g[i] = reinterpret_cast<GeometryObject*>(gs[i])->geo;
+  }
+  new (&self->link) std::shared_ptr<Link>(
+      Server::make(fd, timeout, peer_id, std::move(mem), g[0], g[1], reinterpret_cast<InboxObject*>(inbox)->inbox));
+  return 0;
+}
+
+PyObject* Server_served(LinkObject* self, PyObject*) {
+  return PyLong_FromUnsignedLongLong(std::static_pointer_cast<Server>(self->link)->served());
+}
+
+PyMethodDef Initiator_methods[] = {
+    {"post", reinterpret_cast<PyCFunction>(Initiator_post), METH_VARARGS, "queue an op; returns its Op"},
+    {"alive", reinterpret_cast<PyCFunction>(Link_alive), METH_NOARGS, "whether the connection is up"},
+    {"reason", reinterpret_cast<PyCFunction>(Link_reason), METH_NOARGS, "why the connection went down"},
+    {"close", reinterpret_cast<PyCFunction>(Link_close), METH_NOARGS, "fail queued ops, stop, close the socket"},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyMethodDef Server_methods[] = {
+    {"served", reinterpret_cast<PyCFunction>(Server_served), METH_NOARGS, "requests served so far"},
+    {"alive", reinterpret_cast<PyCFunction>(Link_alive), METH_NOARGS, "whether the connection is up"},
+    {"reason", reinterpret_cast<PyCFunction>(Link_reason), METH_NOARGS, "why the connection went down"},
+    {"close", reinterpret_cast<PyCFunction>(Link_close), METH_NOARGS, "stop serving and close the socket"},
+    {nullptr, nullptr, 0, nullptr}};
+
+// parse_request(body, is_write) -> dict: the fields of a request body, or ValueError(why).
+PyObject* py_parse_request(PyObject*, PyObject* args) {
+  PyObject* body_obj;
+  int is_write;
+  if (!PyArg_ParseTuple(args, "Op", &body_obj, &is_write)) return nullptr;
+  std::string body;
+  if (!read_bytes(body_obj, body)) return nullptr;
+  Request req;
+  std::string why;
+  if (!parse_request(reinterpret_cast<const uint8_t*>(body.data()), body.size(), is_write, req, why)) {
+    PyErr_SetString(PyExc_ValueError, why.c_str());
+    return nullptr;
+  }
+  PyObject* regions = Py_None;
+  Py_INCREF(Py_None);
+  if (!req.all_regions) {
+    Py_DECREF(Py_None);
+    regions = PyList_New(Py_ssize_t(req.regions.size()));
+    for (size_t i = 0; i < req.regions.size(); ++i)
+      PyList_SET_ITEM(regions, Py_ssize_t(i), PyLong_FromUnsignedLong(req.regions[i]));
+  }
+  size_t item = req.form == kBlocks ? 8 : 24;
+  return Py_BuildValue("{s:i,s:y#,s:y#,s:N,s:y#}", "form", int(req.form), "request_id", req.request_id.data(),
+                       Py_ssize_t(req.request_id.size()), "notify", reinterpret_cast<const char*>(req.notify),
+                       Py_ssize_t(req.notify_len), "regions", regions, "items",
+                       reinterpret_cast<const char*>(req.items), Py_ssize_t(item * req.count));
+}
+
+PyMethodDef module_methods[] = {
+    {"parse_request", py_parse_request, METH_VARARGS, "parse a data request body as the serving side does"},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_native",
+                          "p2pkv's native data path: tcp links progressed by C++ threads", -1, module_methods};
+
+bool ready_type(PyTypeObject& t, const char* name, Py_ssize_t size, PyMethodDef* methods, destructor dealloc,
+                initproc init, const char* doc) {
+  t.tp_name = name;
+  t.tp_basicsize = size;
+  t.tp_flags = Py_TPFLAGS_DEFAULT;
+  t.tp_methods = methods;
+  t.tp_dealloc = dealloc;
+  t.tp_doc = doc;
+  if (init != nullptr) {
+    t.tp_init = init;
+    t.tp_new = PyType_GenericNew;
+  }
+  return PyType_Ready(&t) == 0;
+}
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__native(void) {
+  if (!ready_type(GeometryType, "p2pkv._native.Geometry", sizeof(GeometryObject), Geometry_methods,
+                  reinterpret_cast<destructor>(Geometry_dealloc), reinterpret_cast<initproc>(Geometry_init),
+                  "block geometry of one side: regions, strides and pieces") ||
+      !ready_type(OpType, "p2pkv._native.Op", sizeof(OpObject), Op_methods, reinterpret_cast<destructor>(Op_dealloc),
+                  nullptr, "one posted transfer") ||
+      !ready_type(InboxType, "p2pkv._native.Inbox", sizeof(InboxObject), Inbox_methods,
+                  reinterpret_cast<destructor>(Inbox_dealloc), reinterpret_cast<initproc>(Inbox_init),
+                  "messages received from peers") ||
+      !ready_type(InitiatorType, "p2pkv._native.Initiator", sizeof(LinkObject), Initiator_methods,
+                  reinterpret_cast<destructor>(Link_dealloc), reinterpret_cast<initproc>(Initiator_init),
+                  "the dialling side of a data connection") ||
+      !ready_type(ServerType, "p2pkv._native.Server", sizeof(LinkObject), Server_methods,
+                  reinterpret_cast<destructor>(Link_dealloc), reinterpret_cast<initproc>(Server_init),
+                  "the serving side of a data connection"))
+    return nullptr;
+  PyObject* m = PyModule_Create(&module_def);
+  if (m == nullptr) return nullptr;
+  PyObject* types[] = {reinterpret_cast<PyObject*>(&GeometryType), reinterpret_cast<PyObject*>(&OpType),
+                       reinterpret_cast<PyObject*>(&InboxType), reinterpret_cast<PyObject*>(&InitiatorType),
+                       reinterpret_cast<PyObject*>(&ServerType)};
+  const char* names[] = {"Geometry", "Op", "Inbox", "Initiator", "Server"};
+  for (int i = 0; i < 5; ++i) {
+    Py_INCREF(types[i]);
+    if (PyModule_AddObject(m, names[i], types[i]) < 0) return nullptr;
+  }
+  PyModule_AddIntConstant(m, "VERSION", kVersion);
+  PyModule_AddIntConstant(m, "MAX_ROWS", long(kMaxRows));
+  PyModule_AddIntConstant(m, "MAX_NOTIFY", long(kMaxNotify));
+  return m;
+}

@@ -1,0 +1,132 @@
+"""The Python face of the native data path (csrc/net, built as p2pkv._native): the binary request
+frames it parses, the block geometry it builds iovecs from, and handles that complete by polling
+an atomic (or waiting without the GIL). After the per-peer handshake, no Python runs on a
+transfer's path but the caller's own post and poll."""
+from __future__ import annotations
+
+import numbers
+import struct
+import threading
+from typing import Any, Sequence
+
+import numpy as np
+
+from p2pkv.layout import BlockRows
+from p2pkv.transport.base import PeerClosedError, TransferError, TransferHandle, TransferTimeout
+
+__all__ = ["native", "require", "BUILD_HINT", "NativeHandle", "geometry", "request_body", "frame", "OP_READ",
+           "OP_WRITE", "OP_SEND", "OP_BASELINE", "DATA_READ", "DATA_WRITE", "NOTIF", "BASELINE", "VERSION",
+           "FORM_BLOCKS", "FORM_TABLE"]
+
+BUILD_HINT = ("build it with `pip install -e .` (or `pip install .`) from a p2pkv checkout on a machine with a "
+              "C++17 compiler (g++ or clang++)")
+
+try:
+    from p2pkv import _native as native
+    _why: str | None = None
+except ImportError as e:  # the extension is optional at install time; the backends that need it say so
+    native = None  # type: ignore[assignment]
+    _why = str(e)
+
+OP_READ, OP_WRITE, OP_SEND, OP_BASELINE = 0, 1, 2, 3
+NOTIF, CLOSE, DATA_READ, DATA_WRITE, BASELINE = 8, 10, 11, 12, 13
+FORM_BLOCKS, FORM_TABLE = 0, 1
+VERSION = 2
+ALL_REGIONS = 0xFFFFFFFF
+_HEADER = struct.Struct("<4sHHIQ")
+_HEAD = struct.Struct("<BBHIIIQ")
+_KINDS = {1: TransferTimeout, 2: PeerClosedError, 3: TransferError, 4: TransferError, 5: PeerClosedError}
+
+
+def require(backend: str) -> Any:
+    """The extension module, or BackendUnavailable saying how to build it (never a silent fallback)."""
+    if native is None:
+        from p2pkv.transport import BackendUnavailable
+        raise BackendUnavailable(f"the {backend} backend needs p2pkv's native data path (p2pkv._native), which is "
+                                 f"not built here ({_why}); {BUILD_HINT}")
+    return native
+
+
+def frame(ftype: int, body: bytes = b"", payload_len: int = 0) -> bytes:
+    return _HEADER.pack(b"P2KV", VERSION, ftype, len(body), payload_len) + body
+
+
+def request_body(form: int, request_id: str | None, items: bytes, count: int,
+                 regions: Sequence[int] | None = None, notify: bytes = b"") -> bytes:
+    """A data request's body as csrc/net/frame.cpp parses it: fixed head, request id, notify
+    message, region indices, then int64 block ids or (region, offset, length) rows."""
+    rid = (request_id or "").encode()
+    regs = b"" if regions is None else np.asarray(regions, dtype="<u4").tobytes()
+    n_regions = ALL_REGIONS if regions is None else len(regions)
+    return _HEAD.pack(form, 0, len(rid), len(notify), n_regions, 0, count) + rid + notify + regs + items
+
+
+def geometry(rows: BlockRows, side: str, bases: Sequence[int], sizes: Sequence[int]) -> Any:
+    """The native geometry of one side ('src' or 'dst') of a spec pair: where its regions are, its
+    block stride per region and the pieces of a block that move, in BlockRows' canonical order."""
+    col = 0 if side == "src" else 1
+    pieces = rows._pieces
+    starts = np.zeros(len(pieces) + 1, dtype="<u4")
+    starts[1:] = np.cumsum([len(p) for p in pieces])
+    offs = np.concatenate([p[:, col] for p in pieces]).astype("<u8") if pieces else np.zeros(0, "<u8")
+    lens = np.concatenate([p[:, 2] for p in pieces]).astype("<u8") if pieces else np.zeros(0, "<u8")
+    return require("tcp").Geometry(np.asarray(bases, dtype="<u8").tobytes(), np.asarray(sizes, dtype="<u8").tobytes(),
+                                   np.asarray(rows._stride[col], dtype="<u8").tobytes(), int(rows.num_blocks[col]),
+                                   starts.tobytes(), offs.tobytes(), lens.tobytes())
+
+
+def remote_message(meta: bytes) -> str:
+    """What a peer's ERROR body says (msgpack {kind, message}); decoded only on the error path."""
+    import msgpack
+    try:
+        m = msgpack.unpackb(meta, raw=False, unicode_errors="replace")
+        return str(m.get("message", m)) if isinstance(m, dict) else str(m)
+    except Exception:  # noqa: BLE001 - a garbled error body still fails the transfer
+        return f"the peer refused the request ({len(meta)}-byte error body not decodable)"
+
+
+class NativeHandle(TransferHandle):
+    """A transfer progressed by a native thread: `done()` reads an atomic, `wait()` blocks without
+    the GIL; no Python callback runs for it to complete."""
+
+    def __init__(self, op: Any, peer: str, request_id: str | None, nbytes: int):
+        self._set_fields(peer, request_id, nbytes)
+        self._op = op
+        self._converted = False
+
+    def done(self) -> bool:
+        return self._op.done()
+
+    @property
+    def error(self) -> BaseException | None:
+        if not self._converted and self._op.done():
+            err = self._op.error()
+            if err is not None:
+                kind, message, meta = err
+                if kind == 3 and meta:
+                    message = remote_message(meta)
+                self._error = _KINDS.get(kind, TransferError)(message, peer=self.peer, request_id=self.request_id)
+            self._converted = True
+        return self._error
+
+    def seconds(self) -> float:
+        """Native time from the request's first byte sent to its last byte moved."""
+        return self._op.seconds()
+
+    def wait(self, timeout: float | None = None) -> None:
+        if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+                raise TypeError(f"wait() timeout must be a number of seconds or None, got {type(timeout).__name__}")
+            if not timeout >= 0:
+                raise ValueError(f"wait() timeout must be >= 0 seconds (or None to wait for good), got {timeout}")
+        t = -1.0 if timeout is None or timeout > threading.TIMEOUT_MAX else float(timeout)
+        if not self._op.wait(t):
+            raise TransferTimeout(f"not finished after {timeout:.3g} s", peer=self.peer, request_id=self.request_id)
+        if self.error is not None:
+            raise self.error
+
+    def add_done_callback(self, fn: Any) -> None:
+        raise NotImplementedError("native transfers complete without Python callbacks: poll done() or wait()")
+
+    def _finish(self, error: BaseException | None = None) -> None:
+        raise NotImplementedError("a native transfer is finished by its native thread")
