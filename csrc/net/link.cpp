@@ -332,8 +332,9 @@ Status Server::serve_baseline(const Header& h) {
   if (!st.ok()) return st;
   uint64_t n = load_u64(raw);
   if (n == 0 || n > kMaxBaseline) return Status::fail(kProtocol, "bad baseline size " + std::to_string(n));
-  static constexpr size_t kChunk = 64u << 20;
-  std::vector<char> buf(std::min<uint64_t>(n, kChunk));
+  static constexpr size_t kChunk = 256u << 20;
+  std::vector<char>& buf = baseline_buf_;
+  if (buf.size() < std::min<uint64_t>(n, kChunk)) buf.resize(size_t(std::min<uint64_t>(n, kChunk)));
   uint8_t ack[kHeaderSize];
   encode_header(ack, kAck, 0, n);
   st = send_bytes(fd_, ack, sizeof ack);

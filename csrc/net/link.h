@@ -125,6 +125,7 @@ class Server : public Link {
   std::shared_ptr<const Geometry> read_geo_, write_geo_;
   std::shared_ptr<Inbox> inbox_;
   std::atomic<uint64_t> served_{0};
+  std::vector<char> baseline_buf_;  // kept between baseline requests, as a raw user keeps a buffer
 };
 
 }  // namespace p2pkv
