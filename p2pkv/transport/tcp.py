@@ -7,16 +7,12 @@ area overlapped with the socket), transfers run on the control plane's Python th
 from __future__ import annotations
 
 import ctypes
-import errno
 import itertools
 import logging
-import os
 import socket
 import ssl
 import struct
-import sys
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Sequence
 
 import msgpack
 import numpy as np
@@ -32,35 +28,7 @@ from p2pkv.wire import check_message, recv_into_exact
 
 log = logging.getLogger("p2pkv.transport.tcp")
 
-__all__ = ["TcpTransport", "iovecs", "sendv", "recvv"]
-
-IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
-IOV_MAX = IOV_MAX if IOV_MAX > 0 else 16  # sysconf says -1 where it has no figure; POSIX promises 16
-MSG_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
-_LINUX = sys.platform.startswith("linux")
-
-
-class _MsgHdr(ctypes.Structure):
-    """POSIX `struct msghdr` (Linux declares the two lengths as size_t)."""
-    _fields_ = [("msg_name", ctypes.c_void_p), ("msg_namelen", ctypes.c_uint32),
-                ("msg_iov", ctypes.c_void_p), ("msg_iovlen", ctypes.c_size_t if _LINUX else ctypes.c_int),
-                ("msg_control", ctypes.c_void_p), ("msg_controllen", ctypes.c_size_t if _LINUX else ctypes.c_uint32),
-                ("msg_flags", ctypes.c_int)]
-
-
-def _libc_msg_calls() -> tuple[Any, Any] | None:
-    """libc's sendmsg/recvmsg, called through ctypes (which releases the GIL), or None."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        calls = libc.sendmsg, libc.recvmsg
-    except (OSError, AttributeError):
-        return None
-    for fn in calls:
-        fn.argtypes, fn.restype = [ctypes.c_int, ctypes.POINTER(_MsgHdr), ctypes.c_int], ctypes.c_ssize_t
-    return calls
-
-
-_LIBC = _libc_msg_calls()
+__all__ = ["TcpTransport", "iovecs"]
 
 
 def iovecs(bases: np.ndarray, region: np.ndarray, off: np.ndarray, length: np.ndarray) -> np.ndarray:
@@ -70,107 +38,8 @@ def iovecs(bases: np.ndarray, region: np.ndarray, off: np.ndarray, length: np.nd
 
 
 def _views(iov: np.ndarray) -> list[memoryview]:
-    """Memoryviews of the iovec rows, for the paths that take Python buffers (TLS, no libc)."""
+    """Memoryviews of the iovec rows, for the path that takes Python buffers (TLS)."""
     return [memoryview((ctypes.c_char * n).from_address(a)).cast("B") for a, n in iov.tolist()]
-
-
-BATCH_BYTES = 4 << 20
-FIRST_BYTES = 1 << 20  # see TcpTransport._split
-
-
-def _batches(cum: np.ndarray) -> list[tuple[int, int]]:
-    """Row ranges of the syscalls, from the rows' cumulative lengths: up to IOV_MAX rows and
-    BATCH_BYTES each. On loopback with autotuned buffers, blocking sends of 4 MiB measured as
-    fast as one `sendall` of the whole buffer, 32 MiB ones 0.8 of it (the socket stays locked
-    while the sender waits for room, so the peer's window updates queue up)."""
-    out, i, n = [], 0, len(cum)
-    while i < n:
-        before = int(cum[i - 1]) if i else 0
-        j = min(n, i + IOV_MAX, max(i + 1, int(cum.searchsorted(before + BATCH_BYTES, side="right"))))
-        out.append((i, j))
-        i = j
-    return out
-
-
-def _move(iov: np.ndarray, call: Callable[[int, int], int]) -> None:
-    """Run `call(i, j)` (one syscall over rows i..j, returning bytes moved) over each
-    batch until every byte moved, resuming a partial call exactly: the row a call stopped
-    in is trimmed in place. A receive that is faster than its sender returns every
-    ~100 KiB, so a resume costs one binary search over the cumulative lengths,
-    computed once, not a pass over the batch's rows."""
-    cum = np.cumsum(iov[:, 1])
-    for i, j in _batches(cum):
-        pos, end = (int(cum[i - 1]) if i else 0), int(cum[j - 1])
-        while True:
-            got = call(i, j)
-            if got <= 0:
-                raise ConnectionResetError(f"peer closed the connection with {end - pos} bytes of this batch still to come")
-            pos += got
-            if pos >= end:
-                break
-            i = int(cum.searchsorted(pos, side="right"))
-            step = int(iov[i, 1]) - (int(cum[i]) - pos)  # what this row moved since it was last trimmed
-            if step:
-                iov[i, 0] += step
-                iov[i, 1] -= step
-
-
-def _libc_call(fn: Any, sock: socket.socket, iov: np.ndarray, flags: int) -> Callable[[int, int], int]:
-    hdr = _MsgHdr()
-    fd, base, row = sock.fileno(), iov.ctypes.data, iov.strides[0]
-    ref = ctypes.byref(hdr)
-
-    def call(i: int, j: int) -> int:
-        hdr.msg_iov, hdr.msg_iovlen = base + row * i, j - i
-        while True:
-            got = fn(fd, ref, flags)
-            if got >= 0:
-                return got
-            err = ctypes.get_errno()
-            if err != errno.EINTR:
-                raise OSError(err, os.strerror(err))
-    return call
-
-
-@contextmanager
-def kernel_timeouts(sock: socket.socket, timeout: float, state: dict | None = None) -> Iterator[None]:
-    """Run the block in blocking mode with the timeout enforced by the kernel
-    (SO_RCVTIMEO/SO_SNDTIMEO), so each vectored call blocks in the kernel instead of
-    Python polling the socket before every call. With `state` (a per-connection dict)
-    the two options are set once per connection, not per transfer."""
-    if state is None or state.get("kernel_timeout") != timeout:
-        tv = struct.pack("ll", int(timeout), int((timeout % 1) * 1e6))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-        if state is not None:
-            state["kernel_timeout"] = timeout
-    sock.settimeout(None)
-    try:
-        yield
-    except BlockingIOError:
-        raise socket.timeout(f"no progress within {timeout:g} s") from None
-    finally:
-        sock.settimeout(timeout)
-
-
-def sendv(sock: socket.socket, iov: np.ndarray) -> None:
-    """Send the memory of every iovec row, in order, from a blocking socket (a whole
-    batch per syscall; a partial send is resumed exactly). `iov` is consumed."""
-    if _LIBC is not None:
-        _move(iov, _libc_call(_LIBC[0], sock, iov, MSG_NOSIGNAL))
-    else:
-        _move(iov, lambda i, j: sock.sendmsg(_views(iov[i:j])))
-
-
-def recvv(sock: socket.socket, iov: np.ndarray) -> None:
-    """Fill the memory of every iovec row, in order, taking what each call finds (a partial
-    receive is resumed exactly); ConnectionResetError if the peer closes early. `iov` is consumed.
-    Not `MSG_WAITALL`: on loopback it moved 16 MiB in 4 KiB rows at 0.83-0.86 of a plain
-    `recv_into` of one buffer, against 0.92-1.0 without it."""
-    if _LIBC is not None:
-        _move(iov, _libc_call(_LIBC[1], sock, iov, 0))
-    else:
-        _move(iov, lambda i, j: sock.recvmsg_into(_views(iov[i:j]))[0])
 
 
 class _Staging:
@@ -388,79 +257,19 @@ class TcpTransport(ControlPlaneTransport):
     def _direct(self, conn: Conn) -> bool:
         return self.device.type == "cpu" and not isinstance(conn.sock, ssl.SSLSocket)
 
-    def _iov_of(self, rows: LocalRows) -> np.ndarray:
-        """iovec rows of local rows that the control plane checked: straight from block ids to
-        addresses where the request came as ids."""
-        if rows.blocks is not None:
-            geo, ids, side, regions = rows.blocks
-            return geo.iovecs(ids, side, regions, self._bases)
-        return iovecs(self._bases, *rows.arrays())
-
-    def _split(self, rows: LocalRows) -> tuple[LocalRows, LocalRows | None]:
-        """A request by block ids cut into its first regions, about FIRST_BYTES, and the rest (rows
-        are region-major, so the two send the same byte stream). The sender's first bytes then go
-        out after a smaller computation and the rest's rows are built while the peer drains those
-        (a 16 MiB read of 4096 rows: first call 135 us after the request arrived, not 178 us;
-        after the last request's copies left the caches, numpy's fixed costs dominate)."""
-        if rows.blocks is None:
-            return rows, None
-        geo, ids, side, regions = rows.blocks
-        regs = tuple(range(geo.num_regions)) if regions is None else tuple(int(r) for r in regions)
-        per_region = geo.nbytes(len(ids), regions) / max(1, len(regs))
-        k = max(1, -int(-FIRST_BYTES // max(per_region, 1.0)))
-        if k >= len(regs):
-            return rows, None
-        return LocalRows(blocks=(geo, ids, side, regs[:k])), LocalRows(blocks=(geo, ids, side, regs[k:]))
-
-    def _send_plan(self, conn: Conn, rows: LocalRows, request_id: Any, head: bytes = b"") -> Callable[[], None]:
-        """CPU memory: the iovec rows (of the first part, see `_split`) are built before the request's
-        frame (or ACK) goes out, so that work is off the round trip, and `head` rides in the first row
-        of the first call."""
-        if not self._direct(conn):
-            return super()._send_plan(conn, rows, request_id, head)
-        first, rest = self._split(rows)
-        iov = self._iov_of(first)
-        if head:
-            buf = np.frombuffer(head, dtype=np.uint8)
-            iov = np.concatenate([np.array([[buf.ctypes.data, len(head)]], dtype=np.uintp), iov])
-
-        def go(_head: bytes = head) -> None:  # holds `head`: the first row points into it
-            with kernel_timeouts(conn.sock, self.timeout, conn.extra):
-                sendv(conn.sock, iov)
-                if rest is not None:
-                    sendv(conn.sock, self._iov_of(rest))
-        return go
-
-    def _recv_plan(self, conn: Conn, rows: LocalRows, request_id: Any) -> Callable[[], None]:
-        """As `_send_plan`: a read's receive rows are built while its request travels to P."""
-        if not self._direct(conn):
-            return super()._recv_plan(conn, rows, request_id)
-        iov = self._iov_of(rows)
-
-        def go() -> None:
-            with kernel_timeouts(conn.sock, self.timeout, conn.extra):
-                recvv(conn.sock, iov)
-        return go
-
     def _send_data(self, conn: Conn, region: np.ndarray, off: np.ndarray, length: np.ndarray, request_id: Any) -> None:
         if self.device.type != "cpu":
             self._send_staged(conn.sock, region, off, length)
-        elif isinstance(conn.sock, ssl.SSLSocket):
+        else:  # TLS: the native path cannot encrypt
             for v in _views(self._iov(region, off, length)):
                 conn.sock.sendall(v)
-        else:
-            Segments.check_bounds(region, off, length, [r.nbytes for r in self.regions])
-            self._send_plan(conn, LocalRows((region, off, length)), request_id)()
 
     def _recv_data(self, conn: Conn, region: np.ndarray, off: np.ndarray, length: np.ndarray, request_id: Any) -> None:
         if self.device.type != "cpu":
             self._recv_staged(conn.sock, region, off, length)
-        elif isinstance(conn.sock, ssl.SSLSocket):
+        else:
             for v in _views(self._iov(region, off, length)):
                 recv_into_exact(conn.sock, v)
-        else:
-            Segments.check_bounds(region, off, length, [r.nbytes for r in self.regions])
-            self._recv_plan(conn, LocalRows((region, off, length)), request_id)()
 
     # ---------------------------------------------------------------- baseline: one contiguous buffer
     def _baseline_buf(self, nbytes: int) -> memoryview:
