@@ -4,10 +4,13 @@ verified, and each row stands next to a same-run baseline of the raw link.
 
 Without torchrun the command starts P here and D as a child process; under
 torchrun rank 0 is P and rank 1 is D and they meet through torchrun's store.
+With --busy the same requests run again with P's or D's engine thread busy in
+pure Python (DESIGN.md, "Threads and the GIL"), each against the idle run.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import inspect
 import json
 import logging
@@ -17,17 +20,20 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from p2pkv.layout import PRESETS, KVCacheSpec, dtype_from_name, make_kv_caches, plan_segments
-from p2pkv.transport import available_transports, get_transport, transport_factory
-from p2pkv.transport.base import Transport
+from p2pkv.segments import Segments
+from p2pkv.transport import (Peer, TransferTimeout, Transport, available_transports, get_transport,
+                             transport_factory)
 
-__all__ = ["add_arguments", "main", "format_table"]
+__all__ = ["add_arguments", "main", "format_table", "format_busy_table", "PBusyLoad"]
 
 log = logging.getLogger("p2pkv.bench")
 RESULT_TAG = "P2PKV_RESULT "
@@ -81,6 +87,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=_at_least(0), default=0, help="seed of the random caches and block choices")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="backend option passed to get_transport (repeatable), e.g. pack_threshold=65536")
+    p.add_argument("--busy", action="store_true",
+                   help="also measure the same reads with P's engine busy (a pure-Python thread in its process, "
+                        "against the same spin in another process) and with D's thread as an engine loop "
+                        "(1 ms of Python between done() polls), each against the idle run")
     p.add_argument("--role", choices=["p", "d"], help=argparse.SUPPRESS)
     p.add_argument("--connect", help=argparse.SUPPRESS)
 
@@ -273,8 +283,294 @@ def _progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def run_d(args: argparse.Namespace, backend: str, p_address: str) -> list[dict[str, Any]]:
-    """D's side: read random P blocks into random D blocks, time it, verify, return result rows."""
+# --------------------------------------------------------------------------------------------- requests
+
+@dataclass(frozen=True)
+class _Request:
+    """One planned read: P blocks `src` into D blocks `dst`, posted as `segs`."""
+    src: np.ndarray
+    dst: np.ndarray
+    segs: Segments
+
+
+def _plan(args: argparse.Namespace, rng: np.random.Generator, p_spec: KVCacheSpec, d_spec: KVCacheSpec,
+          tokens: int) -> list[list[_Request]]:
+    """Every iteration's requests for one --tokens value, drawn once so that every case posts the same ones."""
+    _, nb = _num_blocks(args)
+    nblk = -(-tokens // args.block_size)
+    plan = []
+    for _ in range(args.warmup + args.iters):
+        dst_perm = rng.permutation(nb)
+        srcs = [rng.choice(nb, nblk, replace=False) for _ in range(args.requests)]
+        dsts = [dst_perm[r * nblk:(r + 1) * nblk] for r in range(args.requests)]
+        plan.append([_Request(s, d, plan_segments(p_spec, d_spec, s, d)) for s, d in zip(srcs, dsts)])
+    return plan
+
+
+def _last_writers(plan: list[list[_Request]]) -> dict[int, int]:
+    """For each D block the plan writes, the P block written last (what verification expects there)."""
+    last: dict[int, int] = {}
+    for reqs in plan:
+        for req in reqs:
+            last.update(zip(req.dst.tolist(), req.src.tolist()))
+    return last
+
+
+class _PeakRss:
+    """D's peak RSS over the transfers, sampled until the first baseline buffer exists."""
+
+    def __init__(self) -> None:
+        self.mib, self.frozen = 0.0, False
+
+    def sample(self) -> None:
+        if not self.frozen:
+            self.mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _timed_read(tr: Transport, peer: Peer, segs: Segments, request_id: str, timeout: float) -> float:
+    """Seconds from posting a read to its wait() returning."""
+    t0 = time.perf_counter()
+    tr.read(peer, segs, request_id=request_id).wait(timeout)
+    return time.perf_counter() - t0
+
+
+def _run_idle(tr: Transport, peer: Peer, args: argparse.Namespace, backend: str, tokens: int,
+              plan: list[list[_Request]], peak: _PeakRss) -> tuple[list[float], list[float]]:
+    """The plan's reads with nothing else running, each measured one next to a raw-link baseline of its bytes."""
+    lat: list[float] = []
+    base: list[float] = []
+    t_start = time.perf_counter()
+    for it, reqs in enumerate(plan):
+        measured = it >= args.warmup
+        for r, req in enumerate(reqs):
+            # The baseline runs interleaved with the requests, so both see the same machine load, and
+            # every other time first, so neither always runs right after the previous read (caches cold).
+            base_first = measured and len(lat) % 2 == 1
+            if base_first:
+                base.append(tr.baseline(peer, req.segs.nbytes, 1))
+            dt = _timed_read(tr, peer, req.segs, f"bench-{tokens}-{it}-{r}", args.timeout)
+            peak.sample()
+            if measured:
+                peak.frozen = True
+                if not base_first:
+                    base.append(tr.baseline(peer, req.segs.nbytes, 1))
+                lat.append(dt)
+        if time.perf_counter() - t_start > 2 or it == len(plan) - 1:
+            nbytes = reqs[-1].segs.nbytes
+            _progress(f"[p2pkv bench] {backend} {tokens} tokens: iteration {it + 1}/{len(plan)}, "
+                      f"last request {nbytes / max(lat[-1] if lat else 1, 1e-9) / 1e9:.2f} GB/s")
+            t_start = time.perf_counter()
+    return lat, base
+
+
+def _ms(seconds: list[float], q: float = 50) -> float:
+    return round(float(np.percentile(seconds, q)) * 1e3, 4)
+
+
+def _row(args: argparse.Namespace, backend: str, tokens: int, segs: Segments, lat: list[float],
+         base: list[float]) -> dict[str, Any]:
+    """The JSON contract's row for one --tokens value; `verified` is filled in once D's cache is checked."""
+    gbps = segs.nbytes / statistics.median(lat) / 1e9
+    bgbps = segs.nbytes / statistics.median(base) / 1e9
+    return {"backend": backend, "device": args.device, "layout": args.layout, "dtype": args.dtype,
+            "tokens": tokens, "requests": args.requests, "bytes": segs.nbytes, "segments": len(segs),
+            "gbps": round(gbps, 4), "baseline_gbps": round(bgbps, 4), "ratio": round(gbps / bgbps, 4),
+            "p50_ms": _ms(lat), "p99_ms": _ms(lat, 99), "verified": False}
+
+
+# --------------------------------------------------------------------------------------------- busy engines
+
+BUSY_SLICE_S = 1e-3
+BUSY_TAG = "P2PKV_BUSY "
+BUSY_MODES = ("idle", "thread", "process")
+
+
+def _burn(seconds: float) -> int:
+    """Pure-Python integer arithmetic for `seconds`: it holds the GIL throughout, as an engine's Python does.
+    Self-contained, so that the separate spin process runs this very source."""
+    import time
+    end = time.perf_counter() + seconds
+    x = 1
+    while time.perf_counter() < end:
+        for _ in range(100):
+            x = (x * 1103515245 + 12345) & 0x7FFFFFFF
+    return x
+
+
+def _spin_program() -> str:
+    """A bare interpreter's program that runs the same `_burn` forever (no torch import, so it starts at once)."""
+    return inspect.getsource(_burn) + f"print('spinning', flush=True)\nwhile True:\n    _burn({BUSY_SLICE_S})\n"
+
+
+def _spin_until(stop: threading.Event) -> None:
+    while not stop.is_set():
+        _burn(BUSY_SLICE_S)
+
+
+class PBusyLoad:
+    """P's stand-in engine: a pure-Python spin in a thread of P's process (it contends for P's GIL) or the
+    same spin in a separate process (the same CPU load, no GIL); D switches it between its cases."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._proc: subprocess.Popen | None = None
+
+    def set(self, mode: str) -> None:
+        """Stop the current load and start `mode` (idle, thread or process); returns once it runs."""
+        if mode not in BUSY_MODES:
+            raise ValueError(f"busy mode {mode!r} is none of {', '.join(BUSY_MODES)}")
+        self.stop()
+        if mode == "thread":
+            self._stop.clear()
+            self._thread = threading.Thread(target=_spin_until, args=(self._stop,), name="p2pkv-bench-busy",
+                                            daemon=True)
+            self._thread.start()
+        elif mode == "process":
+            self._proc = subprocess.Popen([sys.executable, "-c", _spin_program()], stdout=subprocess.PIPE, text=True)
+            if self._proc.stdout.readline().strip() != "spinning":
+                self.stop()
+                raise OSError("the busy-load process did not start")
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            self._proc.stdout.close()
+            self._proc = None
+
+    def __enter__(self) -> "PBusyLoad":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _ask_p_over_stdio(mode: str) -> None:
+    """D as P's child: ask for a busy mode on stdout, return once P answers on stdin that it runs."""
+    print(BUSY_TAG + mode, flush=True)
+    answer = sys.stdin.readline().strip()
+    if answer != f"ok {mode}":
+        raise ConnectionError(f"P did not confirm busy mode {mode!r} (it answered {answer!r})")
+
+
+class StoreBusyChannel:
+    """Busy-mode requests from D (rank 1) to P (rank 0) through torchrun's store, numbered so none is missed."""
+
+    def __init__(self, store: Any, prefix: str, timeout: float):
+        self._store, self._prefix = store, prefix + "/busy"
+        self._timeout = datetime.timedelta(seconds=timeout)
+        self._n = 0
+
+    def ask(self, mode: str) -> None:
+        """D: ask for `mode` and return once P runs it."""
+        self._n += 1
+        self._store.set(f"{self._prefix}/{self._n}", mode)
+        self._store.wait([f"{self._prefix}/{self._n}/ack"], self._timeout)
+
+    def end(self) -> None:
+        """D: no more requests (sent also when D fails, so that P stops waiting for them)."""
+        self._n += 1
+        self._store.set(f"{self._prefix}/{self._n}", "end")
+
+    def serve(self, load: PBusyLoad) -> None:
+        """P: apply D's requests to `load` until D ends them."""
+        while True:
+            self._n += 1
+            key = f"{self._prefix}/{self._n}"
+            self._store.wait([key], self._timeout)
+            mode = self._store.get(key).decode()
+            if mode == "end":
+                return
+            load.set(mode)
+            self._store.set(key + "/ack", "ok")
+
+
+def _engine_loop_read(tr: Transport, peer: Peer, segs: Segments, request_id: str, timeout: float) -> float:
+    """D's thread as an engine's: post, then 1 ms of pure Python and one done() poll, again and again;
+    seconds from posting to the first poll that sees the read done."""
+    t0 = time.perf_counter()
+    handle = tr.read(peer, segs, request_id=request_id)
+    while True:
+        _burn(BUSY_SLICE_S)
+        if handle.done():
+            dt = time.perf_counter() - t0
+            handle.wait(0)
+            return dt
+        if time.perf_counter() - t0 > timeout:
+            raise TransferTimeout(f"not done after {timeout:g} s of engine-loop polls", peer=handle.peer,
+                                  request_id=request_id)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class _BusyCases:
+    """D's --busy cases for one --tokens value: the idle run's plan again with P's engine busy (a thread in
+    its process, then the same spin in another process) and with D's engine loop; each case starts from D's
+    initial cache and is verified on its own."""
+
+    def __init__(self, tr: Transport, peer: Peer, args: argparse.Namespace, backend: str, tokens: int,
+                 plan: list[list[_Request]], tensors: list[torch.Tensor], ask_p: Callable[[str], None]):
+        self.tr, self.peer, self.args, self.backend, self.tokens = tr, peer, args, backend, tokens
+        self.plan, self.tensors, self.ask_p = plan, tensors, ask_p
+        self.verified = True
+
+    def measure(self, idle_p50_ms: float) -> dict[str, Any]:
+        """Verify the idle run, run every busy case, and return the row's busy fields."""
+        self._verify_and_reset("idle")
+        thread = self._with_p_busy("thread", "p_busy_thread")
+        proc = self._with_p_busy("process", "p_busy_proc")
+        engine = self._run("d_engine", _engine_loop_read)
+        slice_ms = BUSY_SLICE_S * 1e3
+        return {"idle_p50_ms": idle_p50_ms, "p_busy_thread_p50_ms": _ms(thread), "p_busy_proc_p50_ms": _ms(proc),
+                "p_busy_ratio": round(_ms(thread) / _ms(proc), 3), "d_engine_p50_ms": _ms(engine),
+                "d_engine_ratio": round(_ms(engine) / idle_p50_ms, 3),
+                "d_engine_target_ms": round(1.1 * idle_p50_ms + slice_ms, 4), "busy_slice_ms": slice_ms,
+                "verified": self.verified}
+
+    def _with_p_busy(self, mode: str, case: str) -> list[float]:
+        self.ask_p(mode)
+        try:
+            return self._run(case, _timed_read)
+        finally:
+            self.ask_p("idle")
+
+    def _run(self, case: str, read: Callable[..., float]) -> list[float]:
+        lat = []
+        for it, reqs in enumerate(self.plan):
+            for r, req in enumerate(reqs):
+                dt = read(self.tr, self.peer, req.segs, f"bench-{case}-{self.tokens}-{it}-{r}", self.args.timeout)
+                if it >= self.args.warmup:
+                    lat.append(dt)
+        self._verify_and_reset(case)
+        _progress(f"[p2pkv bench] {self.backend} {self.tokens} tokens: {case} p50 {_ms(lat):.3f} ms")
+        return lat
+
+    def _verify_and_reset(self, case: str) -> None:
+        """Check every byte of D's cache after `case`, then restore D's initial bytes for the next case."""
+        _sync(str(self.tensors[0].device))
+        if not _verify(self.args, self.tensors, _last_writers(self.plan)):
+            self.verified = False
+            _progress(f"[p2pkv bench] {self.backend} {self.tokens} tokens: {case}: D's cache does not match")
+        for i, t in enumerate(self.tensors):
+            _fill(t.view(torch.uint8).view(-1), D_SEED + self.args.seed + i)
+        _sync(str(self.tensors[0].device))
+
+
+# --------------------------------------------------------------------------------------------- D and P
+
+def run_d(args: argparse.Namespace, backend: str, p_address: str,
+          ask_p: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """D's side: read random P blocks into random D blocks, time it, verify, return result rows.
+
+    With `ask_p` (--busy) the same reads are measured again with P or D busy, each case verified on its own."""
     device = _device(args)
     rss_base = _rss_mib()
     tensors, spec = _build(args, device, D_SEED + args.seed)
@@ -284,58 +580,27 @@ def run_d(args: argparse.Namespace, backend: str, p_address: str) -> list[dict[s
         tr.register(tensors, spec)
         peer = tr.connect(p_address)
         rng = np.random.default_rng(args.seed)
-        per_req, nb = _num_blocks(args)
+        peak = _PeakRss()
         last_src: dict[int, int] = {}
-        peak, baseline_ran = 0.0, False  # D's peak RSS over the transfers before any baseline buffer exists
-        t_start = time.perf_counter()
         for tokens in args.tokens:
-            nblk = -(-tokens // args.block_size)
-            lat: list[float] = []
-            base: list[float] = []
-            nbytes = 0
-            total = args.warmup + args.iters
-            for it in range(total):
-                dst_perm = rng.permutation(nb)
-                for r in range(args.requests):
-                    src = rng.choice(nb, nblk, replace=False)
-                    dst = dst_perm[r * nblk:(r + 1) * nblk]
-                    segs = plan_segments(peer.spec, spec, src, dst)
-                    nbytes = segs.nbytes
-                    measured = it >= args.warmup
-                    # The baseline runs interleaved with the requests, so both see the same machine load, and
-                    # every other time first, so neither always runs right after the planning (caches cold).
-                    base_first = measured and len(lat) % 2 == 1
-                    if base_first:
-                        base.append(tr.baseline(peer, nbytes, 1))
-                    t0 = time.perf_counter()
-                    tr.read(peer, segs, request_id=f"bench-{tokens}-{it}-{r}").wait(args.timeout)
-                    dt = time.perf_counter() - t0
-                    if not baseline_ran:
-                        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-                    if measured:
-                        baseline_ran = True
-                        if not base_first:
-                            base.append(tr.baseline(peer, nbytes, 1))
-                        lat.append(dt)
-                    last_src.update(zip(dst.tolist(), src.tolist()))
-                if time.perf_counter() - t_start > 2 or it == total - 1:
-                    _progress(f"[p2pkv bench] {backend} {tokens} tokens: iteration {it + 1}/{total}, "
-                              f"last request {nbytes / max(lat[-1] if lat else 1, 1e-9) / 1e9:.2f} GB/s")
-                    t_start = time.perf_counter()
-            gbps = nbytes / statistics.median(lat) / 1e9
-            bgbps = nbytes / statistics.median(base) / 1e9
-            rows.append({"backend": backend, "device": args.device, "layout": args.layout, "dtype": args.dtype,
-                         "tokens": tokens, "requests": args.requests, "bytes": nbytes, "segments": len(segs),
-                         "gbps": round(gbps, 4), "baseline_gbps": round(bgbps, 4), "ratio": round(gbps / bgbps, 4),
-                         "p50_ms": round(float(np.percentile(lat, 50)) * 1e3, 4),
-                         "p99_ms": round(float(np.percentile(lat, 99)) * 1e3, 4), "verified": False})
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        ok = _verify(args, tensors, last_src)
+            plan = _plan(args, rng, peer.spec, spec, tokens)
+            lat, base = _run_idle(tr, peer, args, backend, tokens, plan, peak)
+            row = _row(args, backend, tokens, plan[-1][-1].segs, lat, base)
+            if ask_p is None:
+                last_src.update(_last_writers(plan))
+            else:
+                busy = _BusyCases(tr, peer, args, backend, tokens, plan, tensors, ask_p)
+                row.update(busy.measure(idle_p50_ms=row["p50_ms"]))
+            rows.append(row)
+        if ask_p is None:
+            _sync(device)
+            ok = _verify(args, tensors, last_src)
+            for row in rows:
+                row["verified"] = ok
         cache_mib = sum(r.nbytes for r in spec.regions) / 2**20
         for row in rows:
-            row.update(verified=ok, cache_mib=round(cache_mib, 1), d_rss_base_mib=round(rss_base, 1),
-                       d_peak_rss_mib=round(peak, 1))
+            row.update(cache_mib=round(cache_mib, 1), d_rss_base_mib=round(rss_base, 1),
+                       d_peak_rss_mib=round(peak.mib, 1))
         tr.send_notif(peer, {"bench": "done"})
     finally:
         tr.close()
@@ -362,7 +627,7 @@ def _child_argv(args: argparse.Namespace, backend: str, address: str) -> list[st
             "--kv-heads", str(args.kv_heads), "--head-size", str(args.head_size), "--dtype", args.dtype,
             "--layout", args.layout, "--requests", str(args.requests), "--iters", str(args.iters),
             "--warmup", str(args.warmup), "--timeout", str(args.timeout), "--seed", str(args.seed),
-            "--tokens", *map(str, args.tokens)]
+            "--tokens", *map(str, args.tokens)] + (["--busy"] if args.busy else [])
     for o in args.option:
         argv += ["--option", o]
     return argv
@@ -375,16 +640,25 @@ def _local_pair(args: argparse.Namespace, backend: str) -> list[dict[str, Any]]:
     env = {**os.environ, "LOCAL_RANK": "1"} if backend == "nccl" and args.device == "cuda" else None
 
     def publish(address: str) -> None:
-        child.append(subprocess.Popen(_child_argv(args, backend, address), stdout=subprocess.PIPE, text=True, env=env))
+        child.append(subprocess.Popen(_child_argv(args, backend, address), stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True, env=env))
 
     def collect() -> list[dict[str, Any]]:
-        out, _ = child[0].communicate()
-        if child[0].returncode != 0:
-            raise SystemExit(f"the D process failed (exit {child[0].returncode}); see its messages above")
-        for line in out.splitlines():
-            if line.startswith(RESULT_TAG):
-                return json.loads(line[len(RESULT_TAG):])
-        raise SystemExit("the D process ended without results")
+        proc, rows = child[0], None
+        with PBusyLoad() as load:
+            for line in proc.stdout:
+                if line.startswith(BUSY_TAG):
+                    mode = line[len(BUSY_TAG):].strip()
+                    load.set(mode)
+                    proc.stdin.write(f"ok {mode}\n")
+                    proc.stdin.flush()
+                elif line.startswith(RESULT_TAG):
+                    rows = json.loads(line[len(RESULT_TAG):])
+        if proc.wait() != 0:
+            raise SystemExit(f"the D process failed (exit {proc.returncode}); see its messages above")
+        if rows is None:
+            raise SystemExit("the D process ended without results")
+        return rows
     try:
         return run_p(args, backend, publish, collect)
     finally:
@@ -401,14 +675,22 @@ def _torchrun_pair(args: argparse.Namespace, backend: str) -> list[dict[str, Any
     store = dist.distributed_c10d._get_default_store()
     rank = dist.get_rank()
     key = f"p2pkv/bench/{backend}"
+    channel = StoreBusyChannel(store, key, args.timeout * 20) if args.busy else None
     if rank == 0:
         def collect() -> list[dict[str, Any]]:
-            store.wait([key + "/result"], __import__("datetime").timedelta(seconds=args.timeout * 20))
+            if channel is not None:
+                with PBusyLoad() as load:
+                    channel.serve(load)
+            store.wait([key + "/result"], datetime.timedelta(seconds=args.timeout * 20))
             return json.loads(store.get(key + "/result").decode())
         return run_p(args, backend, lambda a: store.set(key + "/addr", a), collect)
     if rank == 1:
         store.wait([key + "/addr"])
-        rows = run_d(args, backend, store.get(key + "/addr").decode())
+        try:
+            rows = run_d(args, backend, store.get(key + "/addr").decode(), channel.ask if channel else None)
+        finally:
+            if channel is not None:
+                channel.end()
         store.set(key + "/result", json.dumps(rows))
     return None
 
@@ -420,14 +702,37 @@ COLUMNS = [("backend", "backend", "{}"), ("device", "dev", "{}"), ("layout", "la
            ("baseline_gbps", "base GB/s", "{:.2f}"), ("ratio", "ratio", "{:.3f}"), ("p50_ms", "p50 ms", "{:.3f}"),
            ("p99_ms", "p99 ms", "{:.3f}"), ("verified", "verified", "{}")]
 
+BUSY_COLUMNS = [("backend", "backend", "{}"), ("device", "dev", "{}"), ("tokens", "tokens", "{}"),
+                ("idle_p50_ms", "idle ms", "{:.3f}"), ("p_busy_thread_p50_ms", "P thread ms", "{:.3f}"),
+                ("p_busy_proc_p50_ms", "P proc ms", "{:.3f}"), ("p_busy_ratio", "P ratio", "{:.2f}"),
+                ("d_engine_p50_ms", "D loop ms", "{:.3f}"), ("d_engine_ratio", "D ratio", "{:.2f}"),
+                ("d_engine_target_ms", "D target ms", "{:.3f}"), ("verified", "verified", "{}")]
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    head = [c[1] for c in COLUMNS]
-    body = [[f"{r['bytes'] / 2**20:.1f}" if key == "bytes" else fmt.format(r.get(key, "")) for key, _, fmt in COLUMNS]
+BUSY_LEGEND = f"""\
+idle ms      p50 per request with nothing else running (the p50 above)
+P thread ms  p50 with a pure-Python thread spinning inside P's process (it holds P's GIL)
+P proc ms    p50 with the same spin in a separate process (the same CPU load, no GIL contention)
+P ratio      P thread / P proc: what a busy engine thread in P costs D's reads (target <= 1.1)
+D loop ms    p50 with D's posting thread as an engine's: {BUSY_SLICE_S * 1e3:g} ms of pure Python, then one done()
+             poll, repeated; a request's time is the first poll that sees it done
+D ratio      D loop / idle
+D target ms  1.1 x idle + one {BUSY_SLICE_S * 1e3:g} ms slice: D loop should be at most this
+verified     D's whole cache checked after each case (idle and the three busy ones), and reset between them"""
+
+
+def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str | None]] = COLUMNS) -> str:
+    """A text table of result rows, one line each, in `columns` (key, heading, format)."""
+    head = [c[1] for c in columns]
+    body = [[f"{r['bytes'] / 2**20:.1f}" if key == "bytes" else fmt.format(r.get(key, "")) for key, _, fmt in columns]
             for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+
+def format_busy_table(rows: list[dict[str, Any]]) -> str:
+    """The --busy figures of each row against its idle run, followed by a legend of the columns."""
+    return format_table(rows, BUSY_COLUMNS) + "\n\n" + BUSY_LEGEND
 
 
 def _plot(rows: list[dict[str, Any]], path: str) -> None:
@@ -460,7 +765,7 @@ def main(args: argparse.Namespace) -> int:
     for backend in backends:
         _options(args, backend)
     if args.role == "d":
-        rows = run_d(args, backends[0], args.connect)
+        rows = run_d(args, backends[0], args.connect, _ask_p_over_stdio if args.busy else None)
         print(RESULT_TAG + json.dumps(rows), flush=True)
         return 0
     under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -479,6 +784,8 @@ def main(args: argparse.Namespace) -> int:
             return 0
         rows += got
     print(format_table(rows))
+    if args.busy:
+        print("\nbusy engines (same requests, same run):\n" + format_busy_table(rows))
     if args.json:
         config = {k: v for k, v in vars(args).items() if k not in ("role", "connect")}
         with open(args.json, "w") as f:

@@ -5,12 +5,16 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
+import numpy as np
 import pytest
 import torch
 
 from p2pkv import benchmark
 from p2pkv.cli import build_parser
+from p2pkv.segments import Segments
+from p2pkv.transport import get_transport
 
 FIELDS = {"backend", "device", "layout", "dtype", "tokens", "requests", "bytes", "gbps", "baseline_gbps", "ratio",
           "p50_ms", "p99_ms", "verified"}
@@ -142,3 +146,78 @@ def test_a_plot_format_matplotlib_cannot_write_fails_before_the_run(tmp_path):
     proc = _bench("--plot", str(tmp_path / "r.out"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "cannot write .out" in proc.stderr and "png" in proc.stderr and "iteration" not in proc.stderr
+
+
+BUSY_FIELDS = {"idle_p50_ms", "p_busy_thread_p50_ms", "p_busy_proc_p50_ms", "p_busy_ratio", "d_engine_p50_ms",
+               "d_engine_ratio", "d_engine_target_ms", "busy_slice_ms"}
+
+
+@pytest.mark.timeout(150)
+def test_busy_mode_measures_every_case_on_real_processes_and_verifies_them(tmp_path):
+    out = tmp_path / "busy.json"
+    proc = subprocess.run([sys.executable, "-m", "p2pkv", "bench", "--busy", "--layers", "2", "--tokens", "32",
+                           "--requests", "2", "--iters", "2", "--json", str(out)],
+                          capture_output=True, text=True, timeout=140)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert data["config"]["busy"] is True
+    [row] = data["results"]
+    assert FIELDS | BUSY_FIELDS <= set(row)
+    assert all(row[f] > 0 for f in BUSY_FIELDS), row
+    assert row["verified"] is True and row["idle_p50_ms"] == row["p50_ms"]
+    for case in ("p_busy_thread", "p_busy_proc", "d_engine"):
+        assert f"{case} p50" in proc.stderr
+    for heading in ("P thread ms", "P proc ms", "D loop ms", "D target ms"):
+        assert heading in proc.stdout
+    assert "does not match" not in proc.stderr
+
+
+class _DropReadsWhenProcessBusy:
+    """A transport wrapper whose reads move nothing (yet complete) while P's load is the separate process."""
+
+    def __init__(self, tr):
+        self.tr, self.modes = tr, []
+
+    def ask_p(self, mode):
+        self.modes.append(mode)
+
+    def read(self, peer, segs, request_id=None):
+        if self.modes and self.modes[-1] == "process":
+            segs = Segments.empty()
+        return self.tr.read(peer, segs, request_id=request_id)
+
+
+def test_a_busy_case_whose_reads_move_nothing_is_reported_unverified():
+    args = build_parser().parse_args(["bench", "--busy", "--layers", "2", "--tokens", "32", "--requests", "2",
+                                      "--iters", "1", "--warmup", "0"])
+    p_tensors, p_spec = benchmark._build(args, "cpu", benchmark.P_SEED + args.seed)
+    d_tensors, d_spec = benchmark._build(args, "cpu", benchmark.D_SEED + args.seed)
+    with get_transport("loopback") as p, get_transport("loopback") as d:
+        p.register(p_tensors, p_spec)
+        d.register(d_tensors, d_spec)
+        peer = d.connect(p.address)
+        plan = benchmark._plan(args, np.random.default_rng(0), peer.spec, d_spec, 32)
+        for reqs in plan:
+            for req in reqs:
+                d.read(peer, req.segs).wait(10)
+        dropping = _DropReadsWhenProcessBusy(d)
+        cases = benchmark._BusyCases(dropping, peer, args, "loopback", 32, plan, d_tensors, dropping.ask_p)
+        fields = cases.measure(idle_p50_ms=1.0)
+    assert dropping.modes == ["thread", "idle", "process", "idle"]
+    assert fields["verified"] is False
+    assert benchmark._verify(args, d_tensors, {})  # each case ends with D's initial cache restored
+
+
+def test_p_busy_load_runs_a_spinning_thread_or_process_and_stops_it():
+    with benchmark.PBusyLoad() as load:
+        load.set("thread")
+        spinners = [t for t in threading.enumerate() if t.name == "p2pkv-bench-busy"]
+        assert len(spinners) == 1 and spinners[0].is_alive()
+        load.set("process")
+        assert not spinners[0].is_alive()
+        child = load._proc
+        assert child is not None and child.poll() is None
+        with pytest.raises(ValueError, match="none of idle, thread, process"):
+            load.set("busy")
+        assert child.poll() is None
+    assert child.returncode is not None and load._proc is None
