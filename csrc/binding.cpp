@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "kv_copy.h"
+#include "net/cuda_api.h"
 
 namespace py = pybind11;
 using I64 = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
@@ -427,7 +428,23 @@ void ipc_close(int64_t base) { check(p2pkv::ipc_close((uint64_t)base), "cudaIpcC
 
 }  // namespace
 
+// The table of CUDA calls the native data path (csrc/net/cuda_staging.cpp) makes from its own threads.
+int api_set_device(int d) { return int(cudaSetDevice(d)); }
+int api_stream_create(void** s) { return int(cudaStreamCreateWithFlags(reinterpret_cast<cudaStream_t*>(s), cudaStreamNonBlocking)); }
+int api_stream_sync(void* s) { return int(cudaStreamSynchronize(static_cast<cudaStream_t>(s))); }
+int api_host_alloc(void** p, size_t n) { return int(cudaHostAlloc(p, n, cudaHostAllocPortable | cudaHostAllocMapped)); }
+int api_host_free(void* p) { return int(cudaFreeHost(p)); }
+int api_launch_rows(const void* rows, int64_t n, void* s) {
+  return int(p2pkv::launch_rows(static_cast<const p2pkv::CopyRow*>(rows), n, 0, 2, static_cast<cudaStream_t>(s)));
+}
+const char* api_error_string(int e) { return cudaGetErrorString(static_cast<cudaError_t>(e)); }
+
+const p2pkv::CudaApi kNativeApi{1, api_set_device, api_stream_create, api_stream_sync, api_host_alloc, api_host_free,
+                                api_launch_rows, api_error_string};
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("native_api", [] { return reinterpret_cast<int64_t>(&kNativeApi); },
+        "address of the CUDA call table (csrc/net/cuda_api.h) for the native data path");
   m.doc() = "p2pkv CUDA core: one-launch segment copies and CUDA IPC helpers";
   m.attr("ROW_BYTES") = (int)sizeof(p2pkv::CopyRow);
   m.attr("SMALL_ROWS") = p2pkv::kSmallRows;

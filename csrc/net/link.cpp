@@ -65,6 +65,14 @@ Link::~Link() { close(); }
 
 void Link::start() { thread_ = std::thread([this] { run(); }); }
 
+Status Link::send_rows(const void* head, size_t head_len, std::vector<iovec>& rows) {
+  if (staging_) return staging_->send(fd_, head, head_len, rows);
+  if (head_len) rows.insert(rows.begin(), iovec{const_cast<void*>(head), head_len});
+  return send_all(fd_, rows);
+}
+
+Status Link::recv_rows(std::vector<iovec>& rows) { return staging_ ? staging_->recv(fd_, rows) : recv_all(fd_, rows); }
+
 void Link::mark_dead(const std::string& why) {
   std::lock_guard<std::mutex> lk(state_mu_);
   if (dead_.load()) return;
@@ -92,8 +100,9 @@ void Link::close() {
 }
 
 // ----------------------------------------------------------------------------------- Initiator
-std::shared_ptr<Initiator> Initiator::make(int fd, double timeout_s) {
+std::shared_ptr<Initiator> Initiator::make(int fd, double timeout_s, std::shared_ptr<CudaStaging> staging) {
   std::shared_ptr<Initiator> l(new Initiator(fd, timeout_s));
+  l->staging_ = std::move(staging);
   Status st = set_blocking_with_timeout(fd, timeout_s);
   if (!st.ok()) l->mark_dead(st.message);
   l->start();
@@ -192,8 +201,7 @@ Status Initiator::run_op(Op& op) {
   Header h;
   Status st;
   if (op.kind == kOpWrite) {
-    rows.insert(rows.begin(), iovec{&op.frame[0], op.frame.size()});
-    st = send_all(fd_, rows);
+    st = send_rows(op.frame.data(), op.frame.size(), rows);
     if (st.ok()) st = expect_reply(op, h);
   } else {
     st = send_bytes(fd_, op.frame.data(), op.frame.size());
@@ -201,7 +209,7 @@ Status Initiator::run_op(Op& op) {
       st = expect_reply(op, h);
       if (st.ok() && h.payload_len != op.nbytes)
         st = Status::fail(kProtocol, "the peer announced " + std::to_string(h.payload_len) + " bytes, " + std::to_string(op.nbytes) + " expected");
-      if (st.ok()) st = recv_all(fd_, rows);
+      if (st.ok()) st = op.kind == kOpBaseline ? recv_all(fd_, rows) : recv_rows(rows);
     }
   }
   op.seconds = now_s() - t0;
@@ -211,8 +219,10 @@ Status Initiator::run_op(Op& op) {
 // -------------------------------------------------------------------------------------- Server
 std::shared_ptr<Server> Server::make(int fd, double timeout_s, uint64_t peer_id, Regions mem,
                                      std::shared_ptr<const Geometry> read_geo,
-                                     std::shared_ptr<const Geometry> write_geo, std::shared_ptr<Inbox> inbox) {
+                                     std::shared_ptr<const Geometry> write_geo, std::shared_ptr<Inbox> inbox,
+                                     std::shared_ptr<CudaStaging> staging) {
   std::shared_ptr<Server> s(new Server(fd, timeout_s));
+  s->staging_ = std::move(staging);
   s->peer_id_ = peer_id;
   s->mem_ = std::move(mem);
   s->read_geo_ = std::move(read_geo);
@@ -309,10 +319,9 @@ Status Server::serve_request(const Header& h) {
   uint8_t ack[kHeaderSize];
   if (!write) {
     encode_header(ack, kAck, 0, total);
-    rows.insert(rows.begin(), iovec{ack, sizeof ack});
-    st = send_all(fd_, rows);
+    st = send_rows(ack, sizeof ack, rows);
   } else {
-    st = recv_all(fd_, rows);
+    st = recv_rows(rows);
     if (st.ok() && req.notify_len &&
         !inbox_->push(peer_id_, std::string(reinterpret_cast<const char*>(req.notify), req.notify_len)))
       st = Status::fail(kProtocol, "notifications are not being drained (inbox full)");

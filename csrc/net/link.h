@@ -15,6 +15,7 @@
 #include <thread>
 #include <vector>
 
+#include "cuda_staging.h"
 #include "frame.h"
 #include "geometry.h"
 #include "io.h"
@@ -76,6 +77,9 @@ class Link {
 
   int fd_;
   double timeout_s_;
+  std::shared_ptr<CudaStaging> staging_;
+  Status send_rows(const void* head, size_t head_len, std::vector<iovec>& rows);
+  Status recv_rows(std::vector<iovec>& rows);
   std::atomic<bool> dead_{false}, stopping_{false};
   std::mutex state_mu_;
   std::string dead_reason_;
@@ -85,7 +89,8 @@ class Link {
 
 class Initiator : public Link {
  public:
-  static std::shared_ptr<Initiator> make(int fd, double timeout_s);
+  // `staging`: the registered memory is on a GPU and moves through it (null: host memory).
+  static std::shared_ptr<Initiator> make(int fd, double timeout_s, std::shared_ptr<CudaStaging> staging);
   // Queues `op`; it fails at once if the link is down.
   void post(std::shared_ptr<Op> op);
 
@@ -108,7 +113,8 @@ class Server : public Link {
   // rows) or `write_geo` (destination rows), segment tables are checked against `mem`.
   static std::shared_ptr<Server> make(int fd, double timeout_s, uint64_t peer_id, Regions mem,
                                       std::shared_ptr<const Geometry> read_geo,
-                                      std::shared_ptr<const Geometry> write_geo, std::shared_ptr<Inbox> inbox);
+                                      std::shared_ptr<const Geometry> write_geo, std::shared_ptr<Inbox> inbox,
+                                      std::shared_ptr<CudaStaging> staging);
   uint64_t served() const { return served_.load(); }
 
  private:

@@ -235,12 +235,31 @@ PyObject* Link_close(LinkObject* self, PyObject*) {
   Py_RETURN_NONE;
 }
 
-// Initiator(fd, timeout): takes ownership of the connected descriptor.
+// Device staging from (cuda_api address, device, bytes); null when cuda_api is 0 (host memory).
+std::shared_ptr<CudaStaging> staging_of(unsigned long long api, int device, unsigned long long bytes) {
+  if (api == 0) return nullptr;
+  return std::make_shared<CudaStaging>(reinterpret_cast<const CudaApi*>(api), device, size_t(bytes));
+}
+
+bool check_api(unsigned long long api, unsigned long long bytes) {
+  if (api != 0 && reinterpret_cast<const CudaApi*>(api)->version != 1) {
+    PyErr_SetString(PyExc_ValueError, "the CUDA extension's native API is of another version: rebuild p2pkv");
+    return false;
+  }
+  if (api != 0 && bytes < (64u << 10)) {
+    PyErr_SetString(PyExc_ValueError, "staging needs at least 64 KiB");
+    return false;
+  }
+  return true;
+}
+
+// Initiator(fd, timeout, cuda_api=0, device=-1, staging_bytes=0): takes ownership of the connected descriptor.
 int Initiator_init(LinkObject* self, PyObject* args, PyObject*) {
-  int fd;
+  int fd, device = -1;
   double timeout;
-  if (!PyArg_ParseTuple(args, "id", &fd, &timeout)) return -1;
-  new (&self->link) std::shared_ptr<Link>(Initiator::make(fd, timeout));
+  unsigned long long api = 0, bytes = 0;
+  if (!PyArg_ParseTuple(args, "id|KiK", &fd, &timeout, &api, &device, &bytes) || !check_api(api, bytes)) return -1;
+  new (&self->link) std::shared_ptr<Link>(Initiator::make(fd, timeout, staging_of(api, device, bytes)));
   return 0;
 }
 
@@ -268,13 +287,16 @@ PyObject* Initiator_post(LinkObject* self, PyObject* args) {
   return wrap_op(std::move(op));
 }
 
-// Server(fd, timeout, peer_id, bases, sizes, read_geometry, write_geometry, inbox)
+// Server(fd, timeout, peer_id, bases, sizes, read_geometry, write_geometry, inbox, cuda_api=0, device=-1,
+//        staging_bytes=0)
 int Server_init(LinkObject* self, PyObject* args, PyObject*) {
-  int fd;
+  int fd, device = -1;
   double timeout;
-  unsigned long long peer_id;
+  unsigned long long peer_id, api = 0, bytes = 0;
   PyObject *bases, *sizes, *rg, *wg, *inbox;
-  if (!PyArg_ParseTuple(args, "idKOOOOO!", &fd, &timeout, &peer_id, &bases, &sizes, &rg, &wg, &InboxType, &inbox))
+  if (!PyArg_ParseTuple(args, "idKOOOOO!|KiK", &fd, &timeout, &peer_id, &bases, &sizes, &rg, &wg, &InboxType, &inbox,
+                        &api, &device, &bytes) ||
+      !check_api(api, bytes))
     return -1;
   Regions mem;
   if (!read_array(bases, mem.base, "bases") || !read_array(sizes, mem.size, "sizes")) return -1;
@@ -293,7 +315,8 @@ int Server_init(LinkObject* self, PyObject* args, PyObject*) {
     g[i] = reinterpret_cast<GeometryObject*>(gs[i])->geo;
   }
   new (&self->link) std::shared_ptr<Link>(
-      Server::make(fd, timeout, peer_id, std::move(mem), g[0], g[1], reinterpret_cast<InboxObject*>(inbox)->inbox));
+      Server::make(fd, timeout, peer_id, std::move(mem), g[0], g[1], reinterpret_cast<InboxObject*>(inbox)->inbox,
+                   staging_of(api, device, bytes)));
   return 0;
 }
 

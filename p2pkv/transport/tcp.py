@@ -1,9 +1,10 @@
-"""TCP backend. For CPU memory the data path is native (csrc/net): after the handshake each
-connection belongs to a C++ thread that sends a request's block ids, moves the bytes with
-vectored `sendmsg`/`recvmsg` straight from and into the registered KV memory (hinted to 2 MiB
-pages), and on the serving side parses, checks and serves requests, all without the GIL; the
-caller posts and polls. With TLS, or for CUDA tensors (a bounded, double-buffered pinned staging
-area overlapped with the socket), transfers run on the control plane's Python threads."""
+"""TCP backend. The data path is native (csrc/net): after the handshake each connection belongs
+to a C++ thread that sends a request's block ids and moves the bytes with vectored
+`sendmsg`/`recvmsg` straight from and into the registered KV memory (CPU memory, hinted to 2 MiB
+pages) or through two pinned staging buffers filled and drained by the GPU (CUDA memory); on the
+serving side it parses, checks and serves requests. None of it needs the GIL: the caller posts
+and polls. With TLS (which the native path cannot encrypt), or for CUDA memory without p2pkv's
+CUDA extension, transfers run on the control plane's Python threads instead."""
 from __future__ import annotations
 
 import ctypes
@@ -90,6 +91,7 @@ class TcpTransport(ControlPlaneTransport):
         self._peer_names: dict[int, str] = {}
         self._peer_ids = itertools.count(1)
         self._mem: Any = None
+        self._api: int | None = None
         super().__init__(**kw)
         self.staging_bytes = int(staging_bytes)
         self.sock_buf_bytes = int(sock_buf_bytes)
@@ -100,12 +102,29 @@ class TcpTransport(ControlPlaneTransport):
 
     def register(self, tensors: Sequence[torch.Tensor], spec: Any = None) -> Any:
         spec = super().register(tensors, spec)
-        if self.device.type == "cpu":
-            self._bases = np.array([r.data_ptr() for r in self.regions], dtype=np.uintp)
-            if self.hugepages:
-                advise_hugepages(self.regions)
-            self._mem = self._geometry(None, "src")
+        self._bases = np.array([r.data_ptr() for r in self.regions], dtype=np.uintp)
+        if self.device.type == "cpu" and self.hugepages:
+            advise_hugepages(self.regions)
+        self._mem = self._geometry(None, "src")
         return spec
+
+    def _staging_args(self) -> tuple[int, int, int]:
+        """(CUDA call table, device, staging bytes) for a native link over device memory; zeros for host memory."""
+        if self.device.type != "cuda":
+            return 0, -1, 0
+        return self._cuda_api, int(self.device.index or 0), self.staging_bytes
+
+    @property
+    def _cuda_api(self) -> int:
+        """The CUDA extension's call table for native staging; 0 where it cannot be built (then CUDA
+        transfers run on the control plane's Python threads, and a warning says why)."""
+        if self._api is None:
+            ext = kernels.load()
+            self._api = int(ext.native_api()) if ext is not None and hasattr(ext, "native_api") else 0
+            if not self._api:
+                log.warning("tcp: CUDA tensors move on Python threads (slower with a busy engine): the p2pkv CUDA "
+                            "extension is unavailable (%s)", kernels.unavailable_reason())
+        return self._api
 
     # ---------------------------------------------------------------- the native data path (CPU, no TLS)
     def _geometry(self, rows: BlockRows | None, side: str) -> Any:
@@ -123,7 +142,7 @@ class TcpTransport(ControlPlaneTransport):
             return False
         fd_owner = conn.sock
         if conn.initiator:
-            conn.link = self._nat.Initiator(fd_owner.detach(), self.timeout)
+            conn.link = self._nat.Initiator(fd_owner.detach(), self.timeout, *self._staging_args())
             return True
         assert self.spec is not None and conn.peer.spec is not None
         pid = next(self._peer_ids)
@@ -132,7 +151,7 @@ class TcpTransport(ControlPlaneTransport):
         wg = self._geometry(BlockRows(conn.peer.spec, self.spec), "dst")
         sizes = np.asarray([r.nbytes for r in self.spec.regions], "<u8").tobytes()
         conn.link = self._nat.Server(fd_owner.detach(), self.timeout, pid, self._bases.astype("<u8").tobytes(), sizes,
-                                     rg, wg, self._inbox)
+                                     rg, wg, self._inbox, *self._staging_args())
         return True
 
     def _on_disconnect(self, conn: Conn) -> None:
@@ -255,7 +274,10 @@ class TcpTransport(ControlPlaneTransport):
         return iovecs(self._bases, region, off, length)
 
     def _direct(self, conn: Conn) -> bool:
-        return self.device.type == "cpu" and not isinstance(conn.sock, ssl.SSLSocket)
+        """Whether this connection's data path is native: not TLS, and host memory or a built CUDA extension."""
+        if isinstance(conn.sock, ssl.SSLSocket):
+            return False
+        return self.device.type == "cpu" or (self.device.type == "cuda" and bool(self._cuda_api))
 
     def _send_data(self, conn: Conn, region: np.ndarray, off: np.ndarray, length: np.ndarray, request_id: Any) -> None:
         if self.device.type != "cpu":
