@@ -9,7 +9,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export P2PKV_EXT_DIR=${P2PKV_EXT_DIR:-/tmp/p2pkv-ext}
 PY=${PY:-python3}
-STEPS=${STEPS:-"env build test kbench pair"}
+STEPS=${STEPS:-"env native build test kbench pair busy"}
 TOKENS=${TOKENS:-"16 512 2048 4096"}
 KTOKENS=${KTOKENS:-"16 512 2048 4096 32768"}
 LOG=$OUT/suite.log
@@ -30,9 +30,15 @@ for s in $STEPS; do
   case $s in
     env) step env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nvcc --version | tail -1; \
            $PY -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(), torch.cuda.device_count())'" ;;
+    native) step native 120 "$PY" setup.py -q build_ext --inplace ;;
     build) step build 300 "$PY" -m p2pkv.kernels build ;;
-    test) step test "${TEST_LIMIT:-240}" "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_cuda_ipc.py tests/test_nccl.py \
-            tests/test_tcp_cuda.py ${TEST_K:+-k "$TEST_K"} ;;
+    test) step test "${TEST_LIMIT:-240}" "$PY" -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_kernels.py tests/test_cuda_ipc.py \
+            tests/test_nccl.py tests/test_tcp_cuda.py} ${TEST_K:+-k "$TEST_K"} ;;
+    busy)  # idle vs P's engine thread busy vs D's engine loop, same requests (issue: transfers off the GIL)
+      for b in ${BACKENDS:-cuda_ipc tcp}; do
+        step "busy-$b" "${BENCH_LIMIT:-240}" "$PY" -m p2pkv bench --device cuda --backend "$b" --busy --tokens ${BUSY_TOKENS:-16 512 2048} \
+          --requests "${REQUESTS:-4}" --iters "${ITERS:-10}" --warmup 2 --json "$OUT/busy_$b.json"
+      done ;;
     kbench) step kbench 180 "$PY" bench/kernel_bench.py --tokens $KTOKENS --json "$OUT/kernel_bench.json" ;;
     pair)  # two processes, cuda_ipc and tcp on CUDA tensors, same-run baselines (bench/gpu_pair_bench.py)
       for b in ${BACKENDS:-cuda_ipc tcp}; do

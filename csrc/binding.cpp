@@ -438,9 +438,10 @@ int api_launch_rows(const void* rows, int64_t n, void* s) {
   return int(p2pkv::launch_rows(static_cast<const p2pkv::CopyRow*>(rows), n, 0, 2, static_cast<cudaStream_t>(s)));
 }
 const char* api_error_string(int e) { return cudaGetErrorString(static_cast<cudaError_t>(e)); }
+int api_event_sync(void* ev) { return int(cudaEventSynchronize(static_cast<cudaEvent_t>(ev))); }
 
 const p2pkv::CudaApi kNativeApi{1, api_set_device, api_stream_create, api_stream_sync, api_host_alloc, api_host_free,
-                                api_launch_rows, api_error_string};
+                                api_launch_rows, api_error_string, api_event_sync};
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("native_api", [] { return reinterpret_cast<int64_t>(&kNativeApi); },

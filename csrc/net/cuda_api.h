@@ -18,6 +18,7 @@ struct CudaApi {
   // Copies `n` rows {uint64 src, uint64 dst, uint64 len} of a table in pinned host memory, one launch.
   int (*launch_rows)(const void* rows, int64_t n, void* stream);
   const char* (*error_string)(int err);
+  int (*event_sync)(void* event);
 };
 
 }  // namespace p2pkv

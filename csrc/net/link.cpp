@@ -1,6 +1,7 @@
 // Native data connections; see link.h.
 #include "link.h"
 
+#include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -139,7 +140,12 @@ void Initiator::run() {
     std::shared_ptr<Op> op;
     {
       std::unique_lock<std::mutex> lk(mu_);
-      cv_.wait(lk, [this] { return !queue_.empty() || stopping_.load(); });
+      // while idle, look at the socket now and then: a peer that went away is noticed before the next op
+      if (!cv_.wait_for(lk, std::chrono::milliseconds(200), [this] { return !queue_.empty() || stopping_.load(); })) {
+        lk.unlock();
+        check_idle_peer();
+        continue;
+      }
       if (queue_.empty()) break;
       op = std::move(queue_.front());
       queue_.pop_front();
@@ -165,6 +171,19 @@ void Initiator::run() {
     encode_header(h, kClose, 0, 0);
     (void)::send(fd_, h, sizeof h, MSG_NOSIGNAL | MSG_DONTWAIT);
   }
+}
+
+void Initiator::check_idle_peer() {
+  if (dead_.load()) return;
+  pollfd p{fd_, POLLIN | POLLRDHUP, 0};
+  if (::poll(&p, 1, 0) <= 0) return;
+  char c;
+  if (p.revents & (POLLHUP | POLLERR | POLLRDHUP) || ::recv(fd_, &c, 1, MSG_PEEK | MSG_DONTWAIT) == 0) {
+    mark_dead("peer closed");
+  } else {
+    mark_dead("the peer sent bytes nobody asked for");
+  }
+  ::shutdown(fd_, SHUT_RDWR);
 }
 
 Status Initiator::expect_reply(Op& op, Header& h) {
@@ -196,6 +215,11 @@ Status Initiator::run_op(Op& op) {
                         why))
       return Status::fail(kLocal, "local rows refused: " + why);
     if (total != op.nbytes) return Status::fail(kLocal, "local rows add up to " + std::to_string(total) + " bytes, not " + std::to_string(op.nbytes));
+  }
+  if (op.event != nullptr) {
+    int err = op.device >= 0 ? op.api->set_device(op.device) : 0;
+    if (err == 0) err = op.api->event_sync(op.event);
+    if (err != 0) return Status::fail(kLocal, std::string("waiting for the device copy failed: ") + op.api->error_string(err));
   }
   double t0 = now_s();
   Header h;

@@ -31,6 +31,9 @@ struct Op {
   std::vector<iovec> iov;            // this side's rows when given directly (baseline buffer)
   std::shared_ptr<const Geometry> geo;
   uint64_t nbytes = 0;
+  const CudaApi* api = nullptr;      // with `event`: the frame goes out only once that CUDA event completed
+  void* event = nullptr;             // (a device copy whose end the frame announces)
+  int device = -1;
 
   std::atomic<bool> finished{false};
   ErrKind error = kOk;
@@ -100,6 +103,7 @@ class Initiator : public Link {
   void on_close() override;
   Status run_op(Op& op);
   Status expect_reply(Op& op, Header& h);
+  void check_idle_peer();
 
   std::mutex mu_;
   std::condition_variable cv_;

@@ -263,12 +263,19 @@ int Initiator_init(LinkObject* self, PyObject* args, PyObject*) {
   return 0;
 }
 
-// post(kind, frame, local, geometry, nbytes, buf_addr=0, buf_len=0) -> Op
+// post(kind, frame, local, geometry, nbytes, buf_addr=0, buf_len=0, cuda_api=0, cuda_event=0, device=-1) -> Op
 PyObject* Initiator_post(LinkObject* self, PyObject* args) {
-  int kind;
+  int kind, device = -1;
   PyObject *frame, *local, *geo;
-  unsigned long long nbytes, buf_addr = 0, buf_len = 0;
-  if (!PyArg_ParseTuple(args, "iOOOK|KK", &kind, &frame, &local, &geo, &nbytes, &buf_addr, &buf_len)) return nullptr;
+  unsigned long long nbytes, buf_addr = 0, buf_len = 0, api = 0, event = 0;
+  if (!PyArg_ParseTuple(args, "iOOOK|KKKKi", &kind, &frame, &local, &geo, &nbytes, &buf_addr, &buf_len, &api, &event,
+                        &device) ||
+      !check_api(api, 1u << 16))
+    return nullptr;
+  if ((api == 0) != (event == 0)) {
+    PyErr_SetString(PyExc_ValueError, "a CUDA event needs the CUDA call table, and the other way round");
+    return nullptr;
+  }
   if (kind < kOpRead || kind > kOpBaseline) {
     PyErr_Format(PyExc_ValueError, "unknown op kind %d", kind);
     return nullptr;
@@ -283,6 +290,9 @@ PyObject* Initiator_post(LinkObject* self, PyObject* args) {
   if (!read_bytes(frame, op->frame) || !read_bytes(local, op->local)) return nullptr;
   if (geo != Py_None) op->geo = reinterpret_cast<GeometryObject*>(geo)->geo;
   if (buf_len) op->iov.push_back(iovec{reinterpret_cast<void*>(buf_addr), size_t(buf_len)});
+  op->api = reinterpret_cast<const CudaApi*>(api);
+  op->event = reinterpret_cast<void*>(event);
+  op->device = device;
   std::static_pointer_cast<Initiator>(self->link)->post(op);
   return wrap_op(std::move(op));
 }

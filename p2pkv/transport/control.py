@@ -337,7 +337,18 @@ class ControlPlaneTransport(Transport):
         out = []
         while self._notifs:
             out.append(self._notifs.popleft())
+        self._reap()
         return out
+
+    def _reap(self) -> None:
+        """Drop served connections whose native link ended (the peer left, or broke the protocol)."""
+        with self._lock:
+            ended = [c for c in self._in if not c.up and c.dead is None]
+        for c in ended:
+            why = c.link.reason()
+            if why not in ("peer closed", "transport closed locally"):
+                log.warning("%s: closed the connection from %s: %s", self.name, c.peer.name, why)
+            self._drop(c, PeerClosedError(why, peer=c.peer.name))
 
     def baseline(self, peer: Peer | str, nbytes: int, iters: int = 1) -> float:
         conn = self._conn(peer)
@@ -505,6 +516,8 @@ class ControlPlaneTransport(Transport):
         if conn.dead is None:
             conn.dead = reason
             conn.close()
+            if conn.link is not None:
+                conn.link.close()
             try:
                 self._on_disconnect(conn)
             except Exception:  # noqa: BLE001

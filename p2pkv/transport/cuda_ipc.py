@@ -3,13 +3,15 @@ handshake each side exports CUDA IPC handles of its registered KV memory and an 
 event once; a transfer is then one kernel launch by the side that calls it (D pulls
 with `read`, P pushes with `write`), ordered after the peer's last "ready" mark by a
 device-side wait on its IPC event. The control socket carries only the handshake and
-notifications; no payload byte leaves the GPU."""
+notifications, on a native link after the handshake (a push's notify leaves once its copy's
+event completed, from the link's C++ thread); no payload byte leaves the GPU, and no Python
+thread of p2pkv is on a transfer's path."""
 from __future__ import annotations
 
 import logging
 import os
-import select
 import socket
+import ssl
 import threading
 import time
 from typing import Any, Sequence
@@ -21,7 +23,8 @@ from p2pkv import kernels
 from p2pkv.layout import KVCacheSpec, block_geometry
 from p2pkv.segments import Segments
 from p2pkv.transport import BackendUnavailable
-from p2pkv.transport.base import Peer, PeerClosedError, TransferError, TransferHandle, TransferTimeout
+from p2pkv.transport import native as nat
+from p2pkv.transport.base import Notif, Peer, PeerClosedError, TransferError, TransferHandle, TransferTimeout
 from p2pkv.transport.control import Conn, ControlPlaneTransport
 from p2pkv.wire import FrameType, send_frame
 
@@ -77,57 +80,31 @@ _MAPPINGS = _Mappings()
 
 
 class _CudaHandle(TransferHandle):
-    """A transfer that is one kernel on a stream: done when its event is. The base class's Event and
-    Lock are made only when something needs them (a callback, or waiting without the extension), so a
-    transfer that is simply waited for costs no threading objects on its way."""
+    """A transfer that is one kernel on a stream: `done()` queries its CUDA event, `wait()` waits on
+    it in the extension without the GIL; nothing else runs for it to complete."""
 
-    def __init__(self, peer: str, request_id: str | None, nbytes: int, event: torch.cuda.Event,
-                 watcher: "CudaIpcTransport"):
+    def __init__(self, peer: str, request_id: str | None, nbytes: int, event: torch.cuda.Event, ext: Any):
         self._set_fields(peer, request_id, nbytes)
-        self._cuda_event, self._watcher = event, watcher
+        self._cuda_event, self._ext = event, ext
         self._complete = False
 
-    def __getattr__(self, name: str) -> Any:
-        if name not in ("_event", "_lock"):
-            raise AttributeError(name)
-        with _LAZY:
-            d = self.__dict__
-            if "_event" not in d:
-                d["_lock"], d["_event"] = threading.Lock(), threading.Event()
-                if d["_complete"]:
-                    d["_event"].set()
-        return d[name]
-
-    def _completed(self) -> None:
-        self._complete = True
-        if "_event" in self.__dict__:
-            self._finish()
-
     def done(self) -> bool:
-        if not self._complete:
-            if self._cuda_event.query():
-                self._completed()
-        elif "_event" in self.__dict__ and not self.__dict__["_event"].is_set():
-            self._finish()  # a callback was added while the completion was being noted
+        if not self._complete and self._cuda_event.query():
+            self._complete = True
         return self._complete
 
     def wait(self, timeout: float | None = None) -> None:
         """Waits in the extension, without the GIL: spinning briefly, then yielding, then sleeping."""
         if not self._complete:
-            if not self._watcher._ext.wait_event(self._cuda_event.cuda_event, -1.0 if timeout is None else timeout):
+            if not self._ext.wait_event(self._cuda_event.cuda_event, -1.0 if timeout is None else timeout):
                 raise TransferTimeout(f"kernel not finished after {timeout:.3g} s", peer=self.peer,
                                       request_id=self.request_id)
-            self._completed()
+            self._complete = True
 
     def add_done_callback(self, fn: Any) -> None:
-        if self.done():
-            fn(self)
-            return
-        super().add_done_callback(fn)
-        self._watcher._watch(self)
+        raise NotImplementedError("cuda_ipc transfers complete without Python callbacks: poll done() or wait()")
 
 
-_LAZY = threading.Lock()
 
 
 class CudaIpcTransport(ControlPlaneTransport):
@@ -145,6 +122,8 @@ class CudaIpcTransport(ControlPlaneTransport):
             raise BackendUnavailable("cuda_ipc needs the p2pkv CUDA extension, which could not be built or loaded: "
                                      f"{kernels.unavailable_reason()}; install the CUDA toolkit (nvcc) and ninja, "
                                      "or build it ahead of time with `python -m p2pkv.kernels build`")
+        self._api = int(self._ext.native_api())
+        self._links = nat.NativeLinks("cuda_ipc", float(kw.get("timeout", 30.0)))
         super().__init__(**kw)
         self._host = host_id()
         self._allocs: list[dict[str, Any]] = []
@@ -152,10 +131,6 @@ class CudaIpcTransport(ControlPlaneTransport):
         self._local: kernels.Regions | None = None
         self._ready: torch.cuda.Event | None = None
         self._baseline_buf: torch.Tensor | None = None
-        self._watch_lock = threading.Lock()
-        self._watching: list[_CudaHandle] = []
-        self._watcher: threading.Thread | None = None
-        self._peer_watchers: list[threading.Thread] = []
 
     # ------------------------------------------------------------------ registration and handshake
     def register(self, tensors: Sequence[torch.Tensor], spec: KVCacheSpec | None = None) -> KVCacheSpec:
@@ -245,10 +220,6 @@ class CudaIpcTransport(ControlPlaneTransport):
                 ev = None if same_process else torch.cuda.Event.from_ipc_handle(self.device, bytes(info["event"]))
                 conn.extra["event"] = ev
                 conn.extra["event_ptr"] = ev.cuda_event if ev is not None else 0
-            if conn.initiator:
-                t = threading.Thread(target=self._watch_peer, args=(conn,), name="p2pkv-cuda_ipc-peer", daemon=True)
-                self._peer_watchers.append(t)
-                t.start()
         except Exception as e:
             for h in handles:
                 _MAPPINGS.release(self._ext, h)
@@ -281,20 +252,21 @@ class CudaIpcTransport(ControlPlaneTransport):
         assert self._ready is not None
         self._ready.record(torch.cuda.current_stream(self.device))
 
-    def _watch_peer(self, conn: Conn) -> None:
-        """The dialling side's control socket carries nothing back in cuda_ipc, so it becomes readable only
-        when the peer goes away: then the connection is dropped and every later transfer fails at once."""
-        while conn.dead is None and not self._closed.is_set():
-            try:
-                if select.select([conn.sock], [], [], 1.0)[0] and conn.sock.recv(1, socket.MSG_PEEK) == b"":
-                    self._drop(conn, PeerClosedError("peer closed", peer=conn.peer.name))
-            except (OSError, ValueError) as e:
-                if conn.dead is None and not self._closed.is_set():
-                    self._drop(conn, PeerClosedError(f"connection lost: {e}", peer=conn.peer.name))
-                return
+    def _adopt(self, conn: Conn) -> bool:
+        """After the handshake the control socket belongs to a native link: the dialling side's sends
+        notifications (and notices a peer that went away while idle), the accepting side's collects them."""
+        if isinstance(conn.sock, ssl.SSLSocket):
+            return False
+        conn.link = self._links.initiator(conn.sock) if conn.initiator else self._links.server(conn.sock, conn.peer.name)
+        return True
+
+    def get_notifs(self) -> list[Notif]:
+        return super().get_notifs() + self._links.notifs()
 
     def _live(self, peer: Peer | str) -> Conn:
         conn = self._conn(peer)
+        if not conn.up and conn.dead is None:  # its native link saw the peer go: unmap its memory now
+            self._drop(conn, PeerClosedError(conn.link.reason(), peer=conn.peer.name))
         if conn.dead is not None or "peer" not in conn.extra:
             raise PeerClosedError(f"connection is down ({conn.dead})", peer=conn.peer.name)
         return conn
@@ -389,7 +361,7 @@ class CudaIpcTransport(ControlPlaneTransport):
         self._check_request(segments, request_id)
         conn = self._live(peer)
         done, nbytes = self._launch(conn, segments, True, request_id)
-        return _CudaHandle(conn.peer.name, request_id, nbytes, done, self)
+        return _CudaHandle(conn.peer.name, request_id, nbytes, done, self._ext)
 
     def write(self, peer: Peer | str, segments: Segments, request_id: str | None = None,
               notify: dict[str, Any] | None = None) -> TransferHandle:
@@ -397,16 +369,25 @@ class CudaIpcTransport(ControlPlaneTransport):
         conn = self._live(peer)
         done, nbytes = self._launch(conn, segments, False, request_id)
         if notify is None:
-            return _CudaHandle(conn.peer.name, request_id, nbytes, done, self)
-
-        def tell(c: Conn) -> None:
-            done.synchronize()
-            send_frame(c.sock, FrameType.NOTIF, {"msg": notify})
-        return self._submit(conn, tell, request_id, nbytes)
+            return _CudaHandle(conn.peer.name, request_id, nbytes, done, self._ext)
+        if conn.link is None:  # TLS: the control plane's Python thread waits for the copy, then tells
+            def tell(c: Conn) -> None:
+                done.synchronize()
+                send_frame(c.sock, FrameType.NOTIF, {"msg": notify})
+            return self._submit(conn, tell, request_id, nbytes)
+        # the link's native thread waits for the copy's event, then sends: the handle ends when both did
+        return self._links.send_notif(conn.link, conn.peer.name, notify, self._api, done.cuda_event,
+                                      int(self.device.index or 0), request_id=request_id, nbytes=nbytes)
 
     def send_notif(self, peer: Peer | str, message: dict[str, Any]) -> None:
+        """Marks this side's KV writes so far as ready (the peer's next copy waits for them on the device),
+        then queues the message behind earlier ones to that peer and returns."""
         self.mark_ready()
-        super().send_notif(peer, message)
+        conn = self._conn(peer)
+        if conn.link is None:
+            super().send_notif(peer, message)
+        else:
+            self._links.send_notif(conn.link, conn.peer.name, message)
 
     def baseline(self, peer: Peer | str, nbytes: int, iters: int = 1) -> float:
         """Seconds for one contiguous device-to-device copy of `nbytes` (cudaMemcpy via torch), from the
@@ -441,23 +422,6 @@ class CudaIpcTransport(ControlPlaneTransport):
         return float(np.median(times))
 
     # ------------------------------------------------------------------ callbacks and teardown
-    def _watch(self, h: _CudaHandle) -> None:
-        with self._watch_lock:
-            self._watching.append(h)
-            if self._watcher is None or not self._watcher.is_alive():
-                self._watcher = threading.Thread(target=self._watch_loop, name="p2pkv-cuda_ipc-watch", daemon=True)
-                self._watcher.start()
-
-    def _watch_loop(self) -> None:
-        while True:
-            with self._watch_lock:
-                pending = [h for h in self._watching if not h.done()]
-                self._watching = pending
-                if not pending:
-                    self._watcher = None
-                    return
-            time.sleep(1e-4)
-
     def close(self) -> None:
         if self._closed.is_set():
             return
@@ -467,7 +431,3 @@ class CudaIpcTransport(ControlPlaneTransport):
             except RuntimeError as e:
                 log.warning("cuda_ipc: synchronizing before close failed: %s", e)
         super().close()
-        # joined so that none of them runs while the interpreter finalizes
-        for t in self._peer_watchers + [self._watcher]:
-            if t is not None and t is not threading.current_thread():
-                t.join(timeout=2)

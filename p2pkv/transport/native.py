@@ -4,17 +4,24 @@ an atomic (or waiting without the GIL). After the per-peer handshake, no Python 
 transfer's path but the caller's own post and poll."""
 from __future__ import annotations
 
+import itertools
+import logging
 import numbers
+import socket
 import struct
 import threading
 from typing import Any, Sequence
 
+import msgpack
 import numpy as np
 
 from p2pkv.layout import BlockRows
-from p2pkv.transport.base import PeerClosedError, TransferError, TransferHandle, TransferTimeout
+from p2pkv.transport.base import Notif, PeerClosedError, TransferError, TransferHandle, TransferTimeout
+from p2pkv.wire import check_message
 
-__all__ = ["native", "require", "BUILD_HINT", "NativeHandle", "geometry", "request_body", "frame", "OP_READ",
+log = logging.getLogger("p2pkv.transport")
+
+__all__ = ["native", "require", "NativeLinks", "BUILD_HINT", "NativeHandle", "geometry", "request_body", "frame", "OP_READ",
            "OP_WRITE", "OP_SEND", "OP_BASELINE", "DATA_READ", "DATA_WRITE", "NOTIF", "BASELINE", "VERSION",
            "FORM_BLOCKS", "FORM_TABLE"]
 
@@ -130,3 +137,59 @@ class NativeHandle(TransferHandle):
 
     def _finish(self, error: BaseException | None = None) -> None:
         raise NotImplementedError("a native transfer is finished by its native thread")
+
+
+class NativeLinks:
+    """A transport's native connections: takes over a socket whose handshake passed (dialled: an
+    Initiator that runs posted ops in order; accepted: a Server that serves requests), collects what
+    peers send into one bounded inbox, and decodes it for `get_notifs()` in the caller's thread."""
+
+    def __init__(self, backend: str, timeout: float):
+        self.mod = require(backend)
+        self.backend, self.timeout = backend, timeout
+        self.inbox = self.mod.Inbox()
+        self._names: dict[int, str] = {}
+        self._ids = itertools.count(1)
+
+    def initiator(self, sock: socket.socket, cuda_api: int = 0, device: int = -1, staging_bytes: int = 0) -> Any:
+        return self.mod.Initiator(sock.detach(), self.timeout, cuda_api, device, staging_bytes)
+
+    def server(self, sock: socket.socket, peer: str, bases: Sequence[int] = (), sizes: Sequence[int] = (),
+               read_geo: Any = None, write_geo: Any = None, cuda_api: int = 0, device: int = -1,
+               staging_bytes: int = 0) -> Any:
+        """Serve one accepted connection: requests by block ids against the geometries, segment tables
+        against the regions at `bases` (none: the peer may only send notifications)."""
+        pid = next(self._ids)
+        self._names[pid] = peer
+        return self.mod.Server(sock.detach(), self.timeout, pid, np.asarray(bases, "<u8").tobytes(),
+                               np.asarray(sizes, "<u8").tobytes(), read_geo, write_geo, self.inbox, cuda_api, device,
+                               staging_bytes)
+
+    def send_notif(self, link: Any, peer: str, message: dict[str, Any], cuda_api: int = 0, cuda_event: int = 0,
+                   device: int = -1, request_id: str | None = None, nbytes: int = 0) -> "NativeHandle":
+        """Queue a message behind the link's earlier ops (after `cuda_event` completes, if given); raises
+        at once only if the link is already down."""
+        check_message(message, "notification")
+        body = msgpack.packb(dict(message), use_bin_type=True)
+        if len(body) > self.mod.MAX_NOTIFY:
+            raise ValueError(f"notification of {len(body)} bytes exceeds the limit of {self.mod.MAX_NOTIFY}")
+        op = link.post(OP_SEND, frame(NOTIF, body), None, None, 0, 0, 0, cuda_api, cuda_event, device)
+        h = NativeHandle(op, peer, request_id, nbytes)
+        if op.done() and op.error() is not None:
+            h.wait(0)
+        return h
+
+    def notifs(self) -> list[Notif]:
+        out = []
+        for pid, body in self.inbox.drain():
+            peer = self._names.get(pid, "?")
+            try:
+                msg = msgpack.unpackb(body, raw=False, strict_map_key=True)
+            except Exception as e:  # noqa: BLE001 - a malformed message is dropped, not raised into the caller
+                log.warning("%s: dropped a malformed message from %s: %s", self.backend, peer, e)
+                continue
+            if not isinstance(msg, dict):
+                log.warning("%s: dropped a message from %s that is not a map", self.backend, peer)
+                continue
+            out.append(Notif(peer, msg))
+        return out

@@ -8,7 +8,6 @@ CUDA extension, transfers run on the control plane's Python threads instead."""
 from __future__ import annotations
 
 import ctypes
-import itertools
 import logging
 import socket
 import ssl
@@ -23,9 +22,9 @@ from p2pkv import kernels
 from p2pkv.layout import BlockRows, merge_rows
 from p2pkv.segments import Segments
 from p2pkv.transport import native as nat
-from p2pkv.transport.base import Notif, Peer, PeerClosedError, TransferHandle, advise_hugepages
+from p2pkv.transport.base import Notif, Peer, TransferHandle, advise_hugepages
 from p2pkv.transport.control import Conn, ControlPlaneTransport, LocalRows, MAX_BASELINE
-from p2pkv.wire import check_message, recv_into_exact
+from p2pkv.wire import recv_into_exact
 
 log = logging.getLogger("p2pkv.transport.tcp")
 
@@ -86,10 +85,8 @@ class TcpTransport(ControlPlaneTransport):
                 raise ValueError(f"{what} must be at least {lo} bytes, got {v}")
         if not isinstance(hugepages, (bool, int, np.bool_, np.integer)):
             raise TypeError(f"hugepages must be True or False, got {type(hugepages).__name__} {hugepages!r}")
-        self._nat = nat.require("tcp")
-        self._inbox = self._nat.Inbox()
-        self._peer_names: dict[int, str] = {}
-        self._peer_ids = itertools.count(1)
+        self._links = nat.NativeLinks("tcp", float(kw.get("timeout", 30.0)))
+        self._nat = self._links.mod
         self._mem: Any = None
         self._api: int | None = None
         super().__init__(**kw)
@@ -140,23 +137,15 @@ class TcpTransport(ControlPlaneTransport):
     def _adopt(self, conn: Conn) -> bool:
         if not self._direct(conn):
             return False
-        fd_owner = conn.sock
         if conn.initiator:
-            conn.link = self._nat.Initiator(fd_owner.detach(), self.timeout, *self._staging_args())
+            conn.link = self._links.initiator(conn.sock, *self._staging_args())
             return True
         assert self.spec is not None and conn.peer.spec is not None
-        pid = next(self._peer_ids)
-        self._peer_names[pid] = conn.peer.name
         rg = self._geometry(BlockRows(self.spec, conn.peer.spec), "src")
         wg = self._geometry(BlockRows(conn.peer.spec, self.spec), "dst")
-        sizes = np.asarray([r.nbytes for r in self.spec.regions], "<u8").tobytes()
-        conn.link = self._nat.Server(fd_owner.detach(), self.timeout, pid, self._bases.astype("<u8").tobytes(), sizes,
-                                     rg, wg, self._inbox, *self._staging_args())
+        conn.link = self._links.server(conn.sock, conn.peer.name, self._bases, [r.nbytes for r in self.spec.regions],
+                                       rg, wg, *self._staging_args())
         return True
-
-    def _on_disconnect(self, conn: Conn) -> None:
-        if conn.link is not None:
-            conn.link.close()
 
     def _local_geometry(self, conn: Conn, rows: LocalRows, pull: bool) -> tuple[Any, bytes]:
         """The native geometry and body of this side's rows of a request."""
@@ -208,38 +197,10 @@ class TcpTransport(ControlPlaneTransport):
         conn = self._conn(peer)
         if conn.link is None:
             return super().send_notif(peer, message)
-        check_message(message, "notification")
-        body = msgpack.packb(dict(message), use_bin_type=True)
-        if len(body) > self._nat.MAX_NOTIFY:
-            raise ValueError(f"notification of {len(body)} bytes exceeds the limit of {self._nat.MAX_NOTIFY}")
-        op = conn.link.post(nat.OP_SEND, nat.frame(nat.NOTIF, body), None, None, 0)
-        if op.done() and op.error() is not None:
-            nat.NativeHandle(op, conn.peer.name, None, 0).wait(0)
+        self._links.send_notif(conn.link, conn.peer.name, message)
 
     def get_notifs(self) -> list[Notif]:
-        out = super().get_notifs()
-        for pid, body in self._inbox.drain():
-            try:
-                msg = msgpack.unpackb(body, raw=False, strict_map_key=True)
-            except Exception as e:  # noqa: BLE001 - a malformed message is dropped, not raised into the caller
-                log.warning("tcp: dropped a malformed message from %s: %s", self._peer_names.get(pid, "?"), e)
-                continue
-            if not isinstance(msg, dict):
-                log.warning("tcp: dropped a message from %s that is not a map", self._peer_names.get(pid, "?"))
-                continue
-            out.append(Notif(self._peer_names.get(pid, "?"), msg))
-        self._reap()
-        return out
-
-    def _reap(self) -> None:
-        """Close served connections whose native thread ended (the peer left, or broke the protocol)."""
-        with self._lock:
-            ended = [c for c in self._in if c.link is not None and not c.link.alive()]
-        for c in ended:
-            why = c.link.reason()
-            if why not in ("peer closed", "transport closed locally"):
-                log.warning("tcp: closed the connection from %s: %s", c.peer.name, why)
-            self._drop(c, PeerClosedError(why, peer=c.peer.name))
+        return super().get_notifs() + self._links.notifs()
 
     def baseline(self, peer: Peer | str, nbytes: int, iters: int = 1) -> float:
         conn = self._conn(peer)
