@@ -95,3 +95,11 @@ def test_any_bytes_are_refused_or_parsed_into_rows_inside_the_regions(body, is_w
         return
     for a, n in rows:
         assert any(b <= a and a + n <= b + s for b, s in zip(BASES, sizes))
+
+
+def test_without_the_native_build_tcp_says_how_to_build_it(monkeypatch):
+    from p2pkv.transport import BackendUnavailable, get_transport
+    monkeypatch.setattr(nat, "native", None)
+    monkeypatch.setattr(nat, "_why", "No module named 'p2pkv._native'")
+    with pytest.raises(BackendUnavailable, match=r"tcp backend needs p2pkv's native data path .*pip install -e \."):
+        get_transport("tcp")
