@@ -575,3 +575,40 @@ def test_on_notif_callback_fires_as_each_message_arrives(backend):
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.timeout(60)
+def test_descriptors_above_1023_serve_and_transfer():
+    """An engine process easily holds more than 1024 descriptors: listener, accepted and dialled
+    sockets numbered above select()'s limit must still handshake, serve and move blocks."""
+    import os
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the hard descriptor limit here is {hard}")
+    want = 4096 if hard == resource.RLIM_INFINITY else min(hard, 4096)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    a = b = None
+    try:
+        a, b = get_transport("tcp"), get_transport("tcp")
+        ta, sa = _cache(fill="random", generator=torch.Generator().manual_seed(4))
+        a.register(ta, sa)
+        b.register(*_cache())
+        peer = b.connect(a.address)
+        assert a._listener.fileno() > 1023
+        b.read(peer, plan_segments(a.spec, b.spec, [1, 2], [3, 4]), "high-fds").wait(10)
+        b.send_notif(peer, {"k": "v"})
+        deadline = time.monotonic() + 10
+        got = []
+        while not got and time.monotonic() < deadline:
+            got = a.get_notifs()
+        assert [n.message for n in got] == [{"k": "v"}]
+        assert torch.equal(b.tensors[0][:, 3].view(torch.uint8), ta[0][:, 1].view(torch.uint8))
+    finally:
+        for t in (a, b):
+            if t is not None:
+                t.close()
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
