@@ -546,3 +546,81 @@ def test_consumer_giving_up_stops_the_producer_pushing_further_layers():
     finally:
         p.close()
         d.close()
+
+
+# ------------------------------------------------------------------ one peer never delays another
+
+@pytest.mark.timeout(60)
+def test_a_peer_that_never_answers_the_handshake_does_not_delay_a_load_from_a_healthy_one():
+    """The stuck peer's dial waits out the 2 s handshake timeout in its own link thread; the
+    healthy load, posted after it, finishes well within that, and the stuck one then fails."""
+    import socket
+    silent = socket.create_server(("127.0.0.1", 0))  # completes TCP connects in its backlog, never answers
+    stuck = f"127.0.0.1:{silent.getsockname()[1]}"
+    p = KVConnector("tcp", mode="pull")
+    d = KVConnector("tcp", mode="pull", timeout=2, load_timeout=10)
+    try:
+        pt, pspec = caches("vllm_cpu", 16, "random", seed=3)
+        dt, dspec = caches("vllm_cpu", 10, "zeros")
+        p.register_kv_caches(pt, pspec)
+        d.register_kv_caches(dt, dspec)
+        p.save("healthy", [1, 2, 3])
+        t0 = time.monotonic()
+        d.load("stuck", [0, 1, 2], peer=stuck, remote_block_ids=[1, 2, 3])
+        d.load("healthy", [4, 5, 6], peer=p.address, remote_block_ids=[1, 2, 3])
+        f = wait_finished(d, "healthy", timeout=10, also=(p,))
+        took = time.monotonic() - t0
+        assert took < 1.5, f"healthy load took {took:.2f} s: it waited for the stuck peer's dial"
+        assert not f.failed and "stuck" not in f.loaded
+        for s, t in zip([1, 2, 3], [4, 5, 6]):
+            assert block_bytes(pt, pspec, s) == block_bytes(dt, dspec, t)
+        f = wait_finished(d, "stuck", timeout=10, also=(p,))
+        assert f.failed["stuck"].blocks == (0, 1, 2)
+        assert stuck in f.failed["stuck"].reason and "cannot reach" in f.failed["stuck"].reason
+        assert time.monotonic() - t0 < 6
+    finally:
+        d.close()
+        p.close()
+        silent.close()
+
+
+@pytest.mark.timeout(90)
+def test_a_frozen_producer_process_does_not_delay_loads_from_a_healthy_one():
+    """Two producer processes, both already connected; one is frozen (SIGSTOP) with a read of
+    it posted first: the other's load finishes at its usual pace, the frozen one's fails
+    within the transport's timeout."""
+    import signal
+    frozen, healthy = start_producer("pull", [1, 2, 3], requests=2), start_producer("pull", [4, 5, 6], requests=2)
+    d = KVConnector("tcp", mode="pull", timeout=3, load_timeout=10)
+    try:
+        fp, hp = json.loads(frozen.stdout.readline()), json.loads(healthy.stdout.readline())
+        dt, dspec = caches("vllm_cpu", 12, "zeros")
+        d.register_kv_caches(dt, dspec)
+        for name, params, dst in (("f1", fp, [0, 1, 2]), ("h1", hp, [3, 4, 5])):
+            d.load(name, dst, peer=params["remote_address"], remote_request_id="tcp-req",
+                   remote_block_ids=params["remote_block_ids"])
+            assert not wait_finished(d, name, timeout=20).failed
+        frozen.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        d.load("f2", [6, 7, 8], peer=fp["remote_address"], remote_request_id="tcp-req-2",
+               remote_block_ids=fp["remote_block_ids"])
+        d.load("h2", [9, 10, 11], peer=hp["remote_address"], remote_request_id="tcp-req-2",
+               remote_block_ids=hp["remote_block_ids"])
+        f = wait_finished(d, "h2", timeout=20)
+        took = time.monotonic() - t0
+        assert took < 2.5, f"healthy load took {took:.2f} s: it waited for the frozen producer"
+        assert not f.failed and "f2" not in f.loaded
+        pt, pspec = caches("vllm_cpu", 16, "random", seed=7)
+        for s, t in zip([4, 5, 6], [9, 10, 11]):
+            assert block_bytes(pt, pspec, s) == block_bytes(dt, dspec, t)
+        f = wait_finished(d, "f2", timeout=20)
+        assert f.failed["f2"].blocks == (6, 7, 8) and fp["remote_address"] in f.failed["f2"].reason
+        assert time.monotonic() - t0 < 3 + 2
+        pm = json.loads(healthy.stdout.readline())
+        assert pm["released_confirmed"] == 2 and healthy.wait(30) == 0
+    finally:
+        for proc in (frozen, healthy):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        d.close()
