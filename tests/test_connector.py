@@ -624,3 +624,35 @@ def test_a_frozen_producer_process_does_not_delay_loads_from_a_healthy_one():
                 proc.kill()
                 proc.wait()
         d.close()
+
+
+@pytest.mark.timeout(30)
+def test_control_messages_leave_from_the_engine_thread_when_the_transport_never_blocks_on_them():
+    """A transport that declares `send_notif_blocks = False` gets control messages posted by the
+    engine's own call once the peer is dialled, with no hop through the link's thread."""
+    import threading
+    p, d, (pt, pspec), (dt, dspec) = pair("pull")
+    senders = []
+    for c in (p, d):
+        real = c.transport.send_notif
+        c.transport.send_notif_blocks = False
+
+        def send(peer, message, real=real):
+            senders.append((message["p2pkv"], threading.current_thread() is threading.main_thread()))
+            real(peer, message)
+        c.transport.send_notif = send
+    try:
+        p.save("warm", [1])
+        d.load("warm", [1], peer=p.address, remote_block_ids=[1])
+        wait_finished(d, "warm", also=(p,))
+        wait_finished(p, "warm", "saved", also=(d,))
+        senders.clear()
+        p.save("r", [7, 3])
+        d.load("r", [2, 5], peer=p.address, remote_block_ids=[7, 3])
+        assert not wait_finished(d, "r", also=(p,)).failed
+        wait_finished(p, "r", "saved", also=(d,))
+        assert senders == [("held?", True), ("held", True), ("release", True)]
+        assert block_bytes(pt, pspec, 3) == block_bytes(dt, dspec, 5)
+    finally:
+        p.close()
+        d.close()

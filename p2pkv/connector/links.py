@@ -1,12 +1,14 @@
 """Per-peer set-up, off the engine's thread: one `Link` per peer address dials and
-hand-shakes in that peer's own short-lived thread and sends its control messages
-from the same thread, so a frozen peer stalls only its own link. The engine's
-thread only reads a link's state and enqueues; it never waits on a peer here."""
+hand-shakes in that peer's own short-lived thread, and sends its control messages
+from there too while `transport.send_notif` may block, so a frozen peer stalls only
+its own link. The engine's thread reads a link's state and enqueues (or, with a
+transport whose sends never block, posts); it never waits on a peer here."""
 from __future__ import annotations
 
 import logging
 import queue
 import threading
+import time
 from typing import Any
 
 from p2pkv.transport import Peer, TransferError, Transport
@@ -20,7 +22,7 @@ UNDELIVERED_KEPT = 4096
 
 
 class Link:
-    """One peer: `peer` once dialled, `error` once a dial failed; `send()` queues a message."""
+    """One peer: `peer` once dialled, `error` once a dial failed; `send()` never blocks."""
 
     def __init__(self, transport: Transport, address: str):
         self.transport, self.address = transport, address
@@ -31,6 +33,7 @@ class Link:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._pending = 0  # items queued or being handled: a direct send now could overtake one
         self._settled = threading.Event()
         self._settled.set()
         self.undelivered: dict[str, str] = {}
@@ -54,14 +57,25 @@ class Link:
                 self._put(_DIAL)
 
     def send(self, message: dict[str, Any]) -> None:
-        """Queue a control message for this peer, dialling first if needed; never blocks.
+        """Send a control message to this peer without blocking the caller, in order with earlier ones.
 
-        Seam: once `transport.send_notif` is a non-blocking native post, an up link can post here directly."""
+        Posted at once when the link is up with nothing before it and the transport's `send_notif`
+        never blocks (it says so with `send_notif_blocks = False`); else queued for the link's thread,
+        which dials first if needed, since `send_notif` may wait up to the timeout for a stuck peer."""
         with self._lock:
-            if self.peer is None:
-                self.error = None
-                self._settled.clear()
-            self._put(message)
+            direct = (self.peer is not None and self._pending == 0
+                      and not getattr(self.transport, "send_notif_blocks", True))
+            if not direct:
+                if self.peer is None:
+                    self.error = None
+                    self._settled.clear()
+                self._put(message)
+                return
+            peer = self.peer
+        try:
+            self.transport.send_notif(peer, message)
+        except (TransferError, OSError, ValueError, RuntimeError) as e:
+            self._send_failed(message, e)
 
     def wait_settled(self, timeout: float | None) -> bool:
         """Block until no dial is under way (set-up only: a request waits here only for its first contact)."""
@@ -72,12 +86,19 @@ class Link:
         with self._lock:
             self.peer, self.error = None, reason
 
-    def close(self) -> None:
+    def close(self, timeout: float) -> None:
+        """Stop the link's thread, waiting up to `timeout` for it (one stuck in a dial is left to its timeout)."""
         with self._lock:
             self._closed = True
             self._put(None)
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(max(timeout, 0))
 
     def _put(self, item: Any) -> None:
+        """Queue `item` for the thread (starting it if needed); call with the lock held."""
+        if item is not None:
+            self._pending += 1
         self._q.put(item)
         if self._thread is None and not self._closed:
             self._thread = threading.Thread(target=self._run, name=f"p2pkv-link-{self.address}", daemon=True)
@@ -89,25 +110,31 @@ class Link:
                 item = self._q.get(timeout=self.transport.timeout)
             except queue.Empty:
                 with self._lock:
-                    if self._q.empty():
+                    if self._pending == 0:
                         self._thread = None
                         return
                 continue
             if item is None:
                 return
-            if not self._dial():
-                if item is not _DIAL:
-                    self._undelivered(item)
-                self._drop_queued()
-                continue
-            if item is _DIAL:
-                continue
             try:
-                self.transport.send_notif(self.peer, item)  # type: ignore[arg-type]
-            except (TransferError, OSError, ValueError) as e:
-                log.info("could not send %s for request %r to %s: %s", item.get("p2pkv"), item.get("req"),
-                         self.address, e)
-                self.broken(f"sending to {self.address} failed: {e}")
+                self._handle(item)
+            finally:
+                with self._lock:
+                    self._pending -= 1
+
+    def _handle(self, item: Any) -> None:
+        """Dial if needed, then send `item` (unless it only asked for the dial)."""
+        if not self._dial():
+            if item is not _DIAL:
+                self._undelivered(item)
+            self._drop_queued()
+            return
+        if item is _DIAL:
+            return
+        try:
+            self.transport.send_notif(self.peer, item)  # type: ignore[arg-type]
+        except (TransferError, OSError, ValueError, RuntimeError) as e:
+            self._send_failed(item, e)
 
     def _dial(self) -> bool:
         if self.peer is not None:
@@ -124,6 +151,11 @@ class Link:
             self.peer, self.error = peer, None
             self._settled.set()
         return True
+
+    def _send_failed(self, message: dict[str, Any], e: BaseException) -> None:
+        log.info("could not send %s for request %r to %s: %s", message.get("p2pkv"), message.get("req"),
+                 self.address, e)
+        self.broken(f"sending to {self.address} failed: {e}")
 
     def _undelivered(self, message: dict[str, Any]) -> None:
         """Remember, by request, a message that never left (its peer could not be dialled)."""
@@ -142,6 +174,8 @@ class Link:
             if item is None:
                 self._q.put(None)
                 break
+            with self._lock:
+                self._pending -= 1
             if item is not _DIAL:
                 dropped += 1
                 self._undelivered(item)
@@ -162,6 +196,8 @@ class Links:
             link = self._links[address] = Link(self.transport, address)
         return link
 
-    def close(self) -> None:
+    def close(self, timeout: float = 1.0) -> None:
+        """Stop every link's thread, waiting at most `timeout` seconds in all."""
+        end = time.monotonic() + timeout
         for link in self._links.values():
-            link.close()
+            link.close(end - time.monotonic())
