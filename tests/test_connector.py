@@ -656,3 +656,37 @@ def test_control_messages_leave_from_the_engine_thread_when_the_transport_never_
     finally:
         p.close()
         d.close()
+
+
+@pytest.mark.timeout(60)
+def test_producer_restarted_on_the_same_address_is_redialled_without_failing_the_load():
+    """D's connection to the old producer is stale; the first read finds it closed, and the load
+    reads again over a fresh dial instead of sending the request to be recomputed."""
+    dt, dspec = caches("vllm_cpu", 10, "zeros")
+    d = KVConnector("tcp", mode="pull", timeout=5)
+    d.register_kv_caches(dt, dspec)
+    old = KVConnector("tcp", mode="pull")
+    old.register_kv_caches(*caches("vllm_cpu", 16, "random", seed=1))
+    address = old.address
+    new = None
+    try:
+        old.save("a", [1, 2])
+        d.load("a", [0, 1], peer=address, remote_block_ids=[1, 2])
+        assert not wait_finished(d, "a", also=(old,)).failed
+        old.close()
+        new = KVConnector("tcp", mode="pull", listen=address)
+        pt, pspec = caches("vllm_cpu", 16, "random", seed=2)
+        new.register_kv_caches(pt, pspec)
+        new.save("b", [5, 6, 7])
+        d.load("b", [2, 3, 4], peer=address, remote_block_ids=[5, 6, 7])
+        f = wait_finished(d, "b", also=(new,))
+        assert not f.failed, f.failed
+        for s, t in zip([5, 6, 7], [2, 3, 4]):
+            assert block_bytes(pt, pspec, s) == block_bytes(dt, dspec, t)
+        assert d.metrics["load_retries"] == 1
+        wait_finished(new, "b", "saved", also=(d,))
+    finally:
+        d.close()
+        old.close()
+        if new is not None:
+            new.close()

@@ -5,6 +5,7 @@ completed by a callback on another thread."""
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 
 import numpy as np
@@ -154,15 +155,30 @@ class Consumer:
                 ld.error = ld.error or str(h.error)
                 if isinstance(h.error, PeerClosedError):
                     ld.link.broken(str(h.error))
+                else:
+                    ld.closed_only = False
             else:
                 self.metrics["loaded_bytes"] += h.nbytes
         ld.reads = still
         if still or ld.awaiting_answer:
             return
-        if ld.error is not None:
+        if ld.error is not None and ld.closed_only and not ld.retried and time.monotonic() < ld.deadline:
+            self._retry(ld)
+        elif ld.error is not None:
             self._end(ld, ld.error)
         elif len(ld.done) == len(self.layers):
             self._confirm(ld)
+
+    def _retry(self, ld: Load) -> None:
+        """Every read found the connection closed (e.g. the producer restarted on the same address):
+        read once more over a fresh dial. Those reads have ended, so none of their bytes can land later."""
+        log.info("request %r: connection to %s was closed (%s); re-dialling and reading again",
+                 ld.key, ld.peer_address, ld.error)
+        self.metrics["load_retries"] += 1
+        ld.retried, ld.error, ld.reads = True, None, None
+        ld.done.clear()
+        ld.handles.clear()
+        ld.link.use()
 
     def _confirm(self, ld: Load) -> None:
         """Pull: every layer was read; ask P whether it still held the request (or, with checksums,

@@ -72,6 +72,8 @@ class Load:
     awaiting_answer: bool = False
     error: str | None = None
     sent: int | None = None
+    closed_only: bool = True  # every failed read found the connection closed (so a fresh dial may do)
+    retried: bool = False
 
     @property
     def peer_address(self) -> str:
