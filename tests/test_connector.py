@@ -690,3 +690,39 @@ def test_producer_restarted_on_the_same_address_is_redialled_without_failing_the
         old.close()
         if new is not None:
             new.close()
+
+
+@pytest.mark.timeout(30)
+def test_malformed_or_hostile_control_messages_never_fail_the_engines_call():
+    """What a peer sends is parsed once into a typed message; one that does not parse, or names
+    blocks outside the cache, is logged and dropped, and the next load still works."""
+    p, d, (pt, pspec), (dt, dspec) = pair("pull", checksum=True)
+    try:
+        peer = d.transport.connect(p.address)
+        for bad in ({"p2pkv": "want", "req": "x", "blocks": "nope", "offset": 0, "addr": d.address},
+                    {"p2pkv": "want", "req": "x", "blocks": [1], "offset": -1, "addr": d.address},
+                    {"p2pkv": "sum?", "req": "y", "blocks": [999], "addr": d.address},
+                    {"p2pkv": "held?", "req": 5, "addr": d.address},
+                    {"p2pkv": "landed", "req": "z", "layer": "0", "n": 1},
+                    {"p2pkv": "teleport", "req": "z"}, {"hello": "world"}):
+            d.transport.send_notif(peer, bad)
+        assert p.get_finished() == Finished() and p.holding() == {}
+        p.save("ok", [7, 3])
+        d.load("ok", [2, 5], peer=p.address, remote_block_ids=[7, 3])
+        assert not wait_finished(d, "ok", also=(p,)).failed
+        assert block_bytes(pt, pspec, 3) == block_bytes(dt, dspec, 5)
+    finally:
+        p.close()
+        d.close()
+
+
+def test_each_message_kind_round_trips_through_its_dict():
+    from p2pkv.connector import messages as m
+    samples = [m.Release("r", ok=False), m.Cancel("r"), m.Want("r", (4, 5), 1, "h:1"), m.HeldQuery("r", "h:1"),
+               m.SumQuery("r", (7,), "h:1"), m.Landed("r", 2, 3, (11, 12, 13)), m.Landed("r", 0, 1),
+               m.Abort("r", "disk on fire"), m.Held("r", gone=True), m.Sums("r", ((1, 2), (3, 4)), gone=False)]
+    for msg in samples:
+        assert m.parse(msg.to_dict()) == msg
+    assert m.parse({"p2pkv": "nothing-we-know", "req": "r"}) is None
+    with pytest.raises(m.BadMessage, match="want.blocks must be a list"):
+        m.parse({"p2pkv": "want", "req": "r", "blocks": 3, "addr": "h:1"})

@@ -273,7 +273,10 @@ class KVConnector:
             except BadMessage as e:
                 log.warning("ignoring a malformed control message from %s: %s", n.peer, e)
                 continue
-            if isinstance(msg, ToProducer):
-                self.producer.on_message(msg, now)
-            elif isinstance(msg, ToConsumer):
-                self.consumer.on_message(msg)
+            try:
+                if isinstance(msg, ToProducer):
+                    self.producer.on_message(msg, now)
+                elif isinstance(msg, ToConsumer):
+                    self.consumer.on_message(msg)
+            except Exception:  # noqa: BLE001 - what a peer sends must never fail the engine's call
+                log.exception("request %r: handling %s from %s failed; message dropped", msg.req, msg.kind, n.peer)
