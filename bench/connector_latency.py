@@ -1,6 +1,7 @@
 """Pull-mode load latency of the engine-neutral connector: P saves a small request, D loads it,
-timed from `load()` until `get_finished()` reports it (the transfer, P's "held?" answer and
-the pump's wake-ups; the bytes are tiny, so this is the control path's cost).
+timed from `load()` until `get_finished()` reports it (the transfer and P's "held?" answer;
+the bytes are tiny, so this is the control path's cost). Both sides are stepped in turn, as
+their engines would call `get_finished()`.
 
     python bench/connector_latency.py [--backend tcp] [--requests 60]
 """
@@ -31,6 +32,7 @@ def main() -> None:
             t0 = time.perf_counter()
             d.load(f"d{i}", [4, 5, 6], peer=p.address, remote_request_id=f"r{i}", remote_block_ids=[1, 2, 3])
             while f"d{i}" not in d.get_finished().loaded:
+                p.get_finished()
                 time.sleep(0.0005)
             times.append(time.perf_counter() - t0)
         warm = sorted(times[10:])

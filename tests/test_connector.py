@@ -8,11 +8,12 @@ import os
 import subprocess
 import sys
 import time
+import weakref
 
 import pytest
 import torch
 
-from p2pkv.connector import KVConnector
+from p2pkv.connector import Finished, KVConnector
 from p2pkv.layout import make_kv_caches, plan_segments
 
 SHAPE = dict(num_layers=3, block_size=4, num_kv_heads=2, head_size=8, dtype="float16")
@@ -33,21 +34,44 @@ def block_bytes(tensors, spec, block: int) -> list[bytes]:
     return out
 
 
-def wait_finished(conn: KVConnector, key: str, what: str = "loaded", timeout: float = 20.0):
+SEEN: "weakref.WeakKeyDictionary[KVConnector, Finished]" = weakref.WeakKeyDictionary()
+
+
+def step(*conns: KVConnector) -> None:
+    """One engine step on each side: get_finished() is what moves a connector's requests along."""
+    for c in conns:
+        f = c.get_finished()
+        acc = SEEN.setdefault(c, Finished())
+        acc.saved |= f.saved
+        acc.loaded |= f.loaded
+        acc.failed.update(f.failed)
+
+
+def reported(conn: KVConnector) -> Finished:
+    """What `conn` reported since the last wait on it (steps of other waits included)."""
+    step(conn)
+    return SEEN.pop(conn, Finished())
+
+
+def wait_finished(conn: KVConnector, key: str, what: str = "loaded", timeout: float = 20.0,
+                  also: tuple[KVConnector, ...] = ()) -> Finished:
+    """Step `conn` and the peers in `also` as their engines would, until `conn` reports `key` as `what`."""
     end = time.monotonic() + timeout
-    acc = None
     while time.monotonic() < end:
-        f = conn.get_finished()
-        if acc is None:
-            acc = f
-        else:
-            acc.saved |= f.saved
-            acc.loaded |= f.loaded
-            acc.failed.update(f.failed)
-        if key in getattr(acc, what):
-            return acc
-        time.sleep(0.01)
+        step(conn, *also)
+        if key in getattr(SEEN[conn], what):
+            return SEEN.pop(conn)
+        time.sleep(0.002)
     raise AssertionError(f"{key!r} not {what} within {timeout} s")
+
+
+def until(cond, *conns: KVConnector, timeout: float = 10.0) -> None:
+    """Step the connectors until `cond()` holds."""
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, f"condition not met within {timeout} s"
+        step(*conns)
+        time.sleep(0.002)
 
 
 def pair(mode: str, p_layout: str = "vllm", d_layout: str = "vllm", **kw):
@@ -70,13 +94,13 @@ def test_pull_moves_exact_blocks_and_releases_on_confirm(layouts):
         params = p.transfer_params("req-1")
         assert params["remote_block_ids"] == src and params["remote_address"] == p.address
         d.load("req-1", dst, peer=params["remote_address"], remote_block_ids=params["remote_block_ids"])
-        f = wait_finished(d, "req-1")
+        f = wait_finished(d, "req-1", also=(p,))
         assert not f.failed
         for s, t in zip(src, dst):
             assert block_bytes(pt, pspec, s) == block_bytes(dt, dspec, t)
         untouched = [b for b in range(12) if b not in dst]
         assert all(set(x) == {0} for b in untouched for x in block_bytes(dt, dspec, b))
-        wait_finished(p, "req-1", "saved")
+        wait_finished(p, "req-1", "saved", also=(d,))
         assert p.metrics["released_confirmed"] == 1 and p.holding() == {}
         assert d.metrics["loaded_blocks"] == 4
     finally:
@@ -92,12 +116,13 @@ def test_push_layer_by_layer_lands_each_layer_before_the_next_is_saved():
         d.load("req-2", dst, peer=p.address)
         for layer in range(3):
             p.save("req-2", src, layer=layer)
-            assert d.wait_layer("req-2", layer, timeout=10)
-        f = wait_finished(d, "req-2")
+            until(lambda: d.wait_layer("req-2", layer, timeout=0.01), p)
+            assert layer == 2 or not d.wait_layer("req-2", layer + 1, timeout=0)
+        f = wait_finished(d, "req-2", also=(p,))
         assert not f.failed
         for s, t in zip(src, dst):
             assert block_bytes(pt, pspec, s) == block_bytes(dt, dspec, t)
-        wait_finished(p, "req-2", "saved")
+        wait_finished(p, "req-2", "saved", also=(d,))
         assert p.metrics["released_confirmed"] == 1 and p.metrics["sent_bytes"] > 0
     finally:
         p.close()
@@ -110,7 +135,7 @@ def test_push_with_offset_skips_blocks_d_already_has():
     try:
         p.save("r", [9, 10, 11])
         d.load("r", [3, 4], peer=p.address, remote_offset=1)
-        assert not wait_finished(d, "r").failed
+        assert not wait_finished(d, "r", also=(p,)).failed
         assert block_bytes(pt, pspec, 10) == block_bytes(dt, dspec, 3)
         assert block_bytes(pt, pspec, 11) == block_bytes(dt, dspec, 4)
     finally:
@@ -124,7 +149,7 @@ def test_producer_releases_after_hold_timeout_when_nobody_comes():
     try:
         p.save("lonely", [1, 2])
         assert p.holding() == {"lonely": [1, 2]}
-        wait_finished(p, "lonely", "saved", timeout=5)
+        wait_finished(p, "lonely", "saved", timeout=5, also=(d,))
         assert p.metrics["released_timeout"] == 1 and p.metrics["released_confirmed"] == 0
         assert p.holding() == {}
     finally:
@@ -140,16 +165,16 @@ def test_pull_load_after_the_hold_expired_fails_instead_of_reading_reused_blocks
     p, d, (pt, _), (dt, _) = pair("pull", hold_timeout=0.2, checksum=checksum)
     try:
         p.save("late", [7, 3])
-        wait_finished(p, "late", "saved", timeout=5)
+        wait_finished(p, "late", "saved", timeout=5, also=(d,))
         assert p.metrics["released_timeout"] == 1
         for t in pt:
             t.fill_(1.5)
         d.load("d-late", [2, 5], peer=p.address, remote_request_id="late", remote_block_ids=[7, 3])
-        f = wait_finished(d, "d-late")
+        f = wait_finished(d, "d-late", also=(p,))
         assert set(f.failed["d-late"].blocks) == {2, 5} and "released these blocks" in f.failed["d-late"].reason
         p.save("fresh", [4])
         d.load("d-fresh", [6], peer=p.address, remote_request_id="fresh", remote_block_ids=[4])
-        assert not wait_finished(d, "d-fresh").failed
+        assert not wait_finished(d, "d-fresh", also=(p,)).failed
     finally:
         p.close()
         d.close()
@@ -175,7 +200,7 @@ def test_push_load_times_out_when_producer_never_saves():
     p, d, *_ = pair("push", load_timeout=0.3)
     try:
         d.load("never", [1, 2], peer=p.address)
-        f = wait_finished(d, "never", timeout=5)
+        f = wait_finished(d, "never", timeout=5, also=(p,))
         assert f.failed["never"].blocks == (1, 2) and "timeout" in f.failed["never"].reason
     finally:
         p.close()
@@ -198,7 +223,7 @@ def test_checksum_mismatch_names_exactly_the_corrupted_block():
     try:
         p.save("c", [1, 2, 3])
         d.load("c", [4, 5, 6], peer=p.address, remote_block_ids=[1, 2, 3])
-        f = wait_finished(d, "c")
+        f = wait_finished(d, "c", also=(p,))
         assert f.failed["c"].blocks == (5,) and "checksum" in f.failed["c"].reason
         assert d.metrics["checksum_mismatches"] == 1 and d.metrics["loaded_blocks"] == 2
     finally:
@@ -227,25 +252,28 @@ import json, sys, time
 sys.path.insert(0, {tests!r})
 from test_connector import caches
 from p2pkv.connector import KVConnector
-mode, blocks = sys.argv[1], [int(b) for b in sys.argv[2].split(",")]
+mode, blocks, n = sys.argv[1], [int(b) for b in sys.argv[2].split(",")], int(sys.argv[3])
 t, spec = caches("vllm_cpu", 16, "random", seed=7)
 c = KVConnector("tcp", mode=mode, hold_timeout=30)
 c.register_kv_caches(t, spec)
-c.save("tcp-req", blocks)
+for key in ["tcp-req"] + [f"tcp-req-{{i}}" for i in range(2, n + 1)]:
+    c.save(key, blocks)
 print(json.dumps(c.transfer_params("tcp-req")), flush=True)
 end = time.monotonic() + 30
 while time.monotonic() < end and c.holding():
-    time.sleep(0.01)
+    c.get_finished()  # the engine's step: what answers D and releases holds
+    time.sleep(0.002)
 print(json.dumps(dict(c.metrics)), flush=True)
-if len(sys.argv) > 3:
+if len(sys.argv) > 4:
     time.sleep(60)
 c.close()
 """
 
 
-def start_producer(mode: str, blocks: list[int], linger: bool = False) -> subprocess.Popen:
+def start_producer(mode: str, blocks: list[int], linger: bool = False, requests: int = 1) -> subprocess.Popen:
     code = PRODUCER.format(tests=os.path.dirname(__file__))
-    args = [sys.executable, "-c", code, mode, ",".join(map(str, blocks))] + (["linger"] if linger else [])
+    args = [sys.executable, "-c", code, mode, ",".join(map(str, blocks)), str(requests)]
+    args += ["linger"] if linger else []
     return subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
 
 
@@ -304,13 +332,13 @@ def test_confirmation_that_overtakes_the_save_still_releases_the_hold():
     try:
         p.save("first", [1, 2])
         d.load("early", [3, 4], peer=p.address, remote_request_id="late", remote_block_ids=[5, 6])
-        assert not wait_finished(d, "early").failed
+        assert not wait_finished(d, "early", also=(p,)).failed
         time.sleep(0.1)
         p.save("late", [5, 6])
-        wait_finished(p, "late", "saved", timeout=5)
+        wait_finished(p, "late", "saved", timeout=5, also=(d,))
         assert p.metrics["released_confirmed"] == 1 and p.holding() == {"first": [1, 2]}
         d.discard(p.address, "first")
-        wait_finished(p, "first", "saved", timeout=5)
+        wait_finished(p, "first", "saved", timeout=5, also=(d,))
         assert p.metrics["released_aborted"] == 1 and not p.busy()
     finally:
         p.close()
@@ -340,7 +368,7 @@ def test_timed_out_load_is_reported_only_after_its_posted_reads_ended():
     try:
         p.save("slow", [1, 2])
         d.load("slow", [3, 4], peer=p.address, remote_block_ids=[1, 2])
-        f = wait_finished(d, "slow", timeout=10)
+        f = wait_finished(d, "slow", timeout=10, also=(p,))
         reported = time.monotonic()
         assert f.failed["slow"].blocks == (3, 4) and "load timeout" in f.failed["slow"].reason
         assert len(landed) == 3 and max(landed) <= reported
@@ -355,7 +383,7 @@ def test_whole_request_read_when_not_layerwise():
     try:
         p.save("w", [1, 5, 9])
         d.load("w", [0, 2, 4], peer=p.address, remote_block_ids=[1, 5, 9])
-        assert not wait_finished(d, "w").failed and d.wait_layer("w", 2, timeout=1)
+        assert not wait_finished(d, "w", also=(p,)).failed and d.wait_layer("w", 2, timeout=1)
         for s, t in zip([1, 5, 9], [0, 2, 4]):
             assert block_bytes(pt, pspec, s) == block_bytes(dt, dspec, t)
     finally:
@@ -372,11 +400,12 @@ def test_an_open_hold_is_reported_only_once_the_producer_makes_it_final():
         d.load("open", [1, 2], peer=p.address)
         for layer in range(3):
             p.save("open", [5, 6], layer=layer, final=False)
-        assert not wait_finished(d, "open").failed
+        assert not wait_finished(d, "open", also=(p,)).failed
         time.sleep(0.6)
-        assert "open" not in p.get_finished().saved and p.holding() == {"open": [5, 6]}
+        step(p, d)
+        assert "open" not in reported(p).saved and p.holding() == {"open": [5, 6]}
         p.save("open", [5, 6])
-        wait_finished(p, "open", "saved", timeout=5)
+        wait_finished(p, "open", "saved", timeout=5, also=(d,))
         assert p.metrics["released_confirmed"] == 1 and p.metrics["released_timeout"] == 0
     finally:
         p.close()
@@ -388,7 +417,7 @@ def test_a_layer_of_a_planned_request_keeps_its_block_ids_for_device_copies():
     try:
         full = plan_segments(pspec, pspec, [7, 3], [2, 5])
         for layer in range(p.num_layers):
-            one = p._layer_segments(full, layer)
+            one = p.layer_map.segments(full, layer)
             assert set(one.region.tolist()) == set(p.layers[layer])
             assert one.plan.regions == tuple(p.layers[layer]) and list(one.plan.src_blocks) == [7, 3]
     finally:
@@ -452,7 +481,7 @@ def test_push_load_of_more_blocks_than_the_producer_holds_names_the_missing_ones
     try:
         p.save("m", [1, 2])
         d.load("m", [5, 6, 7], peer=p.address)
-        f = wait_finished(d, "m")
+        f = wait_finished(d, "m", also=(p,))
         assert f.failed["m"].blocks == (7,) and "sent only 2 of 3" in f.failed["m"].reason
     finally:
         p.close()
@@ -487,11 +516,9 @@ def test_release_with_push_writes_in_flight_reports_the_hold_only_after_they_end
     try:
         d.load("r", [1, 2], peer=p.address)
         p.save("r", [5, 6])
-        end = time.monotonic() + 10
-        while not p._holds["r"].inflight and time.monotonic() < end:
-            time.sleep(0.005)
+        until(lambda: p.producer.holds["r"].inflight, p, d)
         p.release("r")
-        wait_finished(p, "r", "saved", timeout=10)
+        wait_finished(p, "r", "saved", timeout=10, also=(d,))
         reported = time.monotonic()
         assert len(times) == 3 and max(e for _, e in times) <= reported
     finally:
@@ -508,14 +535,194 @@ def test_consumer_giving_up_stops_the_producer_pushing_further_layers():
     try:
         d.load("g", [1, 2], peer=p.address)
         p.save("g", [5, 6], layer=0, final=False)
-        f = wait_finished(d, "g", timeout=5)
+        f = wait_finished(d, "g", timeout=5, also=(p,))
         assert f.failed["g"].blocks == (1, 2)
         time.sleep(1.2)
         p.save("g", [5, 6], layer=1, final=False)
         p.save("g", [5, 6], layer=2)
-        wait_finished(p, "g", "saved", timeout=5)
+        wait_finished(p, "g", "saved", timeout=5, also=(d,))
         time.sleep(0.3)
         assert len(times) == 1 and p.metrics["released_aborted"] == 1
     finally:
         p.close()
         d.close()
+
+
+# ------------------------------------------------------------------ one peer never delays another
+
+@pytest.mark.timeout(60)
+def test_a_peer_that_never_answers_the_handshake_does_not_delay_a_load_from_a_healthy_one():
+    """The stuck peer's dial waits out the 2 s handshake timeout in its own link thread; the
+    healthy load, posted after it, finishes well within that, and the stuck one then fails."""
+    import socket
+    silent = socket.create_server(("127.0.0.1", 0))  # completes TCP connects in its backlog, never answers
+    stuck = f"127.0.0.1:{silent.getsockname()[1]}"
+    p = KVConnector("tcp", mode="pull")
+    d = KVConnector("tcp", mode="pull", timeout=2, load_timeout=10)
+    try:
+        pt, pspec = caches("vllm_cpu", 16, "random", seed=3)
+        dt, dspec = caches("vllm_cpu", 10, "zeros")
+        p.register_kv_caches(pt, pspec)
+        d.register_kv_caches(dt, dspec)
+        p.save("healthy", [1, 2, 3])
+        t0 = time.monotonic()
+        d.load("stuck", [0, 1, 2], peer=stuck, remote_block_ids=[1, 2, 3])
+        d.load("healthy", [4, 5, 6], peer=p.address, remote_block_ids=[1, 2, 3])
+        f = wait_finished(d, "healthy", timeout=10, also=(p,))
+        took = time.monotonic() - t0
+        assert took < 1.5, f"healthy load took {took:.2f} s: it waited for the stuck peer's dial"
+        assert not f.failed and "stuck" not in f.loaded
+        for s, t in zip([1, 2, 3], [4, 5, 6]):
+            assert block_bytes(pt, pspec, s) == block_bytes(dt, dspec, t)
+        f = wait_finished(d, "stuck", timeout=10, also=(p,))
+        assert f.failed["stuck"].blocks == (0, 1, 2)
+        assert stuck in f.failed["stuck"].reason and "cannot reach" in f.failed["stuck"].reason
+        assert time.monotonic() - t0 < 6
+    finally:
+        d.close()
+        p.close()
+        silent.close()
+
+
+@pytest.mark.timeout(90)
+def test_a_frozen_producer_process_does_not_delay_loads_from_a_healthy_one():
+    """Two producer processes, both already connected; one is frozen (SIGSTOP) with a read of
+    it posted first: the other's load finishes at its usual pace, the frozen one's fails
+    within the transport's timeout."""
+    import signal
+    frozen, healthy = start_producer("pull", [1, 2, 3], requests=2), start_producer("pull", [4, 5, 6], requests=2)
+    d = KVConnector("tcp", mode="pull", timeout=3, load_timeout=10)
+    try:
+        fp, hp = json.loads(frozen.stdout.readline()), json.loads(healthy.stdout.readline())
+        dt, dspec = caches("vllm_cpu", 12, "zeros")
+        d.register_kv_caches(dt, dspec)
+        for name, params, dst in (("f1", fp, [0, 1, 2]), ("h1", hp, [3, 4, 5])):
+            d.load(name, dst, peer=params["remote_address"], remote_request_id="tcp-req",
+                   remote_block_ids=params["remote_block_ids"])
+            assert not wait_finished(d, name, timeout=20).failed
+        frozen.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        d.load("f2", [6, 7, 8], peer=fp["remote_address"], remote_request_id="tcp-req-2",
+               remote_block_ids=fp["remote_block_ids"])
+        d.load("h2", [9, 10, 11], peer=hp["remote_address"], remote_request_id="tcp-req-2",
+               remote_block_ids=hp["remote_block_ids"])
+        f = wait_finished(d, "h2", timeout=20)
+        took = time.monotonic() - t0
+        assert took < 2.5, f"healthy load took {took:.2f} s: it waited for the frozen producer"
+        assert not f.failed and "f2" not in f.loaded
+        pt, pspec = caches("vllm_cpu", 16, "random", seed=7)
+        for s, t in zip([4, 5, 6], [9, 10, 11]):
+            assert block_bytes(pt, pspec, s) == block_bytes(dt, dspec, t)
+        f = wait_finished(d, "f2", timeout=20)
+        assert f.failed["f2"].blocks == (6, 7, 8) and fp["remote_address"] in f.failed["f2"].reason
+        assert time.monotonic() - t0 < 3 + 2
+        pm = json.loads(healthy.stdout.readline())
+        assert pm["released_confirmed"] == 2 and healthy.wait(30) == 0
+    finally:
+        for proc in (frozen, healthy):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        d.close()
+
+
+@pytest.mark.timeout(30)
+def test_control_messages_leave_from_the_engine_thread_when_the_transport_never_blocks_on_them():
+    """A transport that declares `send_notif_blocks = False` gets control messages posted by the
+    engine's own call once the peer is dialled, with no hop through the link's thread."""
+    import threading
+    p, d, (pt, pspec), (dt, dspec) = pair("pull")
+    senders = []
+    for c in (p, d):
+        real = c.transport.send_notif
+        c.transport.send_notif_blocks = False
+
+        def send(peer, message, real=real):
+            senders.append((message["p2pkv"], threading.current_thread() is threading.main_thread()))
+            real(peer, message)
+        c.transport.send_notif = send
+    try:
+        p.save("warm", [1])
+        d.load("warm", [1], peer=p.address, remote_block_ids=[1])
+        wait_finished(d, "warm", also=(p,))
+        wait_finished(p, "warm", "saved", also=(d,))
+        senders.clear()
+        p.save("r", [7, 3])
+        d.load("r", [2, 5], peer=p.address, remote_block_ids=[7, 3])
+        assert not wait_finished(d, "r", also=(p,)).failed
+        wait_finished(p, "r", "saved", also=(d,))
+        assert senders == [("held?", True), ("held", True), ("release", True)]
+        assert block_bytes(pt, pspec, 3) == block_bytes(dt, dspec, 5)
+    finally:
+        p.close()
+        d.close()
+
+
+@pytest.mark.timeout(60)
+def test_producer_restarted_on_the_same_address_is_redialled_without_failing_the_load():
+    """D's connection to the old producer is stale; the first read finds it closed, and the load
+    reads again over a fresh dial instead of sending the request to be recomputed."""
+    dt, dspec = caches("vllm_cpu", 10, "zeros")
+    d = KVConnector("tcp", mode="pull", timeout=5)
+    d.register_kv_caches(dt, dspec)
+    old = KVConnector("tcp", mode="pull")
+    old.register_kv_caches(*caches("vllm_cpu", 16, "random", seed=1))
+    address = old.address
+    new = None
+    try:
+        old.save("a", [1, 2])
+        d.load("a", [0, 1], peer=address, remote_block_ids=[1, 2])
+        assert not wait_finished(d, "a", also=(old,)).failed
+        old.close()
+        new = KVConnector("tcp", mode="pull", listen=address)
+        pt, pspec = caches("vllm_cpu", 16, "random", seed=2)
+        new.register_kv_caches(pt, pspec)
+        new.save("b", [5, 6, 7])
+        d.load("b", [2, 3, 4], peer=address, remote_block_ids=[5, 6, 7])
+        f = wait_finished(d, "b", also=(new,))
+        assert not f.failed, f.failed
+        for s, t in zip([5, 6, 7], [2, 3, 4]):
+            assert block_bytes(pt, pspec, s) == block_bytes(dt, dspec, t)
+        assert d.metrics["load_retries"] == 1
+        wait_finished(new, "b", "saved", also=(d,))
+    finally:
+        d.close()
+        old.close()
+        if new is not None:
+            new.close()
+
+
+@pytest.mark.timeout(30)
+def test_malformed_or_hostile_control_messages_never_fail_the_engines_call():
+    """What a peer sends is parsed once into a typed message; one that does not parse, or names
+    blocks outside the cache, is logged and dropped, and the next load still works."""
+    p, d, (pt, pspec), (dt, dspec) = pair("pull", checksum=True)
+    try:
+        peer = d.transport.connect(p.address)
+        for bad in ({"p2pkv": "want", "req": "x", "blocks": "nope", "offset": 0, "addr": d.address},
+                    {"p2pkv": "want", "req": "x", "blocks": [1], "offset": -1, "addr": d.address},
+                    {"p2pkv": "sum?", "req": "y", "blocks": [999], "addr": d.address},
+                    {"p2pkv": "held?", "req": 5, "addr": d.address},
+                    {"p2pkv": "landed", "req": "z", "layer": "0", "n": 1},
+                    {"p2pkv": "teleport", "req": "z"}, {"hello": "world"}):
+            d.transport.send_notif(peer, bad)
+        assert p.get_finished() == Finished() and p.holding() == {}
+        p.save("ok", [7, 3])
+        d.load("ok", [2, 5], peer=p.address, remote_block_ids=[7, 3])
+        assert not wait_finished(d, "ok", also=(p,)).failed
+        assert block_bytes(pt, pspec, 3) == block_bytes(dt, dspec, 5)
+    finally:
+        p.close()
+        d.close()
+
+
+def test_each_message_kind_round_trips_through_its_dict():
+    from p2pkv.connector import messages as m
+    samples = [m.Release("r", ok=False), m.Cancel("r"), m.Want("r", (4, 5), 1, "h:1"), m.HeldQuery("r", "h:1"),
+               m.SumQuery("r", (7,), "h:1"), m.Landed("r", 2, 3, (11, 12, 13)), m.Landed("r", 0, 1),
+               m.Abort("r", "disk on fire"), m.Held("r", gone=True), m.Sums("r", ((1, 2), (3, 4)), gone=False)]
+    for msg in samples:
+        assert m.parse(msg.to_dict()) == msg
+    assert m.parse({"p2pkv": "nothing-we-know", "req": "r"}) is None
+    with pytest.raises(m.BadMessage, match="want.blocks must be a list"):
+        m.parse({"p2pkv": "want", "req": "r", "blocks": 3, "addr": "h:1"})

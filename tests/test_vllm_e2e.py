@@ -34,7 +34,9 @@ class Role:
     """One vLLM instance in its own process group, driven over stdin/stdout JSON lines."""
 
     def __init__(self, name: str, args: list[str], log_dir: str):
-        env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", PYTHONPATH=HERE)
+        # The tree under test first: the venv's editable install may point at another checkout.
+        env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1",
+                   PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE)]))
         self.name = name
         self.log = open(os.path.join(log_dir, f"{name}.log"), "w")
         self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "vllm_role.py"), *args], env=env,

@@ -2,13 +2,20 @@
 (D) loads them into its own blocks, in pull ("P then D": D reads) or push ("D then
 P": D tells P its blocks, P writes) mode, layer by layer, over any transport.
 
+Work happens in the engine's own calls: `save`, `load` and `get_finished` (every
+step) post transfers, poll them, read peers' messages and expire what ran out of
+time; no connector thread completes a request. Only per-peer set-up (dial,
+handshake) and control sends run in a short-lived thread per peer (links.py), so
+a frozen peer delays nobody else.
+
+Modules: core (the facade), producer (holds), consumer (loads), messages (one
+class per control message), links (per-peer dial and send), layers (tensor ↔
+layer map, per-layer segments and checksums), records (plain state records).
+
 P never holds blocks forever: a hold ends when D confirms, or after `hold_timeout`.
 A failed load names exactly the local blocks that did not arrive, so the engine
-can recompute them. Control messages are small msgpack dicts sent as transport
-notifs: D→P "release" (pull, loaded), "cancel" (gave up), "want" (push: D's blocks),
-"held?" (pull: were the blocks still held, or did P free them before D read them),
-"sum?" (pull checksum, which answers that too); P→D "landed" (push, per layer),
-"abort", "held", "sum". A pull load is reported loaded only after P's answer.
+can recompute them. A pull load is reported loaded only after P confirms it still
+held the request when D read it.
 """
 from p2pkv.connector.core import MODES, KVConnector
 from p2pkv.connector.records import Finished, LoadFailure

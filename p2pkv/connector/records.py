@@ -3,13 +3,15 @@ work look like to the engine, and the per-request state each side keeps."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Callable
 
 import numpy as np
 
-from p2pkv.transport import Peer
+from p2pkv.connector.links import Link
+from p2pkv.connector.messages import Want
+from p2pkv.transport import TransferHandle
 
-__all__ = ["LoadFailure", "Finished", "Hold", "Load", "message"]
+__all__ = ["LoadFailure", "Finished", "Hold", "Load"]
 
 
 @dataclass(frozen=True)
@@ -39,14 +41,17 @@ class Hold:
     saved: set[int]
     deadline: float
     written: set[int] = field(default_factory=set)
-    inflight: int = 0
-    peer: Peer | None = None
-    want: tuple[np.ndarray, str] | None = None
-    offset: int = 0
-    ready: dict[int, Any] = field(default_factory=dict)
+    writes: list[TransferHandle] = field(default_factory=list)
+    link: Link | None = None
+    want: Want | None = None
+    ready: dict[int, Callable[[], None]] = field(default_factory=dict)
     final: bool = False
     pending_end: str | None = None
     stop: str | None = None  # how it ends once no write is in flight: D gave up, the engine released it, a write failed
+
+    @property
+    def inflight(self) -> int:
+        return len(self.writes)
 
 
 @dataclass
@@ -55,22 +60,21 @@ class Load:
 
     key: str
     blocks: np.ndarray
-    peer_address: str
+    link: Link
     remote_key: str
     remote_blocks: np.ndarray | None
     remote_offset: int
     deadline: float
+    reads: list[tuple[list[int], TransferHandle]] | None = None  # None until posted; then the ones still running
+    handles: dict[int, TransferHandle] = field(default_factory=dict)
     done: dict[int, bool] = field(default_factory=dict)
     bad: set[int] = field(default_factory=set)
-    started: bool = False
     awaiting_answer: bool = False
-    reads_pending: int = 0
-    peer: Peer | None = None
     error: str | None = None
     sent: int | None = None
+    closed_only: bool = True  # every failed read found the connection closed (so a fresh dial may do)
+    retried: bool = False
 
-
-def message(kind: str, key: str, **fields: Any) -> dict[str, Any]:
-    return {"p2pkv": kind, "req": key, **fields}
-
-
+    @property
+    def peer_address(self) -> str:
+        return self.link.address

@@ -6,7 +6,8 @@ Load it with `kv_connector="P2pKvConnector"`, `kv_connector_module_path=
 `Settings`). Requests follow vLLM's NixlConnector convention: P's request carries
 `kv_transfer_params={"do_remote_decode": true}` and P's output carries the params
 D's request must carry. The scheduler half decides what moves; the worker half
-(one per engine worker process) owns the transport and moves it.
+(one per engine worker process) owns the transport, and vLLM's own per-step calls
+(`start_load_kv`, `wait_for_save`, `get_finished`) post and poll its transfers.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import os
 import queue
 import tempfile
 import threading
-import time
 import urllib.request
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
@@ -54,10 +54,7 @@ class Settings:
     P2PKV_AUTH_TOKEN). hold_timeout: seconds P keeps a finished request's blocks
     waiting for D. load_timeout: seconds D waits for a load before recomputing.
     checksum: verify a CRC32 per block and layer. metrics_path: a JSON file the
-    worker rewrites with its counters. gil_yield_ms: while transfers are in flight,
-    the engine thread sleeps this long once per step, because vLLM's worker spins
-    on `sched_yield` between steps, which can starve the transport's threads of the
-    GIL for minutes (0 turns it off). push_layers: in push mode, P writes each
+    worker rewrites with its counters. push_layers: in push mode, P writes each
     layer to D as soon as the prefill's last step has computed it, overlapping the
     transfer with the next layers. transport_options: extra keywords for the
     transport.
@@ -72,7 +69,6 @@ class Settings:
     load_timeout: float = 30.0
     checksum: bool = False
     metrics_path: str | None = None
-    gil_yield_ms: float = 1.0
     push_layers: bool = True
     transport_options: dict[str, Any] = field(default_factory=dict)
 
@@ -454,9 +450,7 @@ class P2pKvConnector(KVConnectorBase_V1, SupportsHMA):
         out = KVConnectorTransferResults()
         if self.conn is None:
             return out
-        if self.settings.gil_yield_ms > 0 and self.conn.busy():
-            time.sleep(self.settings.gil_yield_ms / 1000)
-        f = self.conn.get_finished()
+        f = self.conn.get_finished()  # also what moves this worker's transfers along, once per step
         for key in f.saved:
             if key in self._dropped:  # vLLM freed those blocks itself when the request was aborted
                 self._dropped.discard(key)
