@@ -556,27 +556,6 @@ def test_a_host_name_that_does_not_resolve_in_time_fails_within_the_timeout(monk
         release.set()
 
 
-@pytest.mark.timeout(30)
-@pytest.mark.parametrize("backend", ["loopback"])
-def test_on_notif_callback_fires_as_each_message_arrives(backend):
-    a, b = get_transport(backend), get_transport(backend)
-    try:
-        a.register(*_cache())
-        b.register(*_cache())
-        arrived = threading.Event()
-        a.on_notif(arrived.set)
-        peer = b.connect(a.address)
-        b.send_notif(peer, {"k": 1})
-        assert arrived.wait(10)
-        assert [n.message for n in a.get_notifs()] == [{"k": 1}]
-        arrived.clear()
-        b.write(peer, plan_segments(b.spec, a.spec, [1], [2]), "w", notify={"landed": 2}).wait(10)
-        assert arrived.wait(10) and [n.message for n in a.get_notifs()] == [{"landed": 2}]
-    finally:
-        a.close()
-        b.close()
-
-
 @pytest.mark.timeout(60)
 def test_descriptors_above_1023_serve_and_transfer():
     """An engine process easily holds more than 1024 descriptors: listener, accepted and dialled

@@ -9,7 +9,7 @@ import sys
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 
@@ -38,7 +38,9 @@ class TransferTimeout(TransferError, TimeoutError):
 
 
 class TransferHandle:
-    """An asynchronous transfer: `wait(timeout)` returns or raises a TransferError; `done()` polls."""
+    """An asynchronous transfer: `wait(timeout)` returns or raises a TransferError; `done()` polls.
+    There are no completion callbacks: an engine polls from its own thread, so no Python code has
+    to run elsewhere for a transfer to complete."""
 
     def __init__(self, peer: str, request_id: str | None, nbytes: int):
         self._set_fields(peer, request_id, nbytes)
@@ -49,7 +51,6 @@ class TransferHandle:
         """Everything but the threading objects, for handles that make those only when needed."""
         self.peer, self.request_id, self.nbytes = peer, request_id, nbytes
         self._error: BaseException | None = None
-        self._callbacks: list[Callable[["TransferHandle"], None]] = []
 
     def done(self) -> bool:
         return self._event.is_set()
@@ -71,13 +72,6 @@ class TransferHandle:
         if self._error is not None:
             raise self._error
 
-    def add_done_callback(self, fn: Callable[["TransferHandle"], None]) -> None:
-        with self._lock:
-            if not self._event.is_set():
-                self._callbacks.append(fn)
-                return
-        fn(self)
-
     def _finish(self, error: BaseException | None = None) -> None:
         with self._lock:
             if self._event.is_set():
@@ -86,9 +80,6 @@ class TransferHandle:
                 error = TransferError(f"{type(error).__name__}: {error}", peer=self.peer, request_id=self.request_id)
             self._error = error
             self._event.set()
-            callbacks, self._callbacks = self._callbacks, []
-        for fn in callbacks:
-            fn(self)
 
 
 @dataclass
@@ -199,6 +190,9 @@ class Transport(ABC):
     """
 
     name: ClassVar[str] = "?"
+    # Whether send_notif() may wait for the peer (up to the timeout); False: it only queues the message
+    # behind earlier transfers to that peer and returns, so an engine's thread may call it directly.
+    send_notif_blocks: bool = True
 
     def __init__(self, *, timeout: float = 30.0, auth_token: str | bytes | None = None, name: str | None = None):
         if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
@@ -215,7 +209,6 @@ class Transport(ABC):
         self.timeout = float(timeout)
         self.auth_token = auth_token.encode() if isinstance(auth_token, str) else auth_token
         self.local_name = name or f"{self.name}-{id(self):x}"
-        self._on_notif: Callable[[], None] | None = None
         self.spec: KVCacheSpec | None = None
         self.tensors: list[torch.Tensor] = []
         self.regions: list[torch.Tensor] = []
@@ -265,16 +258,6 @@ class Transport(ABC):
     @abstractmethod
     def get_notifs(self) -> list[Notif]:
         """Messages received since the last call."""
-
-    def on_notif(self, callback: Callable[[], None] | None) -> None:
-        """Call `callback` (no arguments, on a transport thread; it must not block) as each message
-        arrives, so a caller polling get_notifs() can wake at once instead of at its next tick."""
-        self._on_notif = callback
-
-    def _notif_arrived(self) -> None:
-        callback = self._on_notif
-        if callback is not None:
-            callback()
 
     def baseline(self, peer: Peer | str, nbytes: int, iters: int = 1) -> float:
         """Seconds per move of `nbytes` as one contiguous buffer over this link's cheapest raw path."""

@@ -596,7 +596,6 @@ class ControlPlaneTransport(Transport):
             if not isinstance(msg, dict):
                 raise ProtocolError("NOTIF without a message map")
             self._notifs.append(Notif(conn.peer.name, msg))
-            self._notif_arrived()
             return True
         if f.type == FrameType.BASELINE:
             n = f.meta.get("nbytes")
@@ -628,7 +627,6 @@ class ControlPlaneTransport(Transport):
             notify = f.meta.get("notify")
             if isinstance(notify, dict):  # visible here before the writer hears that its write is done
                 self._notifs.append(Notif(conn.peer.name, notify))
-                self._notif_arrived()
             send_frame(sock, FrameType.ACK, {})
         else:
             self._send_plan(conn, rows, req, head=encode_frame(FrameType.ACK, {}))()

@@ -101,8 +101,6 @@ class _CudaHandle(TransferHandle):
                                       request_id=self.request_id)
             self._complete = True
 
-    def add_done_callback(self, fn: Any) -> None:
-        raise NotImplementedError("cuda_ipc transfers complete without Python callbacks: poll done() or wait()")
 
 
 
@@ -378,6 +376,11 @@ class CudaIpcTransport(ControlPlaneTransport):
         # the link's native thread waits for the copy's event, then sends: the handle ends when both did
         return self._links.send_notif(conn.link, conn.peer.name, notify, self._api, done.cuda_event,
                                       int(self.device.index or 0), request_id=request_id, nbytes=nbytes)
+
+    @property
+    def send_notif_blocks(self) -> bool:  # type: ignore[override]
+        """Natively a message is only queued; with TLS the control plane's Python thread sends it."""
+        return self._tls_client is not None
 
     def send_notif(self, peer: Peer | str, message: dict[str, Any]) -> None:
         """Marks this side's KV writes so far as ready (the peer's next copy waits for them on the device),

@@ -76,7 +76,6 @@ class LoopbackTransport(Transport):
         if notify is not None and h.error is None:
             with other._lock:
                 other._notifs.append(Notif(self.address, dict(notify)))
-            other._notif_arrived()
         return h
 
     def read(self, peer, segments, request_id=None) -> TransferHandle:
@@ -87,7 +86,6 @@ class LoopbackTransport(Transport):
         other = self._peer(peer)
         with other._lock:
             other._notifs.append(Notif(self.address, dict(message)))
-        other._notif_arrived()
 
     def get_notifs(self) -> list[Notif]:
         with self._lock:

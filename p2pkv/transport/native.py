@@ -132,9 +132,6 @@ class NativeHandle(TransferHandle):
         if self.error is not None:
             raise self.error
 
-    def add_done_callback(self, fn: Any) -> None:
-        raise NotImplementedError("native transfers complete without Python callbacks: poll done() or wait()")
-
     def _finish(self, error: BaseException | None = None) -> None:
         raise NotImplementedError("a native transfer is finished by its native thread")
 

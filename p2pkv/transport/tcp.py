@@ -191,6 +191,11 @@ class TcpTransport(ControlPlaneTransport):
             raise ValueError(f"notify message exceeds the limit of {self._nat.MAX_NOTIFY} bytes")
         return self._post(conn, segments, request_id, pull=False, notify=notify)
 
+    @property
+    def send_notif_blocks(self) -> bool:  # type: ignore[override]
+        """Natively a message is only queued; with TLS the control plane's Python thread sends it."""
+        return self._tls_client is not None
+
     def send_notif(self, peer: Peer | str, message: dict[str, Any]) -> None:
         """Natively: queued behind earlier transfers to that peer and returns at once; raises only if the
         connection is already down (a later failure shows on the next transfer to that peer)."""
