@@ -683,11 +683,13 @@ class UcxTransport(StagedPath, ControlPlaneTransport):
         return Array(buf)
 
     def _wait_ucxx(self, conn: Conn, link: _Link, req: Any) -> None:
-        """The bench's raw baseline: this thread drives progress, as a plain ucxx user's would."""
+        """The bench's raw baseline (never a transfer's path): this thread drives progress, as a plain ucxx
+        user's would, exactly as before the one-sided data path, so ratios stay comparable."""
         self._bind_cuda()
         deadline = time.monotonic() + self.timeout * 4
         while not req.completed:
-            self._ucp.progress(self._wh)
+            if self._ucp.progress(self._wh) == 0:
+                time.sleep(0)
             if time.monotonic() > deadline or link.closed or conn.dead is not None:
                 raise TransferTimeout("baseline send did not complete", peer=conn.peer.name, request_id="baseline")
         req.check_error()
