@@ -260,25 +260,110 @@ def test_server_survives_a_reader_killed_mid_transfer_and_serves_the_next_one():
             assert torch.equal(a[:, [5, 6]].view(torch.uint8), b[:, [7, 8]].view(torch.uint8))
 
 
+def _stop(pid: int) -> None:
+    """SIGSTOP, and return only once the process is stopped (the signal takes effect asynchronously)."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] in ("T", "t"):
+                return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} did not stop")
+
+
 @needs_ucxx
-@pytest.mark.timeout(60)
-def test_stalled_peer_times_out_instead_of_hanging():
+@pytest.mark.timeout(90)
+def test_reads_are_one_sided_a_stalled_peer_times_out_and_other_peers_are_unaffected():
+    """With cma a read is D's own process_vm_readv: a P stopped by SIGSTOP still yields its bytes. Over TCP only,
+    UCX emulates the GET with messages that P's progress thread must answer: reads from a stopped P fail with
+    TransferTimeout near the timeout, while reads from another P go on."""
     cfg = {"layout": "vllm", "dtype": "bf16", "seed": 2}
     timeout = 4.0
+    d, spec = local_cache(cfg)
+    ptens, _ = build(cfg)
     with peer_process("ucx", [cfg]) as p:
-        d, spec = local_cache(cfg)
         with get_transport("ucx", timeout=timeout) as tr:
             tr.register(d, spec)
             peer = tr.connect(p.addresses[0])
-            tr.read(peer, plan_segments(peer.spec, spec, [1], [1]), "warm").wait(30)
-            os.kill(p.proc.pid, signal.SIGSTOP)
+            tr.read(peer, plan_segments(peer.spec, spec, [1], [1]), "wire-up").wait(20)  # UCX connects lazily
+            before = [t.clone() for t in d]
+            _stop(p.proc.pid)
             try:
-                t0 = time.monotonic()
-                with pytest.raises(TransferTimeout, match="stalled"):
-                    tr.read(peer, plan_segments(peer.spec, spec, [2, 3], [4, 5]), "stalled").wait(30)
-                assert time.monotonic() - t0 < timeout + 10, "a stalled peer must fail the request near the timeout"
+                tr.read(peer, plan_segments(peer.spec, spec, [2, 3], [4, 5]), "from-a-stopped-P").wait(20)
             finally:
                 os.kill(p.proc.pid, signal.SIGCONT)
+            assert_same(d, expected_after("vllm", before, ptens, [2, 3], [4, 5]))
+    tcp = {"ucx_config": {"TLS": "tcp"}}
+    with peer_process("ucx", [cfg], tcp) as stalled, peer_process("ucx", [cfg], tcp) as fine:
+        with get_transport("ucx", timeout=timeout, **tcp) as tr:
+            tr.register(d, spec)
+            slow, good = tr.connect(stalled.addresses[0]), tr.connect(fine.addresses[0])
+            tr.read(slow, plan_segments(slow.spec, spec, [1], [1]), "warm").wait(30)
+            _stop(stalled.proc.pid)
+            try:
+                t0 = time.monotonic()
+                h = tr.read(slow, plan_segments(slow.spec, spec, [2, 3], [4, 5]), "stalled")
+                before = [t.clone() for t in d]
+                tr.read(good, plan_segments(good.spec, spec, [6, 7], [8, 9]), "meanwhile").wait(10)
+                assert_same(d, expected_after("vllm", before, ptens, [6, 7], [8, 9]))
+                with pytest.raises(TransferTimeout, match="stalled"):
+                    h.wait(30)
+                assert time.monotonic() - t0 < timeout + 10, "a stalled peer must fail the request near the timeout"
+            finally:
+                os.kill(stalled.proc.pid, signal.SIGCONT)
+
+
+BUSY_P = (
+    "import sys, threading, torch\n"
+    "from p2pkv.layout import make_kv_caches\n"
+    "from p2pkv.transport import get_transport\n"
+    "t, s = make_kv_caches('vllm', dtype='bf16', fill='random', generator=torch.Generator().manual_seed(11), "
+    "**SHAPE)\n"
+    "tr = get_transport('ucx', timeout=20); tr.register(t, s)\n"
+    "def engine():  # pure Python: holds the GIL but for the interpreter's switch interval\n"
+    "    x = 0\n"
+    "    while True:\n"
+    "        x = (x * 31 + 7) % 1000003\n"
+    "threading.Thread(target=engine, daemon=True).start()\n"
+    "print('ADDR', tr.address, flush=True)\n"
+    "sys.stdin.read()\n")
+
+
+@needs_ucxx
+@pytest.mark.timeout(90)
+def test_reads_and_writes_complete_while_the_peers_python_is_busy():
+    """P's process spins a pure-Python thread (an engine's busy main thread); D's reads, and writes read back,
+    are byte-exact: no Python of P's has to run for either."""
+    shape = dict(num_layers=4, num_blocks=64, block_size=16, num_kv_heads=4, head_size=64)
+    ptens, pspec = _cache(fill="random", generator=torch.Generator().manual_seed(11), **shape)
+    d, dspec = _cache(**shape)
+    code = BUSY_P.replace("**SHAPE", "**" + repr(shape))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline().split()  # type: ignore[union-attr]
+        assert line and line[0] == "ADDR", line
+        rng = np.random.default_rng(5)
+        with get_transport("ucx", timeout=20) as tr:
+            tr.register(d, dspec)
+            peer = tr.connect(line[1])
+            for r in range(4):
+                before = [t.clone() for t in d]
+                src, dst = rng.choice(64, 24, replace=False), rng.choice(64, 24, replace=False)
+                tr.read(peer, plan_segments(pspec, dspec, src, dst), f"busy-{r}").wait(20)
+                assert_same(d, expected_after("vllm", before, ptens, src, dst))
+            mine = torch.Generator().manual_seed(12)
+            for t in d:
+                t.view(torch.uint8).copy_(torch.randint(0, 256, t.view(torch.uint8).shape, dtype=torch.uint8,
+                                                        generator=mine))
+            sent = [t.clone() for t in d]
+            tr.write(peer, plan_segments(dspec, pspec, [1, 2, 3], [40, 41, 42]), "busy-w", notify={"n": 1}).wait(20)
+            tr.read(peer, plan_segments(pspec, dspec, [40, 41, 42], [10, 11, 12]), "busy-back").wait(20)
+            for a, b in zip(sent, d):
+                assert torch.equal(a[:, [1, 2, 3]].view(torch.uint8), b[:, [10, 11, 12]].view(torch.uint8))
+    finally:
+        proc.kill()
+        proc.wait(10)
 
 
 @pytest.mark.slow
@@ -310,7 +395,7 @@ def test_idle_connected_pair_does_not_spin_a_core():
 def test_describe_says_which_path_is_used():
     from p2pkv.transport.ucx import describe
     d = describe()
-    assert "cma" in d["host_memory"] and "cuda_ipc" in d["cuda_memory"] and "PUT" in d["data_path"]
+    assert "cma" in d["host_memory"] and "cuda_ipc" in d["cuda_memory"] and "GET" in d["data_path"]
     assert d["ucx"].count(".") == 2 and isinstance(d["transports"], list)
     json.dumps(d)
 
