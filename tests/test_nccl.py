@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -162,6 +163,53 @@ def test_read_every_layout_is_byte_exact(mode):
                     src, dst = rng.choice(24, n, replace=False), rng.choice(24, n, replace=False)
                     tr.read(peer, plan_segments(peer.spec, d_spec, src, dst), request_id=f"{cfg}-{r}").wait(20)
                     assert_same(d_tensors, expected_after(cfg["layout"], before, p_tensors, src, dst))
+
+
+def _request_path_threads(names: list[str]) -> list[str]:
+    """p2pkv's Python threads other than the per-peer set-up ones (accepting connections, freeing groups)."""
+    return [n for n in names if n.startswith("p2pkv") and not n.startswith(("p2pkv-nccl-accept", "p2pkv-nccl-free"))]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["default", "packed", "mixed"])
+def test_read_completes_while_ps_engine_thread_spins(mode):
+    """P's process has a pure-Python thread spinning, as a busy engine's: reads still land byte-exact,
+    and neither side ran a p2pkv Python thread for them (the native data path serves and completes
+    them; only the accept loops, set-up threads, are Python)."""
+    cfg = {"layout": "vllm_cpu", "seed": 21, "head_size": 64, "blocks": 32}
+    opts = {"timeout": 20, **MODES[mode]}
+    proc = subprocess.Popen([sys.executable, ROLES, "busy-p", json.dumps(cfg), json.dumps(opts)], cwd=HERE,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("ADDR "), proc.stderr.read()[-2000:]
+        d_tensors, d_spec = build({**cfg, "seed": 71})
+        p_tensors, _ = build(cfg)
+        rng = np.random.default_rng(5)
+        with get_transport("nccl", **opts) as tr:
+            tr.register(d_tensors, d_spec)
+            peer = tr.connect(line.split()[1])
+            for r in range(3):
+                before = [t.clone() for t in d_tensors]
+                n = int(rng.integers(1, 32))
+                src, dst = rng.choice(32, n, replace=False), rng.choice(32, n, replace=False)
+                h = tr.read(peer, plan_segments(peer.spec, d_spec, src, dst), f"busy-{r}")
+                h.wait(20)
+                assert h.done() and h.error is None
+                assert_same(d_tensors, expected_after(cfg["layout"], before, p_tensors, src, dst))
+            mine = [t.name for t in threading.enumerate()]
+            assert not _request_path_threads(mine), mine
+        proc.stdin.write("threads\n")
+        proc.stdin.flush()
+        theirs = json.loads(proc.stdout.readline().split(" ", 1)[1])
+        assert not _request_path_threads(theirs), theirs
+        proc.stdin.write("quit\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=30) == 0, proc.stderr.read()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.mark.timeout(60)
