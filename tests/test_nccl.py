@@ -98,6 +98,71 @@ def test_plan_chunks_of_equal_segments_cuts_as_the_greedy_plan(seg, chunk):
         assert plan_chunks(mixed, 1 << 40, chunk)[2].tolist() == _greedy_bounds(mixed, chunk)
 
 
+def _native_plan(region, off, length, threshold, chunk, sizes=(1 << 30, 1 << 30), rid="cut", is_write=False):
+    from p2pkv import _c10d
+    from p2pkv.transport import native as nat
+    table = np.stack([region, off, length], axis=1).astype("<i8").tobytes()
+    body = nat.request_body(nat.FORM_TABLE, rid, table, len(length))
+    return _c10d.plan(body, is_write, np.asarray(sizes, "<u8").tobytes(), threshold, chunk)
+
+
+@pytest.mark.parametrize("threshold,chunk", [(1 << 40, 4096), (1024, 8192), (0, 4096), (3000, 8192), (1 << 40, 2 << 20)])
+def test_native_path_cuts_the_messages_plan_chunks_cuts(threshold, chunk):
+    """The native data path (both sides, csrc/c10d) cuts a request's unmerged rows exactly as plan_chunks does."""
+    rng = np.random.default_rng(chunk + threshold % 1000)
+    for n, equal in ((1, False), (300, False), (257, True)):
+        length = np.full(n, 4096) if equal else rng.integers(1, 5000, n)
+        region, off = rng.integers(0, 2, n), rng.integers(0, 1 << 20, n)
+        rid, total, direct, packed, bounds, sizes = _native_plan(region, off, length, threshold, chunk)
+        d, p, b = plan_chunks(length, threshold, chunk)
+        assert (rid, total) == ("cut", int(length.sum()))
+        assert direct == d.tolist() and packed == p.tolist() and (bounds or [0]) == b.tolist()
+        assert sizes == [int(length[p[x:y]].sum()) for x, y in zip(b[:-1], b[1:])]
+
+
+def test_native_path_refuses_what_the_serving_side_must_not_touch():
+    one = np.array([1])
+    for (region, off, length, is_write), says in [
+        ((one, one * 100, one * 64, False), "runs past the end of region 1"),
+        ((one * 2, one * 0, one * 8, False), "only 2 are registered"),
+        ((one, one * -1, one * 8, False), "negative offset"),
+        ((one, one * 0, one * 0, False), "non-positive length"),
+    ]:
+        with pytest.raises(ValueError, match=says):
+            _native_plan(region, off, length, 0, 4096, sizes=(128, 128), is_write=is_write)
+    from p2pkv import _c10d
+    from p2pkv.transport import native as nat
+    blocks = nat.request_body(nat.FORM_BLOCKS, "b", np.arange(3, dtype="<i8").tobytes(), 3)
+    with pytest.raises(ValueError, match="segment tables, not block ids"):
+        _c10d.plan(blocks, False, np.asarray([128], "<u8").tobytes(), 0, 4096)
+    good = nat.request_body(nat.FORM_TABLE, "t", np.array([[0, 0, 8]], "<i8").tobytes(), 1)
+    with pytest.raises(ValueError, match="add up to"):
+        _c10d.plan(good[:-1], False, np.asarray([128], "<u8").tobytes(), 0, 4096)
+
+
+def test_native_request_parser_survives_any_bytes():
+    """Fuzz: truncated, bit-flipped and random bodies are refused with a reason or cut within the regions."""
+    from hypothesis import given, settings, strategies as st
+    from p2pkv import _c10d
+    from p2pkv.transport import native as nat
+    sizes = np.asarray([4096, 4096], "<u8").tobytes()
+    seed = nat.request_body(nat.FORM_TABLE, "f", np.array([[0, 0, 8], [1, 4000, 96]], "<i8").tobytes(), 2)
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.one_of(st.binary(max_size=160),
+                     st.tuples(st.integers(0, len(seed) - 1), st.integers(0, 255)).map(
+                         lambda f: seed[:f[0]] + bytes([f[1]]) + seed[f[0] + 1:]),
+                     st.integers(0, len(seed)).map(lambda k: seed[:k])),
+           st.booleans())
+    def check(body, is_write):
+        try:
+            _, total, direct, packed, _, _ = _c10d.plan(body, is_write, sizes, 64, 4096)
+        except ValueError:
+            return
+        assert total <= 2 * 4096 and len(direct) + len(packed) <= 2 * 4096
+    check()
+
+
 _CUDA_PACK = torch.cuda.is_available() and kernels.load() is not None
 
 

@@ -3,6 +3,7 @@
 // bytes; every call returns at once, and waits and joins release the GIL. No native thread ever
 // calls into Python.
 #include <torch/extension.h>
+#include <pybind11/stl.h>
 
 #include <cstring>
 
@@ -40,6 +41,24 @@ std::unique_ptr<Channel> channel(c10::intrusive_ptr<c10d::Backend> pg, int peer_
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "native gloo data path of p2pkv's nccl backend";
   m.attr("MAX_NOTIFY") = kMaxNotify;
+
+  // The checks and the message cut a served request gets, without any memory behind the regions:
+  // for tests and fuzzing (the same code PgServer runs on every request body).
+  m.def("plan", [](py::bytes body, bool is_write, py::bytes sizes, uint64_t threshold, uint64_t chunk_bytes) {
+        std::string b = body;
+        Regions mem{{}, array_of<uint64_t>(sizes, "sizes")};
+        mem.base.assign(mem.size.size(), 0);
+        Request req;
+        std::vector<Row> rows;
+        uint64_t total = 0;
+        std::string why;
+        if (!table_rows(reinterpret_cast<const uint8_t*>(b.data()), b.size(), is_write, mem, is_write, req, rows, total,
+                        why))
+          throw py::value_error(why);
+        Plan p = plan_messages(rows, Settings{threshold, chunk_bytes, 1, 0});
+        return py::make_tuple(req.request_id, total, p.direct, p.packed, p.bounds, p.sizes);
+      }, "plan(body, is_write, region sizes, pack_threshold, chunk_bytes) -> (request id, bytes, direct, packed, "
+         "bounds, chunk sizes); ValueError(why) for a body the server refuses");
 
   py::class_<Op, std::shared_ptr<Op>>(m, "Op")
       .def("done", [](Op& op) { return op.finished.load(); })
