@@ -4,13 +4,21 @@ warm-ups, at 1 block (16 tokens, 256 KiB) and 32 blocks (512 tokens, 8 MiB).
 
     PYTHONPATH=. python bench/nccl_busy.py .      # the argument: the p2pkv checkout to measure
 """
-import json, subprocess, sys, time, os
+import json
+import os
+import subprocess
+import sys
+import time
+
 import numpy as np
+
 root = sys.argv[1]
 sys.path.insert(0, os.path.join(root, "tests"))
-from p2pkv.transport import get_transport
-from p2pkv.layout import plan_segments
 from peer import build
+
+from p2pkv.layout import plan_segments
+from p2pkv.transport import get_transport
+
 cfg = {"layout": "vllm_cpu", "seed": 3, "layers": 4, "blocks": 64, "block_size": 16, "heads": 8, "head_size": 128}
 def run(role):
     args = [sys.executable, os.path.join(root, "tests", "nccl_roles.py"), "busy-p", json.dumps(cfg), "{}"] if role == "busy" \

@@ -5,6 +5,7 @@ and D processes that vanish or stall. The NCCL (CUDA) tests need a GPU (two rank
 where there is only one)."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -117,7 +118,7 @@ def test_native_path_cuts_the_messages_plan_chunks_cuts(threshold, chunk):
         d, p, b = plan_chunks(length, threshold, chunk)
         assert (rid, total) == ("cut", int(length.sum()))
         assert direct == d.tolist() and packed == p.tolist() and (bounds or [0]) == b.tolist()
-        assert sizes == [int(length[p[x:y]].sum()) for x, y in zip(b[:-1], b[1:])]
+        assert sizes == [int(length[p[x:y]].sum()) for x, y in itertools.pairwise(b)]
 
 
 def test_native_path_refuses_what_the_serving_side_must_not_touch():
@@ -142,7 +143,9 @@ def test_native_path_refuses_what_the_serving_side_must_not_touch():
 
 def test_native_request_parser_survives_any_bytes():
     """Fuzz: truncated, bit-flipped and random bodies are refused with a reason or cut within the regions."""
-    from hypothesis import given, settings, strategies as st
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
     from p2pkv import _c10d
     from p2pkv.transport import native as nat
     sizes = np.asarray([4096, 4096], "<u8").tobytes()
@@ -206,6 +209,14 @@ def test_packed_chunks_carry_exactly_the_segments_bytes(threads, device):
 def test_bad_settings_are_refused(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         get_transport("nccl", **bad)
+
+
+def test_without_its_native_data_path_nccl_says_how_to_build_it(monkeypatch):
+    from p2pkv.transport import BackendUnavailable, nccl
+    monkeypatch.setattr(nccl, "_c10d", None)
+    monkeypatch.setattr(nccl, "_C10D_MISSING", "No module named 'p2pkv._c10d'")
+    with pytest.raises(BackendUnavailable, match="p2pkv._c10d.*--no-build-isolation"):
+        get_transport("nccl")
 
 
 @pytest.mark.timeout(120)
