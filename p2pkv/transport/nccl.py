@@ -199,9 +199,9 @@ class NcclTransport(ControlPlaneTransport):
     hugepages=True)`.
 
     Segments of `pack_threshold` bytes or more are sent as views of the KV memory;
-    smaller ones are packed into `chunk_bytes` chunks, `depth` of them in flight
-    (on gloo: `depth` threads, each packing and sending its own chunks; None: 2 on gloo,
-    3 on NCCL). A gloo pair talks over `sockets` TCP connections (gloo devices), messages
+    smaller ones are packed into `chunk_bytes` chunks, `depth` of them in flight (None: 2 on
+    gloo, 3 on NCCL). On gloo a C++ thread per connection does all of it (p2pkv._c10d); on
+    NCCL, and over TLS, Python threads do (there `depth` packing threads on gloo). A gloo pair talks over `sockets` TCP connections (gloo devices), messages
     going round-robin by tag, so two chunks can be on the wire at once. Registered CPU
     memory goes on 2 MiB pages (as tcp's): packing and unpacking walk far fewer page tables.
     The accepting side's settings apply to a connection (both must cut the same
