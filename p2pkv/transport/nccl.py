@@ -1,31 +1,39 @@
 """`nccl` backend: payload bytes move with torch.distributed point-to-point ops
 (NCCL for CUDA tensors, gloo for CPU tensors) on a two-rank process group built
-per peer pair on a private store; the socket control plane carries all metadata.
+per peer pair on a private store, after a handshake on the socket control plane.
 
-Large segments go as views of the registered memory; small ones are packed into
-chunks whose gather/scatter overlaps the chunks on the wire (see docs/nccl.md).
+On CPU tensors (gloo) the data path is native (csrc/c10d, built as p2pkv._c10d): after the
+handshake a C++ thread per connection owns the control socket, parses requests, packs and
+unpacks chunks and posts and waits on the gloo ops; the caller posts and polls. CUDA tensors
+(NCCL) and TLS connections still run on the control plane's Python threads (docs/nccl.md).
+Large segments go as views of the registered memory; small ones are packed into chunks.
 """
 from __future__ import annotations
 
 import datetime
+import itertools
 import logging
 import queue
 import select
 import socket
+import ssl
+import struct
 import threading
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
+import msgpack
 import numpy as np
 import torch
 
 from p2pkv.segments import Segments
-from p2pkv.transport.base import (Peer, PeerClosedError, TransferError, TransferHandle, TransferTimeout,
+from p2pkv.transport import native as nat
+from p2pkv.transport.base import (Notif, Peer, PeerClosedError, TransferError, TransferHandle, TransferTimeout,
                                   advise_hugepages)
 from p2pkv.transport.chunks import Packer, plan_chunks
-from p2pkv.transport.control import Conn, ControlPlaneTransport, parse_address
-from p2pkv.wire import FrameType, send_frame
+from p2pkv.transport.control import MAX_BASELINE, MAX_SEGMENTS, Conn, ControlPlaneTransport, parse_address
+from p2pkv.wire import FrameType, check_message, send_frame
 
 try:
     import torch.distributed as dist
@@ -33,7 +41,16 @@ try:
 except ImportError:  # pragma: no cover - torch builds without distributed
     dist, _HAVE_DIST = None, False
 
+try:  # imported after torch, whose libraries it links
+    from p2pkv import _c10d
+    _C10D_MISSING: str | None = None
+except ImportError as e:
+    _c10d, _C10D_MISSING = None, str(e)
+
 __all__ = ["NcclTransport", "plan_chunks"]
+
+BUILD_HINT = ("build it with `pip install --no-build-isolation -e .` from a p2pkv checkout, with torch installed "
+              "first (pip's build isolation hides torch from setup.py) and a C++17 compiler")
 
 log = logging.getLogger("p2pkv.transport.nccl")
 
@@ -182,9 +199,9 @@ class NcclTransport(ControlPlaneTransport):
     hugepages=True)`.
 
     Segments of `pack_threshold` bytes or more are sent as views of the KV memory;
-    smaller ones are packed into `chunk_bytes` chunks, `depth` of them in flight
-    (on gloo: `depth` threads, each packing and sending its own chunks; None: 2 on gloo,
-    3 on NCCL). A gloo pair talks over `sockets` TCP connections (gloo devices), messages
+    smaller ones are packed into `chunk_bytes` chunks, `depth` of them in flight (None: 2 on
+    gloo, 3 on NCCL). On gloo a C++ thread per connection does all of it (p2pkv._c10d); on
+    NCCL, and over TLS, Python threads do (there `depth` packing threads on gloo). A gloo pair talks over `sockets` TCP connections (gloo devices), messages
     going round-robin by tag, so two chunks can be on the wire at once. Registered CPU
     memory goes on 2 MiB pages (as tcp's): packing and unpacking walk far fewer page tables.
     The accepting side's settings apply to a connection (both must cut the same
@@ -201,6 +218,10 @@ class NcclTransport(ControlPlaneTransport):
             from p2pkv.transport import BackendUnavailable
             raise BackendUnavailable("backend 'nccl' needs a torch build with torch.distributed "
                                      "(pip install torch from pytorch.org)")
+        if _c10d is None:
+            from p2pkv.transport import BackendUnavailable
+            raise BackendUnavailable(f"backend 'nccl' needs its native data path (p2pkv._c10d), which is not built "
+                                     f"for this torch ({_C10D_MISSING}); {BUILD_HINT}")
         pack_threshold, chunk_bytes, sockets = int(pack_threshold), int(chunk_bytes), int(sockets)
         if pack_threshold < 0:
             raise ValueError(f"pack_threshold must be >= 0 bytes, got {pack_threshold}")
@@ -219,6 +240,9 @@ class NcclTransport(ControlPlaneTransport):
         self._store_lock = threading.Lock()
         self._tls = threading.local()
         self._freeing: list[Future] = []
+        self._inbox = _c10d.Inbox(64 << 20)
+        self._peer_names: dict[int, str] = {}
+        self._peer_ids = itertools.count(1)
         super().__init__(**kw)
 
     # ------------------------------------------------------------------ set-up
@@ -264,7 +288,7 @@ class NcclTransport(ControlPlaneTransport):
         self._tls.nonce = nonce
         return {"pg_nonce": nonce, "pg_store": self._store_address(), "pg_backend": self.pg_backend,
                 "pack_threshold": self.pack_threshold, "chunk_bytes": self.chunk_bytes, "depth": self.depth,
-                "sockets": self.sockets}
+                "sockets": self.sockets, "pg_native": self.pg_backend == "gloo"}
 
     def _check_peer(self, info: dict[str, Any]) -> None:
         super()._check_peer(info)
@@ -321,6 +345,8 @@ class NcclTransport(ControlPlaneTransport):
         log.debug("%s: %s group up with %s (rank %d)", self.local_name, self.pg_backend, conn.peer.name, rank)
 
     def _on_disconnect(self, conn: Conn) -> None:
+        if conn.link is not None:
+            conn.link.close()  # joins its thread and lets go of the group first
         group = conn.extra.pop("group", None)
         if group is not None:
             fut = group.close()
@@ -455,13 +481,124 @@ class NcclTransport(ControlPlaneTransport):
     def _recv_data(self, conn: Conn, region: np.ndarray, off: np.ndarray, length: np.ndarray, request_id: Any) -> None:
         self._finish_recvs(conn, self._post_recvs(conn, region, off, length, request_id), request_id)
 
+    # ------------------------------------------------------------------ native (gloo): csrc/c10d
+    def _native(self, conn: Conn) -> bool:
+        """Whether this connection's data path is native: gloo, no TLS, and a peer that speaks it."""
+        return (self.pg_backend == "gloo" and not isinstance(conn.sock, ssl.SSLSocket)
+                and conn.peer.info.get("pg_native") is True)
+
+    def _adopt(self, conn: Conn) -> bool:
+        if not self._native(conn):
+            return False
+        group: _PairGroup = conn.extra["group"]
+        threshold, chunk_bytes, depth = conn.extra["plan"]
+        bases = np.asarray([r.data_ptr() for r in self.regions], "<u8").tobytes()
+        sizes = np.asarray([r.nbytes for r in self.regions], "<u8").tobytes()
+        settings = (threshold, chunk_bytes, depth, self.recv_window_bytes)
+        fd = conn.sock.detach()  # the native link owns and closes the descriptor from here on
+        if conn.initiator:
+            conn.link = _c10d.Initiator(fd, self.timeout, group.pg, group.peer_rank, *settings, bases, sizes)
+        else:
+            pid = next(self._peer_ids)
+            self._peer_names[pid] = conn.peer.name
+            conn.link = _c10d.Server(fd, self.timeout, group.pg, group.peer_rank, *settings, pid, bases, sizes,
+                                     self._inbox)
+        return True
+
+    def _post(self, conn: Conn, segments: Segments, request_id: str | None, pull: bool,
+              notify: dict[str, Any] | None = None) -> TransferHandle:
+        """Queue a read (pull) or write on the connection's native thread: the peer's rows travel as
+        a segment table (unmerged, so both sides cut the same messages), ours as the op's local body."""
+        mine, theirs = ("dst", "src") if pull else ("src", "dst")
+        if len(segments) > MAX_SEGMENTS:
+            raise ValueError(f"{len(segments)} segments exceed the limit of {MAX_SEGMENTS} per request: split it")
+        Segments.check_bounds(segments.region.astype(np.int64), getattr(segments, mine), segments.length,
+                              [r.nbytes for r in self.regions])
+        note = b"" if notify is None else msgpack.packb(notify, use_bin_type=True)
+        if len(note) > _c10d.MAX_NOTIFY:
+            raise ValueError(f"notify message exceeds the limit of {_c10d.MAX_NOTIFY} bytes")
+        n, nbytes = len(segments), segments.nbytes
+        body = nat.request_body(nat.FORM_TABLE, request_id, segments.pack(theirs), n, None, note)
+        local = nat.request_body(nat.FORM_TABLE, None, segments.pack(mine), n, None)
+        op = conn.link.post(nat.OP_READ if pull else nat.OP_WRITE,
+                            nat.frame(nat.DATA_READ if pull else nat.DATA_WRITE, body, nbytes), local, nbytes)
+        return nat.NativeHandle(op, conn.peer.name, request_id, nbytes)
+
+    def write(self, peer: Peer | str, segments: Segments, request_id: str | None = None,
+              notify: dict[str, Any] | None = None) -> TransferHandle:
+        conn = self._conn(peer)
+        if conn.link is None:
+            return super().write(peer, segments, request_id, notify)
+        self._check_request(segments, request_id, notify)
+        return self._post(conn, segments, request_id, pull=False, notify=notify)
+
+    def send_notif(self, peer: Peer | str, message: dict[str, Any]) -> None:
+        """Natively: queued behind earlier transfers to that peer and returns at once; raises only if the
+        connection is already down (a later failure shows on the next transfer to that peer)."""
+        conn = self._conn(peer)
+        if conn.link is None:
+            return super().send_notif(peer, message)
+        check_message(message, "notification")
+        body = msgpack.packb(dict(message), use_bin_type=True)
+        if len(body) > _c10d.MAX_NOTIFY:
+            raise ValueError(f"notification of {len(body)} bytes exceeds the limit of {_c10d.MAX_NOTIFY}")
+        op = conn.link.post(nat.OP_SEND, nat.frame(nat.NOTIF, body), b"", 0)
+        if op.done() and op.error() is not None:
+            nat.NativeHandle(op, conn.peer.name, None, 0).wait(0)
+
+    def get_notifs(self) -> list[Notif]:
+        out = super().get_notifs()
+        for pid, body in self._inbox.drain():
+            who = self._peer_names.get(pid, "?")
+            try:
+                msg = msgpack.unpackb(body, raw=False, strict_map_key=True)
+            except Exception as e:  # noqa: BLE001 - a malformed message is dropped, not raised into the caller
+                log.warning("nccl: dropped a malformed message from %s: %s", who, e)
+                continue
+            if not isinstance(msg, dict):
+                log.warning("nccl: dropped a message from %s that is not a map", who)
+                continue
+            out.append(Notif(who, msg))
+        self._reap()
+        return out
+
+    def _reap(self) -> None:
+        """Close served connections whose native thread ended (the peer left, or broke the protocol),
+        freeing their process groups."""
+        with self._lock:
+            ended = [c for c in self._in if c.link is not None and not c.link.alive()]
+        for c in ended:
+            why = c.link.reason()
+            if why not in ("peer closed", "transport closed locally"):
+                log.warning("nccl: closed the connection from %s: %s", c.peer.name, why)
+            self._drop(c, PeerClosedError(why, peer=c.peer.name))
+
+    def baseline(self, peer: Peer | str, nbytes: int, iters: int = 1) -> float:
+        conn = self._conn(peer)
+        if conn.link is None:
+            return super().baseline(peer, nbytes, iters)
+        for what, v, hi in (("nbytes", nbytes, MAX_BASELINE), ("iters", iters, 1 << 20)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= v <= hi:
+                raise ValueError(f"baseline() {what} must be an int from 1 to {hi}, got {v!r}")
+        times = []
+        for _ in range(iters):
+            op = conn.link.post(nat.OP_BASELINE, nat.frame(nat.BASELINE, struct.pack("<Q", int(nbytes))), b"",
+                                int(nbytes))
+            nat.NativeHandle(op, conn.peer.name, "baseline", int(nbytes)).wait(self.timeout * 4)
+            times.append(op.seconds())
+        return min(times)
+
+    # ------------------------------------------------------------------ Python data path (NCCL on CUDA, TLS)
     def read(self, peer: Peer | str, segments: Segments, request_id: str | None = None) -> TransferHandle:
-        """As the control plane's read, but every receive is posted before P is asked to send.
+        """Natively (gloo): queued on the connection's C++ thread, which posts every receive before it
+        asks P to send. Otherwise as the control plane's read, receives also posted up front.
 
         A gloo pair's I/O thread holds the pair's lock while bytes stream in, so a receive
         posted mid-stream waits for the stream to pause; posted up front, none waits."""
         conn = self._conn(peer)
         self._check_request(segments, request_id)
+        if conn.link is not None:
+            return self._post(conn, segments, request_id, pull=True)
         local = [r.nbytes for r in self._require_registered().regions]
         Segments.check_bounds(segments.region.astype(np.int64), segments.dst, segments.length, local)
 
