@@ -429,6 +429,11 @@ class UcxTransport(StagedPath, ControlPlaneTransport):
         return None
 
     # ------------------------------------------------------------------ notifications: tag messages, probed by polls
+    @property
+    def send_notif_blocks(self) -> bool:  # type: ignore[override]
+        """One-sided connections only queue a message; the staged path sends it on the control plane."""
+        return self.path == "staged"
+
     def send_notif(self, peer: Peer | str, message: dict[str, Any]) -> None:
         """Queued on the peer's endpoint behind a flush, so it reaches the peer after every byte of the writes
         posted before it (and after their notify messages); returns at once, raises only if the connection

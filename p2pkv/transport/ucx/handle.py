@@ -153,8 +153,5 @@ class UcxHandle(TransferHandle):
             return note.blocker() or self._owner._head_blocker(self._link, note)
         return None
 
-    def add_done_callback(self, fn: Any) -> None:
-        raise NotImplementedError("ucx transfers complete without Python callbacks: poll done() or wait()")
-
     def _finish(self, error: BaseException | None = None) -> None:
         raise NotImplementedError("a ucx transfer is finished by UCX, observed by done() or wait()")
