@@ -326,13 +326,15 @@ def test_tcp_producer_killed_before_load_fails_every_block():
 
 @pytest.mark.timeout(30)
 def test_confirmation_that_overtakes_the_save_still_releases_the_hold():
-    """D may read and confirm before P's engine has published the hold (the bytes are
-    already in place); the early confirmation must not leave the hold to time out."""
+    """A read that comes before P's engine has published the hold is refused (P serves held reads
+    only, so nothing is read and D recomputes), and D's release, which overtook the save, must not
+    leave the hold to time out."""
     p, d, *_ = pair("pull")
     try:
         p.save("first", [1, 2])
         d.load("early", [3, 4], peer=p.address, remote_request_id="late", remote_block_ids=[5, 6])
-        assert not wait_finished(d, "early", also=(p,)).failed
+        failed = wait_finished(d, "early", also=(p,)).failed
+        assert failed["early"].blocks == (3, 4) and "nothing was read" in failed["early"].reason
         time.sleep(0.1)
         p.save("late", [5, 6])
         wait_finished(p, "late", "saved", timeout=5, also=(d,))
@@ -352,7 +354,7 @@ def test_timed_out_load_is_reported_only_after_its_posted_reads_ended():
     import threading
     from p2pkv.transport import TransferHandle
     p, d, *_ = pair("pull", load_timeout=0.2)
-    real_read = d.transport.read
+    real_read = d.transport.read_held
     landed = []
 
     def slow_read(peer, segments, request_id=None):
@@ -364,7 +366,7 @@ def test_timed_out_load_is_reported_only_after_its_posted_reads_ended():
             h._finish()
         threading.Timer(0.8, later).start()
         return h
-    d.transport.read = slow_read
+    d.transport.read_held = slow_read
     try:
         p.save("slow", [1, 2])
         d.load("slow", [3, 4], peer=p.address, remote_block_ids=[1, 2])
@@ -651,7 +653,7 @@ def test_control_messages_leave_from_the_engine_thread_when_the_transport_never_
         d.load("r", [2, 5], peer=p.address, remote_block_ids=[7, 3])
         assert not wait_finished(d, "r", also=(p,)).failed
         wait_finished(p, "r", "saved", also=(d,))
-        assert senders == [("held?", True), ("held", True), ("release", True)]
+        assert senders == [("release", True)]  # the held read itself said "held": no question, no answer
         assert block_bytes(pt, pspec, 3) == block_bytes(dt, dspec, 5)
     finally:
         p.close()

@@ -591,3 +591,42 @@ def test_descriptors_above_1023_serve_and_transfer():
         for fd in held:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.timeout(30)
+def test_held_reads_are_served_only_while_the_request_is_held():
+    """P serves a held read only while it holds the request: one round trip means "held and sent";
+    after unhold the read fails with RequestGone at once, moves nothing, and the connection stays up.
+    A read that comes before P published the hold waits for it (up to half of P's timeout)."""
+    from p2pkv.transport import RequestGone
+    a, b = get_transport("tcp", timeout=4), get_transport("tcp")
+    try:
+        ta, sa = _cache(fill="random", generator=torch.Generator().manual_seed(6))
+        a.register(ta, sa)
+        b.register(*_cache())
+        peer = b.connect(a.address)
+        assert a.holds_reads and b.holds_reads
+        a.hold("req-1")
+        b.read_held(peer, plan_segments(a.spec, b.spec, [1], [2]), "req-1").wait(10)
+        assert torch.equal(b.tensors[0][:, 2].view(torch.uint8), ta[0][:, 1].view(torch.uint8))
+        assert a.unhold("req-1") and not a.serving("req-1")
+        before = [t.clone() for t in b.tensors]
+        t0 = time.monotonic()
+        with pytest.raises(RequestGone, match="req-1"):
+            b.read_held(peer, plan_segments(a.spec, b.spec, [3], [4]), "req-1").wait(10)
+        assert time.monotonic() - t0 < 1  # let go: refused without waiting
+        with pytest.raises(RequestGone):
+            b.read_held(peer, plan_segments(a.spec, b.spec, [3], [4]), "never-held").wait(10)
+        assert time.monotonic() - t0 >= 2  # never seen: waited half of P's 4 s for a hold
+        assert all(torch.equal(x, y) for x, y in zip(before, b.tensors))
+        early = b.read_held(peer, plan_segments(a.spec, b.spec, [7], [8]), "saved-late")
+        time.sleep(0.3)
+        assert not early.done()
+        a.hold("saved-late")
+        early.wait(10)
+        assert torch.equal(b.tensors[0][:, 8].view(torch.uint8), ta[0][:, 7].view(torch.uint8))
+        b.read(peer, plan_segments(a.spec, b.spec, [5], [6]), "plain").wait(10)  # the link lived on
+        assert b.peers() == [peer]
+    finally:
+        a.close()
+        b.close()

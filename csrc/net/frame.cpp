@@ -38,7 +38,7 @@ bool parse_header(const uint8_t* p, Header& h, std::string& why) {
   h.meta_len = load_u32(p + 8);
   h.payload_len = load_u64(p + 12);
   switch (h.type) {
-    case kError: case kAck: case kNotif: case kClose: case kDataRead: case kDataWrite: case kBaseline:
+    case kError: case kAck: case kNotif: case kClose: case kDataRead: case kDataWrite: case kBaseline: case kGone:
       break;
     default:
       why = "unknown frame type " + std::to_string(h.type);
@@ -84,8 +84,12 @@ bool parse_request(const uint8_t* body, size_t n, bool is_write, Request& req, s
     why = "unknown request form " + std::to_string(req.form);
     return false;
   }
-  if (req.flags != 0 || zero != 0) {
+  if ((req.flags & ~kRequireHeld) != 0 || zero != 0) {
     why = "reserved request fields are not zero";
+    return false;
+  }
+  if ((req.flags & kRequireHeld) && (is_write || id_len == 0)) {
+    why = is_write ? "only a read can require its request to be held" : "a read that requires a held request names none";
     return false;
   }
   if (id_len > kMaxRequestId) {

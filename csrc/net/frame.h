@@ -26,7 +26,12 @@ constexpr size_t kRequestHeadSize = 24;
 enum FrameType : uint16_t {
   kError = 4, kAck = 7, kNotif = 8, kClose = 10,
   kDataRead = 11, kDataWrite = 12, kBaseline = 13,
+  kGone = 14,  // reply: the read asked for a request this side no longer holds; nothing was sent
 };
+
+// Request flags. kRequireHeld: serve this read only while its request id is held here (the serving
+// side's engine still keeps those blocks), else reply kGone.
+constexpr uint8_t kRequireHeld = 1;
 
 enum Form : uint8_t { kBlocks = 0, kTable = 1 };
 

@@ -59,6 +59,67 @@ size_t Inbox::size() {
   return items_.size();
 }
 
+// ------------------------------------------------------------------------------------- HeldSet
+void HeldSet::hold(const std::string& id) {
+  std::lock_guard<std::mutex> lk(mu_);
+  held_.emplace(id, 0);
+  gone_.erase(id);
+  cv_.notify_all();
+}
+
+bool HeldSet::unhold(const std::string& id) {
+  std::lock_guard<std::mutex> lk(mu_);
+  auto it = held_.find(id);
+  if (it == held_.end()) return leaving_.find(id) == leaving_.end();
+  int inflight = it->second;
+  held_.erase(it);
+  if (inflight) leaving_[id] += inflight;
+  if (gone_.insert(id).second) {
+    gone_order_.push_back(id);
+    if (gone_order_.size() > kGoneKept) {
+      gone_.erase(gone_order_.front());
+      gone_order_.pop_front();
+    }
+  }
+  return inflight == 0;
+}
+
+bool HeldSet::serving(const std::string& id) {
+  std::lock_guard<std::mutex> lk(mu_);
+  auto it = held_.find(id);
+  return (it != held_.end() && it->second > 0) || leaving_.find(id) != leaving_.end();
+}
+
+bool HeldSet::begin(const std::string& id, double wait_s) {
+  std::unique_lock<std::mutex> lk(mu_);
+  auto until = std::chrono::steady_clock::now() + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                                                       std::chrono::duration<double>(wait_s));
+  while (true) {
+    auto it = held_.find(id);
+    if (it != held_.end()) {
+      ++it->second;
+      return true;
+    }
+    if (gone_.count(id) || cv_.wait_until(lk, until) == std::cv_status::timeout) {
+      auto again = held_.find(id);
+      if (again == held_.end()) return false;
+      ++again->second;
+      return true;
+    }
+  }
+}
+
+void HeldSet::end(const std::string& id) {
+  std::lock_guard<std::mutex> lk(mu_);
+  auto it = held_.find(id);
+  if (it != held_.end()) {
+    --it->second;
+    return;
+  }
+  auto lv = leaving_.find(id);
+  if (lv != leaving_.end() && --lv->second <= 0) leaving_.erase(lv);
+}
+
 // ---------------------------------------------------------------------------------------- Link
 Link::Link(int fd, double timeout_s) : fd_(fd), timeout_s_(timeout_s) {}
 
@@ -156,7 +217,7 @@ void Initiator::run() {
       st = Status::fail(kClosed, "connection is down (" + dead_reason() + ")");
     } else {
       st = run_op(*op);
-      if (!st.ok()) {
+      if (!st.ok() && st.kind != kGoneErr) {  // a request the peer no longer holds leaves the link up
         if (stopping_.load()) st = Status::fail(kLocal, "transport closed locally");
         mark_dead(st.message);
         ::shutdown(fd_, SHUT_RDWR);
@@ -199,6 +260,8 @@ Status Initiator::expect_reply(Op& op, Header& h) {
     if (!st.ok()) return st;
     return Status::fail(kRefused, "the peer refused the request");
   }
+  if (h.type == kGone && h.meta_len == 0 && h.payload_len == 0 && op.kind == kOpRead)
+    return Status::fail(kGoneErr, "the peer no longer holds this request (its blocks were released), so nothing was read");
   if (h.type != kAck || h.meta_len != 0) return Status::fail(kProtocol, "expected an ACK reply, got frame type " + std::to_string(h.type));
   return {};
 }
@@ -244,9 +307,10 @@ Status Initiator::run_op(Op& op) {
 std::shared_ptr<Server> Server::make(int fd, double timeout_s, uint64_t peer_id, Regions mem,
                                      std::shared_ptr<const Geometry> read_geo,
                                      std::shared_ptr<const Geometry> write_geo, std::shared_ptr<Inbox> inbox,
-                                     std::shared_ptr<CudaStaging> staging) {
+                                     std::shared_ptr<CudaStaging> staging, std::shared_ptr<HeldSet> held) {
   std::shared_ptr<Server> s(new Server(fd, timeout_s));
   s->staging_ = std::move(staging);
+  s->held_ = std::move(held);
   s->peer_id_ = peer_id;
   s->mem_ = std::move(mem);
   s->read_geo_ = std::move(read_geo);
@@ -342,8 +406,14 @@ Status Server::serve_request(const Header& h) {
                                       std::to_string(h.payload_len));
   uint8_t ack[kHeaderSize];
   if (!write) {
+    // a hold not yet published is waited for up to half the timeout, so D's read still answers in time
+    if ((req.flags & kRequireHeld) && !(held_ && held_->begin(req.request_id, timeout_s_ / 2))) {
+      encode_header(ack, kGone, 0, 0);
+      return send_bytes(fd_, ack, sizeof ack);
+    }
     encode_header(ack, kAck, 0, total);
     st = send_rows(ack, sizeof ack, rows);
+    if (req.flags & kRequireHeld) held_->end(req.request_id);
   } else {
     st = recv_rows(rows);
     if (st.ok() && req.notify_len &&

@@ -13,6 +13,8 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "cuda_staging.h"
@@ -62,6 +64,30 @@ class Inbox {
   std::mutex mu_;
   std::deque<std::pair<uint64_t, std::string>> items_;
   size_t bytes_ = 0, max_bytes_;
+};
+
+// The request ids whose blocks this side's engine still holds, and how many reads of each are
+// being served: a read that requires a held request is served only while it is in the set, and
+// the engine frees a request's blocks only once no read of it is in flight. A read may come
+// before the engine has published the hold (an engine hands out a request's transfer parameters
+// before its next step saves it), so a read of an id never seen waits a while for its hold; one
+// of an id that was held and let go is refused at once.
+class HeldSet {
+ public:
+  void hold(const std::string& id);
+  bool unhold(const std::string& id);  // false while a read of it is still being served
+  bool serving(const std::string& id);
+  bool begin(const std::string& id, double wait_s);  // a read starts: false if `id` is not held
+  void end(const std::string& id);
+
+ private:
+  static constexpr size_t kGoneKept = 1u << 16;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::unordered_map<std::string, int> held_;     // id -> reads in flight
+  std::unordered_map<std::string, int> leaving_;  // unheld ids with reads still in flight
+  std::unordered_set<std::string> gone_;          // recently unheld, oldest first in gone_order_
+  std::deque<std::string> gone_order_;
 };
 
 class Link {
@@ -118,7 +144,7 @@ class Server : public Link {
   static std::shared_ptr<Server> make(int fd, double timeout_s, uint64_t peer_id, Regions mem,
                                       std::shared_ptr<const Geometry> read_geo,
                                       std::shared_ptr<const Geometry> write_geo, std::shared_ptr<Inbox> inbox,
-                                      std::shared_ptr<CudaStaging> staging);
+                                      std::shared_ptr<CudaStaging> staging, std::shared_ptr<HeldSet> held);
   uint64_t served() const { return served_.load(); }
 
  private:
@@ -134,6 +160,7 @@ class Server : public Link {
   Regions mem_;
   std::shared_ptr<const Geometry> read_geo_, write_geo_;
   std::shared_ptr<Inbox> inbox_;
+  std::shared_ptr<HeldSet> held_;
   std::atomic<uint64_t> served_{0};
   std::vector<char> baseline_buf_;  // kept between baseline requests, as a raw user keeps a buffer
 };

@@ -197,6 +197,58 @@ PyMethodDef Inbox_methods[] = {
     {"drain", reinterpret_cast<PyCFunction>(Inbox_drain), METH_NOARGS, "[(peer id, msgpack body)] since the last call"},
     {nullptr, nullptr, 0, nullptr}};
 
+// -------------------------------------------------------------------------------- Held
+struct HeldObject {
+  PyObject_HEAD
+  std::shared_ptr<HeldSet> held;
+};
+
+PyTypeObject HeldType = {PyVarObject_HEAD_INIT(nullptr, 0)};
+
+int Held_init(HeldObject* self, PyObject*, PyObject*) {
+  new (&self->held) std::shared_ptr<HeldSet>(std::make_shared<HeldSet>());
+  return 0;
+}
+
+void Held_dealloc(HeldObject* self) {
+  self->held.~shared_ptr();
+  Py_TYPE(self)->tp_free(reinterpret_cast<PyObject*>(self));
+}
+
+bool id_arg(PyObject* args, std::string& id) {
+  const char* p;
+  Py_ssize_t n;
+  if (!PyArg_ParseTuple(args, "s#", &p, &n)) return false;
+  id.assign(p, size_t(n));
+  return true;
+}
+
+PyObject* Held_hold(HeldObject* self, PyObject* args) {
+  std::string id;
+  if (!id_arg(args, id)) return nullptr;
+  self->held->hold(id);
+  Py_RETURN_NONE;
+}
+
+PyObject* Held_unhold(HeldObject* self, PyObject* args) {
+  std::string id;
+  if (!id_arg(args, id)) return nullptr;
+  return PyBool_FromLong(self->held->unhold(id));
+}
+
+PyObject* Held_serving(HeldObject* self, PyObject* args) {
+  std::string id;
+  if (!id_arg(args, id)) return nullptr;
+  return PyBool_FromLong(self->held->serving(id));
+}
+
+PyMethodDef Held_methods[] = {
+    {"hold", reinterpret_cast<PyCFunction>(Held_hold), METH_VARARGS, "serve held reads of this request id"},
+    {"unhold", reinterpret_cast<PyCFunction>(Held_unhold), METH_VARARGS,
+     "stop serving it; False while a read of it is still in flight"},
+    {"serving", reinterpret_cast<PyCFunction>(Held_serving), METH_VARARGS, "whether a read of it is in flight"},
+    {nullptr, nullptr, 0, nullptr}};
+
 // ------------------------------------------------------------------------------- links
 struct LinkObject {
   PyObject_HEAD
@@ -298,16 +350,20 @@ PyObject* Initiator_post(LinkObject* self, PyObject* args) {
 }
 
 // Server(fd, timeout, peer_id, bases, sizes, read_geometry, write_geometry, inbox, cuda_api=0, device=-1,
-//        staging_bytes=0)
+//        staging_bytes=0, held=None)
 int Server_init(LinkObject* self, PyObject* args, PyObject*) {
   int fd, device = -1;
   double timeout;
   unsigned long long peer_id, api = 0, bytes = 0;
-  PyObject *bases, *sizes, *rg, *wg, *inbox;
-  if (!PyArg_ParseTuple(args, "idKOOOOO!|KiK", &fd, &timeout, &peer_id, &bases, &sizes, &rg, &wg, &InboxType, &inbox,
-                        &api, &device, &bytes) ||
+  PyObject *bases, *sizes, *rg, *wg, *inbox, *held = Py_None;
+  if (!PyArg_ParseTuple(args, "idKOOOOO!|KiKO", &fd, &timeout, &peer_id, &bases, &sizes, &rg, &wg, &InboxType, &inbox,
+                        &api, &device, &bytes, &held) ||
       !check_api(api, bytes))
     return -1;
+  if (held != Py_None && !PyObject_TypeCheck(held, &HeldType)) {
+    PyErr_SetString(PyExc_TypeError, "held must be a p2pkv._native.Held or None");
+    return -1;
+  }
   Regions mem;
   if (!read_array(bases, mem.base, "bases") || !read_array(sizes, mem.size, "sizes")) return -1;
   if (mem.base.size() != mem.size.size()) {
@@ -326,7 +382,8 @@ int Server_init(LinkObject* self, PyObject* args, PyObject*) {
   }
   new (&self->link) std::shared_ptr<Link>(
       Server::make(fd, timeout, peer_id, std::move(mem), g[0], g[1], reinterpret_cast<InboxObject*>(inbox)->inbox,
-                   staging_of(api, device, bytes)));
+                   staging_of(api, device, bytes),
+                   held == Py_None ? nullptr : reinterpret_cast<HeldObject*>(held)->held));
   return 0;
 }
 
@@ -409,6 +466,9 @@ PyMODINIT_FUNC PyInit__native(void) {
       !ready_type(InboxType, "p2pkv._native.Inbox", sizeof(InboxObject), Inbox_methods,
                   reinterpret_cast<destructor>(Inbox_dealloc), reinterpret_cast<initproc>(Inbox_init),
                   "messages received from peers") ||
+      !ready_type(HeldType, "p2pkv._native.Held", sizeof(HeldObject), Held_methods,
+                  reinterpret_cast<destructor>(Held_dealloc), reinterpret_cast<initproc>(Held_init),
+                  "request ids whose reads may be served (held blocks)") ||
       !ready_type(InitiatorType, "p2pkv._native.Initiator", sizeof(LinkObject), Initiator_methods,
                   reinterpret_cast<destructor>(Link_dealloc), reinterpret_cast<initproc>(Initiator_init),
                   "the dialling side of a data connection") ||
@@ -420,9 +480,9 @@ PyMODINIT_FUNC PyInit__native(void) {
   if (m == nullptr) return nullptr;
   PyObject* types[] = {reinterpret_cast<PyObject*>(&GeometryType), reinterpret_cast<PyObject*>(&OpType),
                        reinterpret_cast<PyObject*>(&InboxType), reinterpret_cast<PyObject*>(&InitiatorType),
-                       reinterpret_cast<PyObject*>(&ServerType)};
-  const char* names[] = {"Geometry", "Op", "Inbox", "Initiator", "Server"};
-  for (int i = 0; i < 5; ++i) {
+                       reinterpret_cast<PyObject*>(&ServerType), reinterpret_cast<PyObject*>(&HeldType)};
+  const char* names[] = {"Geometry", "Op", "Inbox", "Initiator", "Server", "Held"};
+  for (int i = 0; i < 6; ++i) {
     Py_INCREF(types[i]);
     if (PyModule_AddObject(m, names[i], types[i]) < 0) return nullptr;
   }

@@ -15,7 +15,7 @@ from p2pkv.connector.links import Links
 from p2pkv.connector.messages import Abort, Cancel, Held, HeldQuery, Landed, Release, SumQuery, Sums, ToConsumer, Want
 from p2pkv.connector.records import Load, LoadFailure
 from p2pkv.layout import plan_segments
-from p2pkv.transport import PeerClosedError, TransferError, TransferHandle, Transport
+from p2pkv.transport import PeerClosedError, RequestGone, TransferError, TransferHandle, Transport
 
 __all__ = ["Consumer", "ENDED_KEPT"]
 
@@ -131,7 +131,8 @@ class Consumer:
         for layers in groups:
             segs = full if not self.layerwise else self.layers.segments(full, layers[0])
             try:
-                h = self.transport.read(link.peer, segs, request_id=ld.key)
+                h = (self.transport.read_held(link.peer, segs, request_id=ld.remote_key) if self._held_reads
+                     else self.transport.read(link.peer, segs, request_id=ld.key))
             except (TransferError, ValueError, OSError) as e:
                 h = TransferHandle(link.address, ld.key, 0)
                 h._finish(e if isinstance(e, TransferError) else PeerClosedError(str(e), peer=link.address,
@@ -151,7 +152,11 @@ class Consumer:
                 continue
             for layer in layers:
                 ld.done[layer] = h.error is None
-            if h.error is not None:
+            if isinstance(h.error, RequestGone):
+                ld.error = ld.error or ("the producer had released these blocks (its hold_timeout passed or its "
+                                        "engine dropped the request), so nothing was read")
+                ld.closed_only = False
+            elif h.error is not None:
                 ld.error = ld.error or str(h.error)
                 if isinstance(h.error, PeerClosedError):
                     ld.link.broken(str(h.error))
@@ -180,13 +185,19 @@ class Consumer:
         ld.handles.clear()
         ld.link.use()
 
-    def _confirm(self, ld: Load) -> None:
-        """Pull: every layer was read; ask P whether it still held the request (or, with checksums,
-        for its sums, which answer that too) and report the load only on P's answer.
+    @property
+    def _held_reads(self) -> bool:
+        """Pull reads that P serves only while it holds the request: their completion means "held and
+        sent", so no question follows (with checksums, P's sums answer that instead)."""
+        return self.mode == "pull" and not self.checksum and self.transport.holds_reads
 
-        Seam for the one-round-trip handover (issue 18): once the transport serves a read only of a
-        request P still holds, the read's completion is this answer; end the load here instead
-        and let the Release that `_end` sends ride one-way."""
+    def _confirm(self, ld: Load) -> None:
+        """Pull: every layer was read. After held reads that is the answer, and the Release that `_end`
+        sends rides one-way; otherwise ask P whether it still held the request (or, with checksums, for
+        its sums, which answer that too) and report the load only on P's answer."""
+        if self._held_reads:
+            self._end(ld, None)
+            return
         assert ld.remote_blocks is not None
         ld.awaiting_answer = True
         addr = self.transport.address

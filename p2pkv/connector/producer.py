@@ -32,6 +32,8 @@ class Producer:
         self.transport, self.layers, self.links = transport, layers, links
         self.hold_timeout, self.checksum, self.metrics = hold_timeout, checksum, metrics
         self.holds: dict[str, Hold] = {}
+        self._held_reads = transport.holds_reads  # D's reads are served only while the transport holds them
+        self._draining: dict[str, str] = {}  # ended holds whose blocks a read is still sending: how they ended
         self._stopping: list[Hold] = []  # released by the engine while writes were in flight
         self._wants: dict[str, tuple[Want, float]] = {}
         self._early: dict[str, tuple[str, float]] = {}
@@ -45,6 +47,8 @@ class Producer:
         if h is None:
             h = self.holds[key] = Hold(key, blocks, set(), now + self.hold_timeout)
             self.metrics["saved_requests"] += 1
+            if self._held_reads:
+                self.transport.hold(key)
         elif len(blocks) != len(h.blocks) or np.any(h.blocks != blocks):
             raise ValueError(f"request {key!r}: save() got blocks {blocks.tolist()} but earlier layers "
                              f"were saved from {h.blocks.tolist()}")
@@ -72,7 +76,7 @@ class Producer:
             self._end(key, "released_aborted", force=True)
 
     def busy(self) -> bool:
-        return bool(self.holds or self._stopping)
+        return bool(self.holds or self._stopping or self._draining)
 
     def take_ended(self) -> set[str]:
         out, self._ended = self._ended, set()
@@ -80,6 +84,8 @@ class Producer:
 
     def progress(self, now: float) -> None:
         """Poll push writes, expire holds past `hold_timeout`, and post writes whose D is known."""
+        for key in [k for k in self._draining if not self.transport.serving(k)]:
+            self._count_end(key, self._draining.pop(key))
         for h in [h for h in self.holds.values() if h.writes] + self._stopping:
             self._poll_writes(h)
         for key, h in list(self.holds.items()):
@@ -219,6 +225,13 @@ class Producer:
             self._report_end(key, how)
 
     def _report_end(self, key: str, how: str) -> None:
+        """Stop serving held reads of the request; report it once no read of its blocks is in flight."""
+        if self._held_reads and not self.transport.unhold(key):
+            self._draining[key] = how
+            return
+        self._count_end(key, how)
+
+    def _count_end(self, key: str, how: str) -> None:
         """Count how a hold ended and report it saved; one that D did not confirm is remembered as gone."""
         self.metrics[how] += 1
         self._ended.add(key)

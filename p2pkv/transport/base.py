@@ -17,6 +17,7 @@ from p2pkv.layout import KVCacheSpec
 from p2pkv.segments import Segments
 
 __all__ = ["Transport", "TransferHandle", "Peer", "Notif", "TransferError", "PeerClosedError", "TransferTimeout",
+           "RequestGone",
            "byte_regions", "advise_hugepages"]
 
 
@@ -35,6 +36,10 @@ class PeerClosedError(TransferError):
 
 class TransferTimeout(TransferError, TimeoutError):
     """The peer did not answer within the configured timeout."""
+
+
+class RequestGone(TransferError):
+    """A held read (`read_held`) named a request the peer no longer holds: nothing was read."""
 
 
 class TransferHandle:
@@ -193,6 +198,9 @@ class Transport(ABC):
     # Whether send_notif() may wait for the peer (up to the timeout); False: it only queues the message
     # behind earlier transfers to that peer and returns, so an engine's thread may call it directly.
     send_notif_blocks: bool = True
+    # Whether this side serves `read_held` requests (hold/unhold/serving): a read that moves bytes only
+    # while the serving side still holds the request, checked where the read is served.
+    holds_reads: bool = False
 
     def __init__(self, *, timeout: float = 30.0, auth_token: str | bytes | None = None, name: str | None = None):
         if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
@@ -250,6 +258,23 @@ class Transport(ABC):
     @abstractmethod
     def read(self, peer: Peer | str, segments: Segments, request_id: str | None = None) -> TransferHandle:
         """Copy the peer's `segments.src` into local `segments.dst`."""
+
+    def read_held(self, peer: Peer | str, segments: Segments, request_id: str) -> TransferHandle:
+        """As `read`, served only while the peer holds `request_id` (its `hold`), else the handle fails
+        with RequestGone and nothing moves: one round trip means "still held, and sent"."""
+        raise NotImplementedError(f"{self.name} does not serve held reads (holds_reads is False)")
+
+    def hold(self, request_id: str) -> None:
+        """Serve held reads of `request_id` from now on (its blocks stay where they are)."""
+        raise NotImplementedError(f"{self.name} does not serve held reads (holds_reads is False)")
+
+    def unhold(self, request_id: str) -> bool:
+        """Serve no new held read of `request_id`; False while one is still being served (poll `serving`)."""
+        raise NotImplementedError(f"{self.name} does not serve held reads (holds_reads is False)")
+
+    def serving(self, request_id: str) -> bool:
+        """Whether a held read of `request_id` is being served now."""
+        raise NotImplementedError(f"{self.name} does not serve held reads (holds_reads is False)")
 
     @abstractmethod
     def send_notif(self, peer: Peer | str, message: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from p2pkv.segments import Segments
-from p2pkv.transport.base import Notif, Peer, PeerClosedError, TransferHandle, Transport
+from p2pkv.transport.base import Notif, Peer, PeerClosedError, RequestGone, TransferHandle, Transport
 
 __all__ = ["LoopbackTransport"]
 
@@ -22,6 +22,8 @@ class LoopbackTransport(Transport):
     """`get_transport("loopback")`: copies between registered tensors of one process."""
 
     name = "loopback"
+    send_notif_blocks = False
+    holds_reads = True
 
     def __init__(self, *, fail_after: int | None = None, **kw: Any):
         kw.pop("listen", None)
@@ -31,6 +33,7 @@ class LoopbackTransport(Transport):
         self._lock = threading.Lock()
         self._closed = False
         self.fail_after = fail_after
+        self._held: set[str] = set()
         _live[self._address] = self
 
     @property
@@ -81,6 +84,28 @@ class LoopbackTransport(Transport):
     def read(self, peer, segments, request_id=None) -> TransferHandle:
         other = self._peer(peer)
         return self._copy(other, self, segments, request_id, other.address)
+
+    def read_held(self, peer, segments, request_id) -> TransferHandle:
+        other = self._peer(peer)
+        with other._lock:
+            held = request_id in other._held
+        if not held:
+            h = TransferHandle(other.address, request_id, segments.nbytes)
+            h._finish(RequestGone("the peer no longer holds this request", peer=other.address, request_id=request_id))
+            return h
+        return self._copy(other, self, segments, request_id, other.address)
+
+    def hold(self, request_id: str) -> None:
+        with self._lock:
+            self._held.add(request_id)
+
+    def unhold(self, request_id: str) -> bool:
+        with self._lock:
+            self._held.discard(request_id)
+        return True  # copies finish inside read_held: none is ever in flight
+
+    def serving(self, request_id: str) -> bool:
+        return False
 
     def send_notif(self, peer, message) -> None:
         other = self._peer(peer)

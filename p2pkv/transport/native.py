@@ -16,7 +16,7 @@ import msgpack
 import numpy as np
 
 from p2pkv.layout import BlockRows
-from p2pkv.transport.base import Notif, PeerClosedError, TransferError, TransferHandle, TransferTimeout
+from p2pkv.transport.base import Notif, PeerClosedError, RequestGone, TransferError, TransferHandle, TransferTimeout
 from p2pkv.wire import check_message
 
 log = logging.getLogger("p2pkv.transport")
@@ -42,7 +42,8 @@ VERSION = 2
 ALL_REGIONS = 0xFFFFFFFF
 _HEADER = struct.Struct("<4sHHIQ")
 _HEAD = struct.Struct("<BBHIIIQ")
-_KINDS = {1: TransferTimeout, 2: PeerClosedError, 3: TransferError, 4: TransferError, 5: PeerClosedError}
+_KINDS = {1: TransferTimeout, 2: PeerClosedError, 3: TransferError, 4: TransferError, 5: PeerClosedError, 6: RequestGone}
+FLAG_HELD = 1
 
 
 def require(backend: str) -> Any:
@@ -59,13 +60,13 @@ def frame(ftype: int, body: bytes = b"", payload_len: int = 0) -> bytes:
 
 
 def request_body(form: int, request_id: str | None, items: bytes, count: int,
-                 regions: Sequence[int] | None = None, notify: bytes = b"") -> bytes:
+                 regions: Sequence[int] | None = None, notify: bytes = b"", flags: int = 0) -> bytes:
     """A data request's body as csrc/net/frame.cpp parses it: fixed head, request id, notify
     message, region indices, then int64 block ids or (region, offset, length) rows."""
     rid = (request_id or "").encode()
     regs = b"" if regions is None else np.asarray(regions, dtype="<u4").tobytes()
     n_regions = ALL_REGIONS if regions is None else len(regions)
-    return _HEAD.pack(form, 0, len(rid), len(notify), n_regions, 0, count) + rid + notify + regs + items
+    return _HEAD.pack(form, flags, len(rid), len(notify), n_regions, 0, count) + rid + notify + regs + items
 
 
 def geometry(rows: BlockRows, side: str, bases: Sequence[int], sizes: Sequence[int]) -> Any:
@@ -145,6 +146,7 @@ class NativeLinks:
         self.mod = require(backend)
         self.backend, self.timeout = backend, timeout
         self.inbox = self.mod.Inbox()
+        self.held = self.mod.Held()
         self._names: dict[int, str] = {}
         self._ids = itertools.count(1)
 
@@ -160,7 +162,7 @@ class NativeLinks:
         self._names[pid] = peer
         return self.mod.Server(sock.detach(), self.timeout, pid, np.asarray(bases, "<u8").tobytes(),
                                np.asarray(sizes, "<u8").tobytes(), read_geo, write_geo, self.inbox, cuda_api, device,
-                               staging_bytes)
+                               staging_bytes, self.held)
 
     def send_notif(self, link: Any, peer: str, message: dict[str, Any], cuda_api: int = 0, cuda_event: int = 0,
                    device: int = -1, request_id: str | None = None, nbytes: int = 0) -> "NativeHandle":

@@ -161,15 +161,16 @@ class TcpTransport(ControlPlaneTransport):
         return hit[1], nat.request_body(nat.FORM_BLOCKS, None, np.asarray(ids, "<i8").tobytes(), len(ids), regions)
 
     def _post(self, conn: Conn, segments: Segments, request_id: str | None, pull: bool,
-              notify: dict[str, Any] | None = None) -> TransferHandle:
+              notify: dict[str, Any] | None = None, held: bool = False) -> TransferHandle:
         rows, nbytes, meta = self._request(conn, segments, pull)
         geo, local = self._local_geometry(conn, rows, pull)
         note = b"" if notify is None else msgpack.packb(notify, use_bin_type=True)
+        flags = nat.FLAG_HELD if held else 0
         if "blocks" in meta:
             theirs = meta["blocks"]
-            body = nat.request_body(nat.FORM_BLOCKS, request_id, theirs, len(theirs) // 8, meta["regions"], note)
+            body = nat.request_body(nat.FORM_BLOCKS, request_id, theirs, len(theirs) // 8, meta["regions"], note, flags)
         else:
-            body = nat.request_body(nat.FORM_TABLE, request_id, meta["segs"], len(meta["segs"]) // 24, None, note)
+            body = nat.request_body(nat.FORM_TABLE, request_id, meta["segs"], len(meta["segs"]) // 24, None, note, flags)
         op = conn.link.post(nat.OP_READ if pull else nat.OP_WRITE,
                             nat.frame(nat.DATA_READ if pull else nat.DATA_WRITE, body, nbytes), local, geo, nbytes)
         return nat.NativeHandle(op, conn.peer.name, request_id, nbytes)
@@ -180,6 +181,29 @@ class TcpTransport(ControlPlaneTransport):
             return super().read(peer, segments, request_id)
         self._check_request(segments, request_id)
         return self._post(conn, segments, request_id, pull=True)
+
+    @property
+    def holds_reads(self) -> bool:  # type: ignore[override]
+        """Held reads are checked by the native server; TLS connections have none."""
+        return self._tls_client is None
+
+    def read_held(self, peer: Peer | str, segments: Segments, request_id: str) -> TransferHandle:
+        conn = self._conn(peer)
+        if conn.link is None:
+            raise NotImplementedError("held reads need the native data path (not TLS)")
+        self._check_request(segments, request_id)
+        if not request_id:
+            raise ValueError("a held read names the request it reads (request_id)")
+        return self._post(conn, segments, request_id, pull=True, held=True)
+
+    def hold(self, request_id: str) -> None:
+        self._links.held.hold(request_id)
+
+    def unhold(self, request_id: str) -> bool:
+        return self._links.held.unhold(request_id)
+
+    def serving(self, request_id: str) -> bool:
+        return self._links.held.serving(request_id)
 
     def write(self, peer: Peer | str, segments: Segments, request_id: str | None = None,
               notify: dict[str, Any] | None = None) -> TransferHandle:
