@@ -249,6 +249,75 @@ PyMethodDef Held_methods[] = {
     {"serving", reinterpret_cast<PyCFunction>(Held_serving), METH_VARARGS, "whether a read of it is in flight"},
     {nullptr, nullptr, 0, nullptr}};
 
+// ---------------------------------------------------------------------------- Acceptor
+struct AcceptorObject {
+  PyObject_HEAD
+  std::shared_ptr<Acceptor> acc;
+};
+
+PyTypeObject AcceptorType = {PyVarObject_HEAD_INIT(nullptr, 0)};
+
+// Acceptor(listen_fd): the listening socket stays the caller's.
+int Acceptor_init(AcceptorObject* self, PyObject* args, PyObject*) {
+  int fd;
+  if (!PyArg_ParseTuple(args, "i", &fd)) return -1;
+  new (&self->acc) std::shared_ptr<Acceptor>(std::make_shared<Acceptor>(fd));
+  return 0;
+}
+
+void Acceptor_dealloc(AcceptorObject* self) {
+  std::shared_ptr<Acceptor> a = std::move(self->acc);
+  if (a) {
+    Py_BEGIN_ALLOW_THREADS
+    a->close();
+    a.reset();
+    Py_END_ALLOW_THREADS
+  }
+  self->acc.~shared_ptr();
+  Py_TYPE(self)->tp_free(reinterpret_cast<PyObject*>(self));
+}
+
+PyObject* Acceptor_wait(AcceptorObject* self, PyObject* args) {
+  double timeout;
+  if (!PyArg_ParseTuple(args, "d", &timeout)) return nullptr;
+  std::shared_ptr<Acceptor> a = self->acc;
+  bool got;
+  Py_BEGIN_ALLOW_THREADS
+  got = a->wait(timeout);
+  Py_END_ALLOW_THREADS
+  return PyBool_FromLong(got);
+}
+
+PyObject* Acceptor_take(AcceptorObject* self, PyObject*) {
+  std::vector<int> fds = self->acc->take();
+  PyObject* out = PyList_New(Py_ssize_t(fds.size()));
+  for (size_t i = 0; out && i < fds.size(); ++i) PyList_SET_ITEM(out, Py_ssize_t(i), PyLong_FromLong(fds[i]));
+  return out;
+}
+
+PyObject* Acceptor_setup_done(AcceptorObject* self, PyObject*) {
+  self->acc->setup_done();
+  Py_RETURN_NONE;
+}
+
+PyObject* Acceptor_pending(AcceptorObject* self, PyObject*) { return PyLong_FromSize_t(self->acc->pending()); }
+
+PyObject* Acceptor_close(AcceptorObject* self, PyObject*) {
+  std::shared_ptr<Acceptor> a = self->acc;
+  Py_BEGIN_ALLOW_THREADS
+  a->close();
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
+PyMethodDef Acceptor_methods[] = {
+    {"wait", reinterpret_cast<PyCFunction>(Acceptor_wait), METH_VARARGS, "wait(timeout) -> a connection is queued"},
+    {"take", reinterpret_cast<PyCFunction>(Acceptor_take), METH_NOARGS, "queued descriptors, now in set-up"},
+    {"setup_done", reinterpret_cast<PyCFunction>(Acceptor_setup_done), METH_NOARGS, "one taken handshake ended"},
+    {"pending", reinterpret_cast<PyCFunction>(Acceptor_pending), METH_NOARGS, "connections queued or in set-up"},
+    {"close", reinterpret_cast<PyCFunction>(Acceptor_close), METH_NOARGS, "stop accepting"},
+    {nullptr, nullptr, 0, nullptr}};
+
 // ------------------------------------------------------------------------------- links
 struct LinkObject {
   PyObject_HEAD
@@ -466,6 +535,9 @@ PyMODINIT_FUNC PyInit__native(void) {
       !ready_type(InboxType, "p2pkv._native.Inbox", sizeof(InboxObject), Inbox_methods,
                   reinterpret_cast<destructor>(Inbox_dealloc), reinterpret_cast<initproc>(Inbox_init),
                   "messages received from peers") ||
+      !ready_type(AcceptorType, "p2pkv._native.Acceptor", sizeof(AcceptorObject), Acceptor_methods,
+                  reinterpret_cast<destructor>(Acceptor_dealloc), reinterpret_cast<initproc>(Acceptor_init),
+                  "accepts connections natively, counting those whose set-up is pending") ||
       !ready_type(HeldType, "p2pkv._native.Held", sizeof(HeldObject), Held_methods,
                   reinterpret_cast<destructor>(Held_dealloc), reinterpret_cast<initproc>(Held_init),
                   "request ids whose reads may be served (held blocks)") ||
@@ -480,9 +552,10 @@ PyMODINIT_FUNC PyInit__native(void) {
   if (m == nullptr) return nullptr;
   PyObject* types[] = {reinterpret_cast<PyObject*>(&GeometryType), reinterpret_cast<PyObject*>(&OpType),
                        reinterpret_cast<PyObject*>(&InboxType), reinterpret_cast<PyObject*>(&InitiatorType),
-                       reinterpret_cast<PyObject*>(&ServerType), reinterpret_cast<PyObject*>(&HeldType)};
-  const char* names[] = {"Geometry", "Op", "Inbox", "Initiator", "Server", "Held"};
-  for (int i = 0; i < 6; ++i) {
+                       reinterpret_cast<PyObject*>(&ServerType), reinterpret_cast<PyObject*>(&HeldType),
+                       reinterpret_cast<PyObject*>(&AcceptorType)};
+  const char* names[] = {"Geometry", "Op", "Inbox", "Initiator", "Server", "Held", "Acceptor"};
+  for (int i = 0; i < 7; ++i) {
     Py_INCREF(types[i]);
     if (PyModule_AddObject(m, names[i], types[i]) < 0) return nullptr;
   }

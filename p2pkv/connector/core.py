@@ -22,6 +22,8 @@ from p2pkv.connector.records import Finished, LoadFailure
 from p2pkv.layout import KVCacheSpec, block_ids
 from p2pkv.transport import TransferError, Transport, get_transport
 
+SETUP_YIELD_S = 1e-3
+
 __all__ = ["KVConnector", "Finished", "LoadFailure", "MODES"]
 
 log = logging.getLogger("p2pkv.connector")
@@ -228,7 +230,20 @@ class KVConnector:
                 return Finished()
             self._progress()
             loaded, failed = self.consumer.take_finished()
-            return Finished(saved=self.producer.take_ended(), loaded=loaded, failed=failed)
+            finished = Finished(saved=self.producer.take_ended(), loaded=loaded, failed=failed)
+        self._yield_for_setup()
+        return finished
+
+    def _yield_for_setup(self) -> None:
+        """While a peer's set-up (dial, accept and handshake: Python, once per peer) or any transfer is
+        under way, give the GIL away for SETUP_YIELD_S per engine call. vLLM's worker spins on
+        sched_yield() between steps, which starves every other Python thread of its process (CPython
+        hands the GIL back to the spinner); the bytes move natively, but first contact still runs in
+        Python threads, and real vLLM P/D loads time out without this. Moving the handshake into the
+        native data path removes it."""
+        pending = getattr(self.transport, "setup_pending", None)
+        if self.links.setting_up() or (pending is not None and pending()) or self.busy():
+            time.sleep(SETUP_YIELD_S)
 
     def close(self) -> None:
         with self._lock:

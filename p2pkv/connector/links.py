@@ -196,6 +196,10 @@ class Links:
             link = self._links[address] = Link(self.transport, address)
         return link
 
+    def setting_up(self) -> bool:
+        """Whether some link's thread has work (a dial and handshake, or queued sends) still to do."""
+        return any(not link._settled.is_set() for link in self._links.values())
+
     def close(self, timeout: float = 1.0) -> None:
         """Stop every link's thread, waiting at most `timeout` seconds in all."""
         end = time.monotonic() + timeout

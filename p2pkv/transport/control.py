@@ -22,6 +22,10 @@ from p2pkv.segments import Segments
 from p2pkv.transport.base import (Notif, Peer, PeerClosedError, TransferError, TransferHandle, TransferTimeout,
                                   Transport)
 from p2pkv.transport.net import dial, parse_address, tls_contexts
+try:
+    from p2pkv import _native
+except ImportError:  # tcp and cuda_ipc refuse to start without it; the others accept in Python
+    _native = None  # type: ignore[assignment]
 from p2pkv.wire import (FrameType, HandshakeError, ProtocolError, check_message, check_request_id, client_handshake,
                         encode_frame, recv_frame, send_frame, server_handshake)
 
@@ -113,6 +117,7 @@ class ControlPlaneTransport(Transport):
         self._out: dict[str, Conn] = {}
         self._in: set[Conn] = set()
         self._notifs: collections.deque[Notif] = collections.deque()
+        self._acceptor = _native.Acceptor(self._listener.fileno()) if _native is not None else None
         self._accept_thread = threading.Thread(target=self._accept_loop, name=f"p2pkv-{self.name}-accept", daemon=True)
         self._accept_thread.start()
 
@@ -375,6 +380,8 @@ class ControlPlaneTransport(Transport):
         if self._closed.is_set():
             return
         self._closed.set()
+        if self._acceptor is not None:
+            self._acceptor.close()
         for fn in (lambda: self._listener.shutdown(socket.SHUT_RDWR), self._listener.close):
             try:
                 fn()
@@ -528,15 +535,49 @@ class ControlPlaneTransport(Transport):
         with self._lock:
             self._in.discard(conn)
 
-    def _accept_loop(self) -> None:
-        while not self._closed.is_set():
-            try:
-                sock, addr = self._listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(sock, addr), name=f"p2pkv-{self.name}-serve", daemon=True).start()
+    def setup_pending(self) -> bool:
+        """Whether a peer's connection is accepted but its handshake (Python, once per peer) has not ended:
+        an engine whose thread never lets the GIL go would starve it, so the connector yields then."""
+        return self._acceptor is not None and self._acceptor.pending() > 0
 
-    def _serve(self, sock: socket.socket, addr: Any) -> None:
+    def _accept_loop(self) -> None:
+        """Connections are accepted natively (and counted until their handshake ends, see `setup_pending`);
+        each handshake runs in its own thread. Without the native module, accepted here."""
+        acc = self._acceptor
+        while not self._closed.is_set():
+            if acc is None:
+                try:
+                    sock, addr = self._listener.accept()
+                except OSError:
+                    return
+                todo = [(sock, addr)]
+            elif not acc.wait(0.5):
+                continue
+            else:
+                todo = []
+                for fd in acc.take():
+                    sock = socket.socket(fileno=fd)
+                    try:
+                        todo.append((sock, sock.getpeername()))
+                    except OSError:
+                        sock.close()
+                        acc.setup_done()
+            for sock, addr in todo:
+                threading.Thread(target=self._serve_counted, args=(sock, addr), name=f"p2pkv-{self.name}-serve",
+                                 daemon=True).start()
+
+    def _serve_counted(self, sock: socket.socket, addr: Any) -> None:
+        try:
+            conn = self._serve(sock, addr)
+        finally:
+            if self._acceptor is not None:
+                self._acceptor.setup_done()
+        if conn is not None:
+            self._serve_loop(conn)
+
+    def _serve(self, sock: socket.socket, addr: Any) -> Conn | None:
+        """Handshake with an accepted peer and hand the connection to the data path; the connection when
+        the control plane's own loop must serve it, else None."""
         where = f"{addr[0]}:{addr[1]}"
         sock.settimeout(self.timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -549,7 +590,7 @@ class ControlPlaneTransport(Transport):
         except (OSError, ProtocolError, ValueError) as e:
             log.warning("%s: refused connection from %s: %s", self.name, where, e)
             sock.close()
-            return
+            return None
         conn = Conn(sock, Peer(f"{info.get('name', '?')}@{where}", where, KVCacheSpec.from_dict(info["spec"]), info),
                     initiator=False)
         conn.thread = threading.current_thread()
@@ -558,16 +599,21 @@ class ControlPlaneTransport(Transport):
         except Exception as e:  # noqa: BLE001
             log.warning("%s: data path to %s failed to start: %s", self.name, conn.peer.name, e)
             conn.close()
-            return
+            return None
         with self._lock:
             self._in.add(conn)
         try:
             if self._adopt(conn):
-                return
+                return None
         except Exception as e:  # noqa: BLE001
             log.warning("%s: native data path to %s failed to start: %s", self.name, conn.peer.name, e)
             self._drop(conn, e)
-            return
+            return None
+        return conn
+
+    def _serve_loop(self, conn: Conn) -> None:
+        """Serve a peer's requests on this Python thread (backends and TLS connections without a native path)."""
+        sock = conn.sock
         poller = select.poll()  # not select(): descriptors above 1023 must work
         poller.register(sock.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
         try:
