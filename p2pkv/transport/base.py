@@ -16,7 +16,7 @@ import torch
 from p2pkv.layout import KVCacheSpec
 from p2pkv.segments import Segments
 
-__all__ = ["Transport", "TransferHandle", "Peer", "Notif", "TransferError", "PeerClosedError", "TransferTimeout",
+__all__ = ["Transport", "TransferHandle", "wait_seconds", "Peer", "Notif", "TransferError", "PeerClosedError", "TransferTimeout",
            "RequestGone",
            "byte_regions", "advise_hugepages"]
 
@@ -40,6 +40,18 @@ class TransferTimeout(TransferError, TimeoutError):
 
 class RequestGone(TransferError):
     """A held read (`read_held`) named a request the peer no longer holds: nothing was read."""
+
+
+def wait_seconds(timeout: Any) -> float | None:
+    """A handle's wait() timeout checked: seconds as a float, or None to wait for good (None or beyond
+    what a thread can wait); TypeError/ValueError for anything else."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise TypeError(f"wait() timeout must be a number of seconds or None, got {type(timeout).__name__}")
+    if not timeout >= 0:
+        raise ValueError(f"wait() timeout must be >= 0 seconds (or None to wait for good), got {timeout}")
+    return None if timeout > threading.TIMEOUT_MAX else float(timeout)
 
 
 class TransferHandle:
@@ -66,13 +78,7 @@ class TransferHandle:
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until the transfer ends (at most `timeout` seconds; 0 polls, None or inf waits for good)."""
-        if timeout is not None:
-            if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
-                raise TypeError(f"wait() timeout must be a number of seconds or None, got {type(timeout).__name__}")
-            if not timeout >= 0:
-                raise ValueError(f"wait() timeout must be >= 0 seconds (or None to wait for good), got {timeout}")
-            timeout = None if timeout > threading.TIMEOUT_MAX else float(timeout)
-        if not self._event.wait(timeout):
+        if not self._event.wait(wait_seconds(timeout)):
             raise TransferTimeout(f"not finished after {timeout:.3g} s", peer=self.peer, request_id=self.request_id)
         if self._error is not None:
             raise self._error

@@ -29,12 +29,19 @@ except ImportError:  # tcp and cuda_ipc refuse to start without it; the others a
 from p2pkv.wire import (FrameType, HandshakeError, ProtocolError, check_message, check_request_id, client_handshake,
                         encode_frame, recv_frame, send_frame, server_handshake)
 
-__all__ = ["ControlPlaneTransport", "Conn", "LocalRows", "parse_address"]
+__all__ = ["ControlPlaneTransport", "Conn", "LocalRows", "parse_address", "check_baseline_args"]
 
 log = logging.getLogger("p2pkv.transport")
 
 MAX_SEGMENTS = 1 << 21
 MAX_BASELINE = 1 << 34
+
+
+def check_baseline_args(nbytes: Any, iters: Any) -> None:
+    """ValueError unless baseline()'s byte count and iterations are ints in range."""
+    for what, v, hi in (("nbytes", nbytes, MAX_BASELINE), ("iters", iters, 1 << 20)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= v <= hi:
+            raise ValueError(f"baseline() {what} must be an int from 1 to {hi}, got {v!r}")
 
 
 def _encode(ftype: FrameType, meta: dict[str, Any], nbytes: int, what: str) -> bytes:
@@ -357,9 +364,7 @@ class ControlPlaneTransport(Transport):
 
     def baseline(self, peer: Peer | str, nbytes: int, iters: int = 1) -> float:
         conn = self._conn(peer)
-        for what, v, hi in (("nbytes", nbytes, MAX_BASELINE), ("iters", iters, 1 << 20)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= v <= hi:
-                raise ValueError(f"baseline() {what} must be an int from 1 to {hi}, got {v!r}")
+        check_baseline_args(nbytes, iters)
         times: list[float] = []
 
         def run(c: Conn) -> None:

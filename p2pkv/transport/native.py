@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import itertools
 import logging
-import numbers
 import socket
 import struct
-import threading
 from typing import Any, Sequence
 
 import msgpack
 import numpy as np
 
 from p2pkv.layout import BlockRows
-from p2pkv.transport.base import Notif, PeerClosedError, RequestGone, TransferError, TransferHandle, TransferTimeout
+from p2pkv.transport.base import (Notif, PeerClosedError, RequestGone, TransferError, TransferHandle, TransferTimeout,
+                                  wait_seconds)
 from p2pkv.wire import check_message
 
 log = logging.getLogger("p2pkv.transport")
@@ -122,13 +121,8 @@ class NativeHandle(TransferHandle):
         return self._op.seconds()
 
     def wait(self, timeout: float | None = None) -> None:
-        if timeout is not None:
-            if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
-                raise TypeError(f"wait() timeout must be a number of seconds or None, got {type(timeout).__name__}")
-            if not timeout >= 0:
-                raise ValueError(f"wait() timeout must be >= 0 seconds (or None to wait for good), got {timeout}")
-        t = -1.0 if timeout is None or timeout > threading.TIMEOUT_MAX else float(timeout)
-        if not self._op.wait(t):
+        t = wait_seconds(timeout)
+        if not self._op.wait(-1.0 if t is None else t):
             raise TransferTimeout(f"not finished after {timeout:.3g} s", peer=self.peer, request_id=self.request_id)
         if self.error is not None:
             raise self.error

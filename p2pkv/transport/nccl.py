@@ -32,7 +32,8 @@ from p2pkv.transport import native as nat
 from p2pkv.transport.base import (Notif, Peer, PeerClosedError, TransferError, TransferHandle, TransferTimeout,
                                   advise_hugepages)
 from p2pkv.transport.chunks import Packer, plan_chunks
-from p2pkv.transport.control import MAX_BASELINE, MAX_SEGMENTS, Conn, ControlPlaneTransport, parse_address
+from p2pkv.transport.control import (MAX_SEGMENTS, Conn, ControlPlaneTransport, check_baseline_args,
+                                     parse_address)
 from p2pkv.wire import FrameType, check_message, send_frame
 
 try:
@@ -577,9 +578,7 @@ class NcclTransport(ControlPlaneTransport):
         conn = self._conn(peer)
         if conn.link is None:
             return super().baseline(peer, nbytes, iters)
-        for what, v, hi in (("nbytes", nbytes, MAX_BASELINE), ("iters", iters, 1 << 20)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= v <= hi:
-                raise ValueError(f"baseline() {what} must be an int from 1 to {hi}, got {v!r}")
+        check_baseline_args(nbytes, iters)
         times = []
         for _ in range(iters):
             op = conn.link.post(nat.OP_BASELINE, nat.frame(nat.BASELINE, struct.pack("<Q", int(nbytes))), b"",

@@ -23,7 +23,7 @@ from p2pkv.layout import BlockRows, merge_rows
 from p2pkv.segments import Segments
 from p2pkv.transport import native as nat
 from p2pkv.transport.base import Notif, Peer, TransferHandle, advise_hugepages
-from p2pkv.transport.control import Conn, ControlPlaneTransport, LocalRows, MAX_BASELINE
+from p2pkv.transport.control import Conn, ControlPlaneTransport, LocalRows, check_baseline_args
 from p2pkv.wire import recv_into_exact
 
 log = logging.getLogger("p2pkv.transport.tcp")
@@ -235,9 +235,7 @@ class TcpTransport(ControlPlaneTransport):
         conn = self._conn(peer)
         if conn.link is None:
             return super().baseline(peer, nbytes, iters)
-        for what, v, hi in (("nbytes", nbytes, MAX_BASELINE), ("iters", iters, 1 << 20)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= v <= hi:
-                raise ValueError(f"baseline() {what} must be an int from 1 to {hi}, got {v!r}")
+        check_baseline_args(nbytes, iters)
         buf = self._baseline_buf(int(nbytes))
         addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
         times = []

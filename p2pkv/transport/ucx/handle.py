@@ -5,12 +5,11 @@ status, `wait()` blocks without the GIL; a peer that fails, closes or stalls end
 transfer in an error within the transport's timeout, checked whenever it is polled."""
 from __future__ import annotations
 
-import numbers
 import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from p2pkv.transport.base import PeerClosedError, TransferError, TransferHandle, TransferTimeout
+from p2pkv.transport.base import PeerClosedError, TransferError, TransferHandle, TransferTimeout, wait_seconds
 from p2pkv.transport.ucx.request import Req
 from p2pkv.transport.ucx.ucp import INPROGRESS
 
@@ -127,12 +126,8 @@ class UcxHandle(TransferHandle):
 
     # ------------------------------------------------------------------ waiting
     def wait(self, timeout: float | None = None) -> None:
-        if timeout is not None:
-            if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
-                raise TypeError(f"wait() timeout must be a number of seconds or None, got {type(timeout).__name__}")
-            if not timeout >= 0:
-                raise ValueError(f"wait() timeout must be >= 0 seconds (or None to wait for good), got {timeout}")
-        end = None if timeout is None or timeout > threading.TIMEOUT_MAX else time.monotonic() + float(timeout)
+        t = wait_seconds(timeout)
+        end = None if t is None else time.monotonic() + t
         while not self.done():
             now = time.monotonic()
             if end is not None and now >= end:
