@@ -126,6 +126,8 @@ class KVConnector:
         with self._lock:
             self._read_messages(time.monotonic())
             producer.save(request_id, blocks, layers, ready, final, time.monotonic())
+        if self.links.setting_up():  # a push's first contact with D can then finish during the prefill
+            time.sleep(SETUP_YIELD_S)
 
     def release(self, request_id: str) -> None:
         """Drop a hold now (the engine aborted the request); it is reported as saved once
