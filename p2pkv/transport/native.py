@@ -20,7 +20,7 @@ from p2pkv.wire import check_message
 
 log = logging.getLogger("p2pkv.transport")
 
-__all__ = ["native", "require", "NativeLinks", "BUILD_HINT", "NativeHandle", "geometry", "request_body", "frame", "OP_READ",
+__all__ = ["native", "require", "NativeLinks", "decode_message", "drain_messages", "BUILD_HINT", "NativeHandle", "geometry", "request_body", "frame", "OP_READ",
            "OP_WRITE", "OP_SEND", "OP_BASELINE", "DATA_READ", "DATA_WRITE", "NOTIF", "BASELINE", "VERSION",
            "FORM_BLOCKS", "FORM_TABLE"]
 
@@ -173,16 +173,28 @@ class NativeLinks:
         return h
 
     def notifs(self) -> list[Notif]:
-        out = []
-        for pid, body in self.inbox.drain():
-            peer = self._names.get(pid, "?")
-            try:
-                msg = msgpack.unpackb(body, raw=False, strict_map_key=True)
-            except Exception as e:  # noqa: BLE001 - a malformed message is dropped, not raised into the caller
-                log.warning("%s: dropped a malformed message from %s: %s", self.backend, peer, e)
-                continue
-            if not isinstance(msg, dict):
-                log.warning("%s: dropped a message from %s that is not a map", self.backend, peer)
-                continue
-            out.append(Notif(peer, msg))
-        return out
+        return drain_messages(self.inbox, self._names, self.backend)
+
+
+def decode_message(body: bytes, peer: str, backend: str) -> Notif | None:
+    """A peer's msgpack message as a Notif; None (logged) when it is malformed or not a map, so a bad
+    message is dropped instead of raised into the engine's call."""
+    try:
+        msg = msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except Exception as e:  # noqa: BLE001 - msgpack raises several types for malformed input
+        log.warning("%s: dropped a malformed message from %s: %s", backend, peer, e)
+        return None
+    if not isinstance(msg, dict):
+        log.warning("%s: dropped a message from %s that is not a map", backend, peer)
+        return None
+    return Notif(peer, msg)
+
+
+def drain_messages(inbox: Any, names: dict[int, str], backend: str) -> list[Notif]:
+    """Everything a native inbox holds, decoded, each named by the peer its link was made for."""
+    out = []
+    for pid, body in inbox.drain():
+        n = decode_message(body, names.get(pid, "?"), backend)
+        if n is not None:
+            out.append(n)
+    return out

@@ -548,31 +548,7 @@ class NcclTransport(ControlPlaneTransport):
             nat.NativeHandle(op, conn.peer.name, None, 0).wait(0)
 
     def get_notifs(self) -> list[Notif]:
-        out = super().get_notifs()
-        for pid, body in self._inbox.drain():
-            who = self._peer_names.get(pid, "?")
-            try:
-                msg = msgpack.unpackb(body, raw=False, strict_map_key=True)
-            except Exception as e:  # noqa: BLE001 - a malformed message is dropped, not raised into the caller
-                log.warning("nccl: dropped a malformed message from %s: %s", who, e)
-                continue
-            if not isinstance(msg, dict):
-                log.warning("nccl: dropped a message from %s that is not a map", who)
-                continue
-            out.append(Notif(who, msg))
-        self._reap()
-        return out
-
-    def _reap(self) -> None:
-        """Close served connections whose native thread ended (the peer left, or broke the protocol),
-        freeing their process groups."""
-        with self._lock:
-            ended = [c for c in self._in if c.link is not None and not c.link.alive()]
-        for c in ended:
-            why = c.link.reason()
-            if why not in ("peer closed", "transport closed locally"):
-                log.warning("nccl: closed the connection from %s: %s", c.peer.name, why)
-            self._drop(c, PeerClosedError(why, peer=c.peer.name))
+        return super().get_notifs() + nat.drain_messages(self._inbox, self._peer_names, "nccl")
 
     def baseline(self, peer: Peer | str, nbytes: int, iters: int = 1) -> float:
         conn = self._conn(peer)

@@ -161,10 +161,10 @@ class TcpTransport(ControlPlaneTransport):
         return hit[1], nat.request_body(nat.FORM_BLOCKS, None, np.asarray(ids, "<i8").tobytes(), len(ids), regions)
 
     def _post(self, conn: Conn, segments: Segments, request_id: str | None, pull: bool,
-              notify: dict[str, Any] | None = None, held: bool = False) -> TransferHandle:
+              note: bytes = b"", held: bool = False) -> TransferHandle:
+        """Post a read or write on the connection's native link; `note` is a write's packed notify."""
         rows, nbytes, meta = self._request(conn, segments, pull)
         geo, local = self._local_geometry(conn, rows, pull)
-        note = b"" if notify is None else msgpack.packb(notify, use_bin_type=True)
         flags = nat.FLAG_HELD if held else 0
         if "blocks" in meta:
             theirs = meta["blocks"]
@@ -211,9 +211,10 @@ class TcpTransport(ControlPlaneTransport):
         if conn.link is None:
             return super().write(peer, segments, request_id, notify)
         self._check_request(segments, request_id, notify)
-        if notify is not None and len(msgpack.packb(notify, use_bin_type=True)) > self._nat.MAX_NOTIFY:
+        note = b"" if notify is None else msgpack.packb(notify, use_bin_type=True)
+        if len(note) > self._nat.MAX_NOTIFY:
             raise ValueError(f"notify message exceeds the limit of {self._nat.MAX_NOTIFY} bytes")
-        return self._post(conn, segments, request_id, pull=False, notify=notify)
+        return self._post(conn, segments, request_id, pull=False, note=note)
 
     @property
     def send_notif_blocks(self) -> bool:  # type: ignore[override]

@@ -30,6 +30,7 @@ from p2pkv.transport.ucx.ucp import (ERR_LAST, INPROGRESS, INSTALL_HINT, MEM_CUD
                                      OP_FIELD_MEMORY_TYPE, MapParam, Param, TagRecvInfo, context_config, load)
 from p2pkv.transport.base import (Notif, Peer, PeerClosedError, TransferError, TransferHandle,
                                   TransferTimeout)
+from p2pkv.transport.native import decode_message
 from p2pkv.transport.control import MAX_BASELINE, Conn, ControlPlaneTransport
 from p2pkv.transport.ucx.handle import WAIT_SLICE_S, Note, UcxHandle
 from p2pkv.transport.ucx.request import Req, Requests
@@ -501,15 +502,9 @@ class UcxTransport(StagedPath, ControlPlaneTransport):
             log.warning("ucx: dropped a %d-byte message from %s: %s", size, peer,
                         self._ucp.status_text(st) if st else f"over the limit of {MAX_NOTIFY} bytes")
             return
-        try:
-            msg = msgpack.unpackb(buf.raw[:size], raw=False, strict_map_key=True)
-        except Exception as e:  # noqa: BLE001 - a malformed message is dropped, not raised into the caller
-            log.warning("ucx: dropped a malformed message from %s: %s", peer, e)
-            return
-        if not isinstance(msg, dict):
-            log.warning("ucx: dropped a message from %s that is not a map", peer)
-            return
-        out.append(Notif(peer, msg))
+        n = decode_message(buf.raw[:size], peer, "ucx")
+        if n is not None:
+            out.append(n)
 
     # ------------------------------------------------------------------ the staged path (control plane, op thread)
     def _write_staged(self, conn: Conn, segments: Segments, region: np.ndarray, request_id: str | None,
