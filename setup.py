@@ -22,6 +22,7 @@ ext_modules = [Extension(
     depends=[str(p) for p in NET.glob("*.h")],
     language="c++",
     extra_compile_args=FLAGS,
+    libraries=["dl"],  # crypto.cpp opens libcrypto at run time
     optional=True,
 )]
 cmdclass = {}
@@ -35,7 +36,7 @@ else:
     ext_modules.append(CppExtension(
         "p2pkv._c10d",
         sources=[str(C10D / "pair.cpp"), str(C10D / "module.cpp")]
-        + [str(NET / n) for n in ("frame.cpp", "geometry.cpp", "io.cpp", "link.cpp", "cuda_staging.cpp")],
+        + [str(NET / n) for n in ("frame.cpp", "geometry.cpp", "io.cpp", "link.cpp", "cuda_staging.cpp", "threads.cpp")],
         include_dirs=[str(HERE / NET), str(HERE / C10D)],
         depends=[str(p) for p in (*NET.glob("*.h"), *C10D.glob("*.h"))],
         extra_compile_args=["-O2", "-fvisibility=hidden", "-Wall"],  # torch picks the C++ standard

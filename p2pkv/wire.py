@@ -20,16 +20,20 @@ import msgpack
 
 __all__ = ["MAGIC", "VERSION", "HEADER", "FrameType", "Frame", "ProtocolError", "HandshakeError", "AuthError",
            "encode_frame", "decode_header", "decode_meta", "send_frame", "recv_frame", "recv_exact", "recv_into_exact",
-           "client_handshake", "server_handshake", "MAX_META", "MAX_PAYLOAD", "MAX_REQUEST_ID", "check_request_id",
+           "client_handshake", "server_handshake", "encode_hello", "parse_hello", "recv_handshake", "pack_info",
+           "unpack_info", "remote_error", "MAX_META", "MAX_PAYLOAD", "MAX_REQUEST_ID", "check_request_id",
            "check_message"]
 
 MAGIC = b"P2KV"
-VERSION = 2  # 2: tcp's data path speaks the binary request frames of csrc/net/frame.h
+VERSION = 3  # 2: binary request frames (csrc/net/frame.h); 3: binary HELLO/AUTH bodies (csrc/net/hello.h)
 HEADER = struct.Struct("<4sHHIQ")
 MAX_META = 32 << 20
 MAX_PAYLOAD = 1 << 40
 MAX_REQUEST_ID = 1 << 10  # UTF-8 bytes; ids travel in every request frame and in every error message
 NONCE_BYTES = 32
+MAC_BYTES = 32
+HELLO_FIXED = 1 + NONCE_BYTES + MAC_BYTES  # flags, nonce, MAC; then the msgpack info
+MAX_HELLO_INFO = 1 << 20
 
 
 class FrameType(IntEnum):
@@ -153,11 +157,11 @@ def recv_frame(sock: socket.socket, max_meta: int = MAX_META, max_payload: int =
     ft, mlen, plen = decode_header(recv_exact(sock, HEADER.size), max_meta, max_payload)
     meta = decode_meta(recv_exact(sock, mlen)) if mlen else {}
     if ft == FrameType.ERROR:
-        raise _remote_error(meta)
+        raise remote_error(meta)
     return Frame(ft, meta, plen)
 
 
-def _remote_error(meta: Mapping[str, Any]) -> ProtocolError:
+def remote_error(meta: Mapping[str, Any]) -> ProtocolError:
     kind, msg = str(meta.get("kind", "")), str(meta.get("message", "peer reported an error"))[:2000]
     cls = {"auth": AuthError, "handshake": HandshakeError}.get(kind, ProtocolError)
     return cls(f"peer refused: {msg}")
@@ -167,17 +171,52 @@ def _mac(token: bytes, label: bytes, a: bytes, b: bytes) -> bytes:
     return hmac.new(token, label + a + b, hashlib.sha256).digest()
 
 
-def _expect(frame: Frame, ftype: FrameType) -> Frame:
-    if frame.type != ftype:
-        raise ProtocolError(f"expected a {ftype.name} frame during the handshake, got {frame.type.name}")
-    return frame
+def pack_info(info: Mapping[str, Any]) -> bytes:
+    """What a side says about itself in its HELLO (msgpack), checked against the size limit."""
+    raw = msgpack.packb(dict(info), use_bin_type=True)
+    if len(raw) > MAX_HELLO_INFO:
+        raise ProtocolError(f"handshake info of {len(raw)} bytes exceeds the limit of {MAX_HELLO_INFO}")
+    return raw
 
 
-def _bytes_field(meta: Mapping[str, Any], key: str, n: int | None = None) -> bytes:
-    v = meta.get(key)
-    if not isinstance(v, bytes) or (n is not None and len(v) != n):
-        raise ProtocolError(f"handshake field {key!r} missing or malformed")
-    return v
+def unpack_info(raw: bytes) -> dict[str, Any]:
+    """A peer's HELLO info: a msgpack map, or ProtocolError."""
+    info = decode_meta(raw)
+    if not isinstance(info.get("spec", {}), dict):
+        raise ProtocolError("handshake info carries no spec map")
+    return info
+
+
+def encode_hello(info: bytes, nonce: bytes, auth: bool, mac: bytes = bytes(MAC_BYTES)) -> bytes:
+    """A HELLO frame: flags, nonce, MAC, then the msgpack info (csrc/net/hello.h reads the same)."""
+    body = bytes([1 if auth else 0]) + nonce + mac + info
+    return HEADER.pack(MAGIC, VERSION, FrameType.HELLO, len(body), 0) + body
+
+
+def parse_hello(body: bytes) -> tuple[bool, bytes, bytes, bytes]:
+    """(auth, nonce, mac, info) of a HELLO body, or ProtocolError."""
+    if not HELLO_FIXED <= len(body) <= HELLO_FIXED + MAX_HELLO_INFO or body[0] > 1:
+        raise ProtocolError(f"malformed HELLO ({len(body)} bytes, flags {body[:1].hex() or 'none'})")
+    return body[0] == 1, body[1:1 + NONCE_BYTES], body[1 + NONCE_BYTES:HELLO_FIXED], body[HELLO_FIXED:]
+
+
+_HANDSHAKE_LIMITS = {FrameType.HELLO: (HELLO_FIXED, HELLO_FIXED + MAX_HELLO_INFO), FrameType.AUTH: (MAC_BYTES, MAC_BYTES),
+                     FrameType.READY: (0, 0), FrameType.ERROR: (0, 64 << 10)}
+
+
+def recv_handshake(sock: socket.socket, expect: FrameType) -> bytes:
+    """The body of the next handshake frame, which must be `expect`; a peer's ERROR is raised as
+    the error it names, anything else as ProtocolError (limits as in csrc/net/hello.cpp)."""
+    ft, mlen, plen = decode_header(recv_exact(sock, HEADER.size), max_meta=HELLO_FIXED + MAX_HELLO_INFO)
+    lo, hi = _HANDSHAKE_LIMITS.get(ft, (1, 0))
+    if not lo <= mlen <= hi or plen:
+        raise ProtocolError(f"unexpected {ft.name} frame of {mlen} bytes during the handshake")
+    body = recv_exact(sock, mlen)
+    if ft == FrameType.ERROR:
+        raise remote_error(decode_meta(body))
+    if ft != expect:
+        raise ProtocolError(f"expected a {expect.name} frame during the handshake, got {ft.name}")
+    return body
 
 
 def _refuse(sock: socket.socket, kind: str, message: str) -> None:
@@ -190,63 +229,52 @@ def _refuse(sock: socket.socket, kind: str, message: str) -> None:
 def client_handshake(sock: socket.socket, info: Mapping[str, Any], token: bytes | None,
                      check: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Open a connection: HELLO both ways, mutual HMAC when a token is set, then READY.
-    `check(peer_info)` raises ValueError on an incompatible peer. Returns the peer's info."""
+    `check(peer_info)` raises ValueError on an incompatible peer. Returns the peer's info.
+    (The native Dialer, csrc/net/dial.cpp, speaks the same; this one serves TLS.)"""
     nonce_c = os.urandom(NONCE_BYTES)
-    send_frame(sock, FrameType.HELLO, {"info": dict(info), "nonce": nonce_c, "auth": token is not None})
-    hello = _expect(recv_frame(sock), FrameType.HELLO).meta
-    peer = hello.get("info")
-    if not isinstance(peer, dict):
-        raise ProtocolError("handshake HELLO without info")
-    if bool(hello.get("auth")) != (token is not None):
-        msg = ("the peer requires an auth token and none is configured here" if hello.get("auth")
+    sock.sendall(encode_hello(pack_info(info), nonce_c, token is not None))
+    auth, nonce_s, mac, raw = parse_hello(recv_handshake(sock, FrameType.HELLO))
+    if auth != (token is not None):
+        msg = ("the peer requires an auth token and none is configured here" if auth
                else "an auth token is configured here but the peer has none")
         _refuse(sock, "auth", msg)
         raise AuthError(msg + " (set the same auth token, e.g. P2PKV_AUTH_TOKEN, on both sides)")
-    nonce_s = _bytes_field(hello, "nonce", NONCE_BYTES)
     if token is not None:
-        if not hmac.compare_digest(_bytes_field(hello, "mac", 32), _mac(token, b"server", nonce_c, nonce_s)):
+        if not hmac.compare_digest(mac, _mac(token, b"server", nonce_c, nonce_s)):
             _refuse(sock, "auth", "auth token mismatch")
             raise AuthError("the peer failed the auth challenge: its auth token differs from ours")
-        send_frame(sock, FrameType.AUTH, {"mac": _mac(token, b"client", nonce_s, nonce_c)})
+        sock.sendall(HEADER.pack(MAGIC, VERSION, FrameType.AUTH, MAC_BYTES, 0) + _mac(token, b"client", nonce_s, nonce_c))
+    peer = unpack_info(raw)
+    recv_handshake(sock, FrameType.READY)
     try:
         check(peer)
     except ValueError as e:
         _refuse(sock, "handshake", str(e))
         raise HandshakeError(str(e)) from None
-    _expect(recv_frame(sock), FrameType.READY)
     return peer
 
 
 def server_handshake(sock: socket.socket, info: Mapping[str, Any], token: bytes | None,
                      check: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-    """Accept a connection: the mirror of `client_handshake`; nothing else is read
-    from the peer until it has proven the token."""
-    hello = _expect(recv_frame(sock, max_meta=1 << 20), FrameType.HELLO).meta
-    peer = hello.get("info")
-    if not isinstance(peer, dict):
-        raise ProtocolError("handshake HELLO without info")
-    nonce_c = _bytes_field(hello, "nonce", NONCE_BYTES)
+    """Accept a connection: the mirror of `client_handshake` (and of csrc/net/accept.cpp); nothing
+    else is read from the peer until it has proven the token."""
+    auth, nonce_c, _, raw = parse_hello(recv_handshake(sock, FrameType.HELLO))
     nonce_s = os.urandom(NONCE_BYTES)
-    reply: dict[str, Any] = {"info": dict(info), "nonce": nonce_s, "auth": token is not None}
-    if token is not None and hello.get("auth"):
-        reply["mac"] = _mac(token, b"server", nonce_c, nonce_s)
-    send_frame(sock, FrameType.HELLO, reply)
-    if bool(hello.get("auth")) != (token is not None):
-        # The client sends an ERROR frame next; report it as ours if it does not.
-        try:
-            recv_frame(sock, max_meta=1 << 16)
-        except ProtocolError as e:
-            raise AuthError(f"auth token configured on one side only: {e}") from None
+    mac = _mac(token, b"server", nonce_c, nonce_s) if token is not None and auth else bytes(MAC_BYTES)
+    sock.sendall(encode_hello(pack_info(info), nonce_s, token is not None, mac))
+    if auth != (token is not None):
+        _refuse(sock, "auth", "auth token configured on one side only")
         raise AuthError("auth token configured on one side only")
     if token is not None:
-        auth = _expect(recv_frame(sock, max_meta=1 << 16), FrameType.AUTH).meta
-        if not hmac.compare_digest(_bytes_field(auth, "mac", 32), _mac(token, b"client", nonce_s, nonce_c)):
+        theirs = recv_handshake(sock, FrameType.AUTH)
+        if not hmac.compare_digest(theirs, _mac(token, b"client", nonce_s, nonce_c)):
             _refuse(sock, "auth", "auth token mismatch")
             raise AuthError("a peer failed the auth challenge (wrong auth token); refused before any KV byte moved")
+    peer = unpack_info(raw)
     try:
         check(peer)
     except ValueError as e:
         _refuse(sock, "handshake", str(e))
         raise HandshakeError(str(e)) from None
-    send_frame(sock, FrameType.READY, {})
+    sock.sendall(HEADER.pack(MAGIC, VERSION, FrameType.READY, 0, 0))
     return peer

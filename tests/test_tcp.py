@@ -13,6 +13,7 @@ import torch
 from kvcheck import assert_same, expected_after
 from p2pkv.layout import PRESETS, KVCacheSpec, make_kv_caches, plan_segments
 from p2pkv.transport import PeerClosedError, TransferError, TransferTimeout, get_transport
+from p2pkv.transport.tcp import TcpTransport
 from p2pkv.wire import AuthError, HandshakeError
 from peer import build
 from procs import peer_process
@@ -535,6 +536,13 @@ def test_wait_refuses_negative_and_nan_timeouts():
 
 @pytest.mark.timeout(30)
 def test_a_host_name_that_does_not_resolve_in_time_fails_within_the_timeout(monkeypatch):
+    """Python's dial (TLS) bounds the system resolver by the timeout; the native dial does the same
+    in C++, where a stuck resolver cannot be simulated, so a name that does not exist stands in."""
+    with get_transport("tcp", timeout=1) as t:
+        t.register(*_cache())
+        with pytest.raises(TransferError, match="no-such-host.invalid:5555 failed: cannot connect: cannot resolve host"):
+            t.connect("no-such-host.invalid:5555")
+    monkeypatch.setattr(TcpTransport, "_native_setup", False)
     real, release = socket.getaddrinfo, threading.Event()
 
     def stuck(host, *a, **kw):

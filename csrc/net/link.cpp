@@ -1,5 +1,6 @@
 // Native data connections; see link.h.
 #include "link.h"
+#include "threads.h"
 
 #include <poll.h>
 #include <sys/socket.h>
@@ -121,66 +122,17 @@ void HeldSet::end(const std::string& id) {
   if (lv != leaving_.end() && --lv->second <= 0) leaving_.erase(lv);
 }
 
-// ------------------------------------------------------------------------------------ Acceptor
-Acceptor::Acceptor(int listen_fd) : fd_(listen_fd) { thread_ = std::thread([this] { run(); }); }
-
-Acceptor::~Acceptor() { close(); }
-
-void Acceptor::close() {
-  if (stop_.exchange(true)) return;
-  if (thread_.joinable()) thread_.join();
-  std::lock_guard<std::mutex> lk(mu_);
-  for (int fd : queue_) ::close(fd);
-  queue_.clear();
-  cv_.notify_all();
-}
-
-void Acceptor::run() {
-  while (!stop_.load()) {
-    pollfd p{fd_, POLLIN, 0};
-    int r = ::poll(&p, 1, 200);  // wakes now and then to see stop_
-    if (r <= 0) continue;
-    int fd = ::accept4(fd_, nullptr, nullptr, SOCK_CLOEXEC);
-    if (fd < 0) {
-      if (errno == EBADF || errno == EINVAL) break;
-      continue;
-    }
-    std::lock_guard<std::mutex> lk(mu_);
-    queue_.push_back(fd);
-    cv_.notify_all();
-  }
-}
-
-bool Acceptor::wait(double timeout_s) {
-  std::unique_lock<std::mutex> lk(mu_);
-  return cv_.wait_for(lk, std::chrono::duration<double>(timeout_s), [this] { return !queue_.empty() || stop_.load(); }) &&
-         !queue_.empty();
-}
-
-std::vector<int> Acceptor::take() {
-  std::lock_guard<std::mutex> lk(mu_);
-  std::vector<int> out(queue_.begin(), queue_.end());
-  in_setup_ += out.size();
-  queue_.clear();
-  return out;
-}
-
-void Acceptor::setup_done() {
-  std::lock_guard<std::mutex> lk(mu_);
-  if (in_setup_) --in_setup_;
-}
-
-size_t Acceptor::pending() {
-  std::lock_guard<std::mutex> lk(mu_);
-  return queue_.size() + in_setup_;
-}
-
 // ---------------------------------------------------------------------------------------- Link
 Link::Link(int fd, double timeout_s) : fd_(fd), timeout_s_(timeout_s) {}
 
 Link::~Link() { close(); }
 
-void Link::start() { thread_ = std::thread([this] { run(); }); }
+void Link::start() {
+  thread_ = std::thread([this] {
+    use_io_cpus();
+    run();
+  });
+}
 
 Status Link::send_rows(const void* head, size_t head_len, std::vector<iovec>& rows) {
   if (staging_) return staging_->send(fd_, head, head_len, rows);

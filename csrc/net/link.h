@@ -90,30 +90,6 @@ class HeldSet {
   std::deque<std::string> gone_order_;
 };
 
-// Accepts connections on a listening socket from a native thread and queues them for the
-// handshake, counting each until the handshake reports back: `pending()` tells an engine's thread
-// (without a Python thread having to run first) that a peer's set-up is waiting for the GIL.
-class Acceptor {
- public:
-  explicit Acceptor(int listen_fd);
-  ~Acceptor();
-  void close();
-  bool wait(double timeout_s);  // until a connection is queued (or the acceptor closed)
-  std::vector<int> take();      // queued descriptors, now counted as in set-up
-  void setup_done();            // one taken connection's handshake ended (either way)
-  size_t pending();             // queued + in set-up
-
- private:
-  void run();
-  int fd_;
-  std::atomic<bool> stop_{false};
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<int> queue_;
-  size_t in_setup_ = 0;
-  std::thread thread_;
-};
-
 class Link {
  public:
   virtual ~Link();

@@ -10,7 +10,12 @@
 
 #include "frame.h"
 #include "geometry.h"
+#include "accept.h"
+#include "crypto.h"
+#include "dial.h"
+#include "hello.h"
 #include "link.h"
+#include "threads.h"
 
 using namespace p2pkv;
 
@@ -257,11 +262,23 @@ struct AcceptorObject {
 
 PyTypeObject AcceptorType = {PyVarObject_HEAD_INIT(nullptr, 0)};
 
-// Acceptor(listen_fd): the listening socket stays the caller's.
+// Reads (info, token or None, timeout) into a handshake set-up.
+bool read_setup(PyObject* info, PyObject* token, double timeout, HandshakeSetup& s) {
+  if (!read_bytes(info, s.info) || !read_bytes(token, s.token)) return false;
+  if (s.info.size() > kMaxHelloInfo) {
+    PyErr_Format(PyExc_ValueError, "handshake info of %zu bytes exceeds the limit of %u", s.info.size(), kMaxHelloInfo);
+    return false;
+  }
+  s.auth = token != Py_None;
+  s.timeout_s = timeout;
+  return true;
+}
+
+// Acceptor(listen_fd, handshake): the listening socket stays the caller's.
 int Acceptor_init(AcceptorObject* self, PyObject* args, PyObject*) {
-  int fd;
-  if (!PyArg_ParseTuple(args, "i", &fd)) return -1;
-  new (&self->acc) std::shared_ptr<Acceptor>(std::make_shared<Acceptor>(fd));
+  int fd, handshake = 0;
+  if (!PyArg_ParseTuple(args, "i|p", &fd, &handshake)) return -1;
+  new (&self->acc) std::shared_ptr<Acceptor>(std::make_shared<Acceptor>(fd, handshake != 0));
   return 0;
 }
 
@@ -277,13 +294,23 @@ void Acceptor_dealloc(AcceptorObject* self) {
   Py_TYPE(self)->tp_free(reinterpret_cast<PyObject*>(self));
 }
 
-PyObject* Acceptor_wait(AcceptorObject* self, PyObject* args) {
+PyObject* Acceptor_configure(AcceptorObject* self, PyObject* args) {
+  PyObject *info, *token;
   double timeout;
-  if (!PyArg_ParseTuple(args, "d", &timeout)) return nullptr;
+  if (!PyArg_ParseTuple(args, "OOd", &info, &token, &timeout)) return nullptr;
+  HandshakeSetup s;
+  if (!read_setup(info, token, timeout, s)) return nullptr;
+  self->acc->configure(std::move(s));
+  Py_RETURN_NONE;
+}
+
+PyObject* Acceptor_wait(AcceptorObject* self, PyObject* args) {
+  double timeout, min_age = 0;
+  if (!PyArg_ParseTuple(args, "d|d", &timeout, &min_age)) return nullptr;
   std::shared_ptr<Acceptor> a = self->acc;
   bool got;
   Py_BEGIN_ALLOW_THREADS
-  got = a->wait(timeout);
+  got = a->wait(timeout, min_age);
   Py_END_ALLOW_THREADS
   return PyBool_FromLong(got);
 }
@@ -293,6 +320,42 @@ PyObject* Acceptor_take(AcceptorObject* self, PyObject*) {
   PyObject* out = PyList_New(Py_ssize_t(fds.size()));
   for (size_t i = 0; out && i < fds.size(); ++i) PyList_SET_ITEM(out, Py_ssize_t(i), PyLong_FromLong(fds[i]));
   return out;
+}
+
+PyObject* Acceptor_take_ready(AcceptorObject* self, PyObject*) {
+  std::vector<Accepted> got = self->acc->take_ready();
+  PyObject* out = PyList_New(0);
+  for (size_t i = 0; out && i < got.size(); ++i) {
+    PyObject* t = Py_BuildValue("(is#y#)", got[i].fd, got[i].addr.data(), Py_ssize_t(got[i].addr.size()),
+                                got[i].info.data(), Py_ssize_t(got[i].info.size()));
+    if (t == nullptr || PyList_Append(out, t) < 0) {
+      Py_XDECREF(t);
+      Py_DECREF(out);
+      for (size_t j = i; j < got.size(); ++j) close(got[j].fd);
+      return nullptr;
+    }
+    Py_DECREF(t);
+  }
+  return out;
+}
+
+PyObject* Acceptor_take_refusals(AcceptorObject* self, PyObject*) {
+  uint64_t dropped = 0;
+  std::vector<Refusal> got = self->acc->take_refusals(dropped);
+  PyObject* out = PyList_New(0);
+  for (size_t i = 0; out && i < got.size(); ++i) {
+    PyObject* t = Py_BuildValue("(s#s#y#)", got[i].addr.data(), Py_ssize_t(got[i].addr.size()), got[i].reason.data(),
+                                Py_ssize_t(got[i].reason.size()), got[i].peer_meta.data(),
+                                Py_ssize_t(got[i].peer_meta.size()));
+    if (t == nullptr || PyList_Append(out, t) < 0) {
+      Py_XDECREF(t);
+      Py_DECREF(out);
+      return nullptr;
+    }
+    Py_DECREF(t);
+  }
+  if (out == nullptr) return nullptr;
+  return Py_BuildValue("(NK)", out, static_cast<unsigned long long>(dropped));
 }
 
 PyObject* Acceptor_setup_done(AcceptorObject* self, PyObject*) {
@@ -311,12 +374,105 @@ PyObject* Acceptor_close(AcceptorObject* self, PyObject*) {
 }
 
 PyMethodDef Acceptor_methods[] = {
-    {"wait", reinterpret_cast<PyCFunction>(Acceptor_wait), METH_VARARGS, "wait(timeout) -> a connection is queued"},
-    {"take", reinterpret_cast<PyCFunction>(Acceptor_take), METH_NOARGS, "queued descriptors, now in set-up"},
-    {"setup_done", reinterpret_cast<PyCFunction>(Acceptor_setup_done), METH_NOARGS, "one taken handshake ended"},
-    {"pending", reinterpret_cast<PyCFunction>(Acceptor_pending), METH_NOARGS, "connections queued or in set-up"},
+    {"configure", reinterpret_cast<PyCFunction>(Acceptor_configure), METH_VARARGS,
+     "configure(info, token or None, timeout): what this side says in handshakes"},
+    {"wait", reinterpret_cast<PyCFunction>(Acceptor_wait), METH_VARARGS, "wait(timeout, min_age=0) -> something is queued (hand-shaken ones untaken for min_age)"},
+    {"take", reinterpret_cast<PyCFunction>(Acceptor_take), METH_NOARGS, "plain mode: queued descriptors, now in set-up"},
+    {"take_ready", reinterpret_cast<PyCFunction>(Acceptor_take_ready), METH_NOARGS,
+     "hand-shaken connections as (fd, address, peer info)"},
+    {"take_refusals", reinterpret_cast<PyCFunction>(Acceptor_take_refusals), METH_NOARGS,
+     "([(address, reason, peer error body)], refusals not kept)"},
+    {"setup_done", reinterpret_cast<PyCFunction>(Acceptor_setup_done), METH_NOARGS, "one taken set-up ended"},
+    {"pending", reinterpret_cast<PyCFunction>(Acceptor_pending), METH_NOARGS, "connections whose set-up has not ended"},
     {"close", reinterpret_cast<PyCFunction>(Acceptor_close), METH_NOARGS, "stop accepting"},
     {nullptr, nullptr, 0, nullptr}};
+
+// ------------------------------------------------------------------------------ Dialer
+struct DialerObject {
+  PyObject_HEAD
+  std::shared_ptr<Dialer> dial;
+};
+
+PyTypeObject DialerType = {PyVarObject_HEAD_INIT(nullptr, 0)};
+
+// Dialer(host, port, info, token or None, timeout): starts at once.
+int Dialer_init(DialerObject* self, PyObject* args, PyObject*) {
+  const char* host;
+  int port;
+  PyObject *info, *token;
+  double timeout;
+  if (!PyArg_ParseTuple(args, "siOOd", &host, &port, &info, &token, &timeout)) return -1;
+  HandshakeSetup s;
+  if (!read_setup(info, token, timeout, s)) return -1;
+  new (&self->dial) std::shared_ptr<Dialer>(Dialer::start(host, port, std::move(s)));
+  return 0;
+}
+
+void Dialer_dealloc(DialerObject* self) {
+  if (self->dial) self->dial->cancel();
+  self->dial.~shared_ptr();
+  Py_TYPE(self)->tp_free(reinterpret_cast<PyObject*>(self));
+}
+
+PyObject* Dialer_done(DialerObject* self, PyObject*) { return PyBool_FromLong(self->dial->done()); }
+
+PyObject* Dialer_wait(DialerObject* self, PyObject* args) {
+  double timeout;
+  if (!PyArg_ParseTuple(args, "d", &timeout)) return nullptr;
+  std::shared_ptr<Dialer> d = self->dial;
+  bool got;
+  Py_BEGIN_ALLOW_THREADS
+  got = d->wait(timeout);
+  Py_END_ALLOW_THREADS
+  return PyBool_FromLong(got);
+}
+
+PyObject* Dialer_take(DialerObject* self, PyObject*) {
+  Dialer::Result r = self->dial->take();
+  return Py_BuildValue("(s#s#y#iy#)", r.code.data(), Py_ssize_t(r.code.size()), r.message.data(),
+                       Py_ssize_t(r.message.size()), r.peer_meta.data(), Py_ssize_t(r.peer_meta.size()), r.fd,
+                       r.info.data(), Py_ssize_t(r.info.size()));
+}
+
+PyObject* Dialer_cancel(DialerObject* self, PyObject*) {
+  self->dial->cancel();
+  Py_RETURN_NONE;
+}
+
+PyMethodDef Dialer_methods[] = {
+    {"done", reinterpret_cast<PyCFunction>(Dialer_done), METH_NOARGS, "whether the dial ended"},
+    {"wait", reinterpret_cast<PyCFunction>(Dialer_wait), METH_VARARGS, "wait(timeout) -> ended"},
+    {"take", reinterpret_cast<PyCFunction>(Dialer_take), METH_NOARGS,
+     "(code, message, peer error body, fd, peer info); code '' on success, fd handed over once"},
+    {"cancel", reinterpret_cast<PyCFunction>(Dialer_cancel), METH_NOARGS, "stop a dial under way"},
+    {nullptr, nullptr, 0, nullptr}};
+
+// hmac_sha256(key, data) -> 32 bytes: the handshake's MAC, for tests against hashlib.
+PyObject* py_hmac_sha256(PyObject*, PyObject* args) {
+  PyObject *key_obj, *data_obj;
+  if (!PyArg_ParseTuple(args, "OO", &key_obj, &data_obj)) return nullptr;
+  std::string key, data, why;
+  if (!read_bytes(key_obj, key) || !read_bytes(data_obj, data)) return nullptr;
+  uint8_t out[kMacBytes];
+  if (!hmac_sha256(key, reinterpret_cast<const uint8_t*>(data.data()), data.size(), out, why)) {
+    PyErr_SetString(PyExc_RuntimeError, why.c_str());
+    return nullptr;
+  }
+  return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(out), kMacBytes);
+}
+
+// use_io_cpus(): the calling thread leaves the engine's pinned core (threads.h); for p2pkv's Python threads.
+PyObject* py_use_io_cpus(PyObject*, PyObject*) {
+  use_io_cpus();
+  Py_RETURN_NONE;
+}
+
+// hmac_available() -> "" where HMAC works, else why not.
+PyObject* py_hmac_available(PyObject*, PyObject*) {
+  std::string why;
+  if (hmac_available(why)) return PyUnicode_FromString("");
+  return PyUnicode_FromString(why.empty() ? "unavailable" : why.c_str());
+}
 
 // ------------------------------------------------------------------------------- links
 struct LinkObject {
@@ -504,6 +660,9 @@ PyObject* py_parse_request(PyObject*, PyObject* args) {
 
 PyMethodDef module_methods[] = {
     {"parse_request", py_parse_request, METH_VARARGS, "parse a data request body as the serving side does"},
+    {"hmac_sha256", py_hmac_sha256, METH_VARARGS, "hmac_sha256(key, data): the handshake's MAC"},
+    {"use_io_cpus", py_use_io_cpus, METH_NOARGS, "move the calling thread to P2PKV_IO_CPUS (else every CPU)"},
+    {"hmac_available", py_hmac_available, METH_NOARGS, "'' where the native handshake can use a token, else why not"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_native",
@@ -537,7 +696,10 @@ PyMODINIT_FUNC PyInit__native(void) {
                   "messages received from peers") ||
       !ready_type(AcceptorType, "p2pkv._native.Acceptor", sizeof(AcceptorObject), Acceptor_methods,
                   reinterpret_cast<destructor>(Acceptor_dealloc), reinterpret_cast<initproc>(Acceptor_init),
-                  "accepts connections natively, counting those whose set-up is pending") ||
+                  "accepts connections natively (and hand-shakes them, in handshake mode)") ||
+      !ready_type(DialerType, "p2pkv._native.Dialer", sizeof(DialerObject), Dialer_methods,
+                  reinterpret_cast<destructor>(Dialer_dealloc), reinterpret_cast<initproc>(Dialer_init),
+                  "dials and hand-shakes a peer on a native thread") ||
       !ready_type(HeldType, "p2pkv._native.Held", sizeof(HeldObject), Held_methods,
                   reinterpret_cast<destructor>(Held_dealloc), reinterpret_cast<initproc>(Held_init),
                   "request ids whose reads may be served (held blocks)") ||
@@ -553,14 +715,15 @@ PyMODINIT_FUNC PyInit__native(void) {
   PyObject* types[] = {reinterpret_cast<PyObject*>(&GeometryType), reinterpret_cast<PyObject*>(&OpType),
                        reinterpret_cast<PyObject*>(&InboxType), reinterpret_cast<PyObject*>(&InitiatorType),
                        reinterpret_cast<PyObject*>(&ServerType), reinterpret_cast<PyObject*>(&HeldType),
-                       reinterpret_cast<PyObject*>(&AcceptorType)};
-  const char* names[] = {"Geometry", "Op", "Inbox", "Initiator", "Server", "Held", "Acceptor"};
-  for (int i = 0; i < 7; ++i) {
+                       reinterpret_cast<PyObject*>(&AcceptorType), reinterpret_cast<PyObject*>(&DialerType)};
+  const char* names[] = {"Geometry", "Op", "Inbox", "Initiator", "Server", "Held", "Acceptor", "Dialer"};
+  for (int i = 0; i < 8; ++i) {
     Py_INCREF(types[i]);
     if (PyModule_AddObject(m, names[i], types[i]) < 0) return nullptr;
   }
   PyModule_AddIntConstant(m, "VERSION", kVersion);
   PyModule_AddIntConstant(m, "MAX_ROWS", long(kMaxRows));
   PyModule_AddIntConstant(m, "MAX_NOTIFY", long(kMaxNotify));
+  PyModule_AddIntConstant(m, "MAX_HELLO_INFO", long(kMaxHelloInfo));
   return m;
 }

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from p2pkv.transport import Peer, TransferError, Transport
+from p2pkv.transport.base import off_engine_cpus
 
 __all__ = ["Link", "Links"]
 
@@ -105,6 +106,7 @@ class Link:
             self._thread.start()
 
     def _run(self) -> None:
+        off_engine_cpus()
         while True:
             try:
                 item = self._q.get(timeout=self.transport.timeout)

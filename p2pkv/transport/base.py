@@ -9,7 +9,7 @@ import sys
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
@@ -17,7 +17,7 @@ from p2pkv.layout import KVCacheSpec
 from p2pkv.segments import Segments
 
 __all__ = ["Transport", "TransferHandle", "wait_seconds", "Peer", "Notif", "TransferError", "PeerClosedError", "TransferTimeout",
-           "RequestGone",
+           "RequestGone", "Connecting", "off_engine_cpus",
            "byte_regions", "advise_hugepages"]
 
 
@@ -192,6 +192,54 @@ def advise_hugepages(regions: Sequence[torch.Tensor]) -> int:
     return advised
 
 
+def off_engine_cpus() -> None:
+    """Called first by each thread p2pkv starts: it must not inherit the core an engine pinned its
+    compute thread to (vLLM on CPU does, and its OpenMP threads spin there), or it waits behind them
+    for the CPU for seconds (csrc/net/threads.h; P2PKV_IO_CPUS chooses the CPUs)."""
+    try:
+        from p2pkv._native import use_io_cpus
+    except ImportError:
+        return
+    use_io_cpus()
+
+
+class Connecting:
+    """A connection under way (`Transport.connect_async`): poll `done()` from the caller's thread,
+    then `result()` gives the Peer or raises what `connect` would have raised. This default dials
+    with the blocking `connect` on a short-lived thread of its own; transports that hand-shake
+    natively need no Python thread for it."""
+
+    def __init__(self, connect: Callable[[], Peer], name: str):
+        self._outcome: Any = None
+        self._ended = threading.Event()
+
+        def run() -> None:
+            off_engine_cpus()
+            try:
+                self._outcome = connect()
+            except BaseException as e:  # noqa: BLE001 - handed to result()
+                self._outcome = e
+            self._ended.set()
+        threading.Thread(target=run, name=name, daemon=True).start()
+
+    def done(self) -> bool:
+        return self._ended.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._ended.wait(timeout)
+
+    def result(self) -> Peer:
+        """The connected Peer; raises the dial's error. Only once done()."""
+        if not self._ended.is_set():
+            raise RuntimeError("result() of a connection still under way: poll done() first")
+        if isinstance(self._outcome, BaseException):
+            raise self._outcome
+        return self._outcome
+
+    def cancel(self) -> None:
+        """Stop waiting for it (a dial under way ends within the timeout)."""
+
+
 class Transport(ABC):
     """Moves byte segments between registered KV regions of two processes.
 
@@ -254,6 +302,11 @@ class Transport(ABC):
     @abstractmethod
     def connect(self, address: str) -> Peer:
         """Connect (or return the live connection) to the peer listening at `address`."""
+
+    def connect_async(self, address: str) -> Connecting:
+        """Start `connect(address)` without waiting: poll the returned `done()`, then take `result()`."""
+        self._require_registered()
+        return Connecting(lambda: self.connect(address), f"p2pkv-{self.name}-dial")
 
     @abstractmethod
     def write(self, peer: Peer | str, segments: Segments, request_id: str | None = None,

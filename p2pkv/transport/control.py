@@ -8,7 +8,6 @@ import collections
 import logging
 import os
 import queue
-import select
 import socket
 import threading
 import time
@@ -17,24 +16,25 @@ from typing import Any, Callable
 
 import numpy as np
 
-from p2pkv.layout import BlockRows, KVCacheSpec, block_ids
+from p2pkv.layout import BlockRows, KVCacheSpec
 from p2pkv.segments import Segments
-from p2pkv.transport.base import (Notif, Peer, PeerClosedError, TransferError, TransferHandle, TransferTimeout,
-                                  Transport)
+from p2pkv.transport.base import (Connecting, Notif, Peer, PeerClosedError, TransferError, TransferHandle,
+                                  TransferTimeout, Transport, off_engine_cpus)
+from p2pkv.transport.gate import Connected, Gate, tell_and_close
 from p2pkv.transport.net import dial, parse_address, tls_contexts
+from p2pkv.transport.serving import MAX_BASELINE, MAX_SEGMENTS, LocalRows, serve_loop
 try:
     from p2pkv import _native
 except ImportError:  # tcp and cuda_ipc refuse to start without it; the others accept in Python
     _native = None  # type: ignore[assignment]
 from p2pkv.wire import (FrameType, HandshakeError, ProtocolError, check_message, check_request_id, client_handshake,
-                        encode_frame, recv_frame, send_frame, server_handshake)
+                        encode_frame, pack_info, recv_frame, send_frame, unpack_info)
 
-__all__ = ["ControlPlaneTransport", "Conn", "LocalRows", "parse_address", "check_baseline_args"]
+__all__ = ["ControlPlaneTransport", "Conn", "LocalRows", "parse_address", "check_baseline_args", "MAX_BASELINE",
+           "MAX_SEGMENTS"]
 
 log = logging.getLogger("p2pkv.transport")
 
-MAX_SEGMENTS = 1 << 21
-MAX_BASELINE = 1 << 34
 
 
 def check_baseline_args(nbytes: Any, iters: Any) -> None:
@@ -82,26 +82,12 @@ def _down(conn: Conn, request_id: Any) -> PeerClosedError:
     return PeerClosedError(f"connection is down ({conn.dead})", peer=conn.peer.name, request_id=request_id)
 
 
-class LocalRows:
-    """This side's rows of one transfer: (region, offset, length) arrays, or, for a request by block
-    ids, the ids and the geometry they are computed from on demand, so a backend that only needs
-    memory addresses (tcp) can go straight from ids to iovecs (`BlockRows.iovecs`)."""
-
-    __slots__ = ("_arrays", "blocks")
-
-    def __init__(self, arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-                 blocks: tuple[BlockRows, np.ndarray, str, Any] | None = None):
-        self._arrays, self.blocks = arrays, blocks
-
-    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if self._arrays is None:
-            rows, ids, side, regions = self.blocks  # type: ignore[misc]
-            self._arrays = rows.rows(ids, side, regions)
-        return self._arrays
-
-
 class ControlPlaneTransport(Transport):
     """A transport dialled by 'host:port': listens on loopback unless told otherwise."""
+
+    # True: this backend's set-up of a hand-shaken peer is quick Python with no blocking I/O, so the
+    # handshake runs natively and the peer is admitted by whichever thread calls in first.
+    _native_setup: bool = False
 
     def __init__(self, *, listen: str = "127.0.0.1:0", timeout: float = 30.0, auth_token: str | bytes | None = None,
                  name: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
@@ -124,9 +110,12 @@ class ControlPlaneTransport(Transport):
         self._out: dict[str, Conn] = {}
         self._in: set[Conn] = set()
         self._notifs: collections.deque[Notif] = collections.deque()
-        self._acceptor = _native.Acceptor(self._listener.fileno()) if _native is not None else None
-        self._accept_thread = threading.Thread(target=self._accept_loop, name=f"p2pkv-{self.name}-accept", daemon=True)
-        self._accept_thread.start()
+        # Peers get in without a Python thread where the handshake can run natively: not over TLS, and
+        # only for backends whose per-peer set-up is quick Python in the caller's thread (`_native_setup`).
+        self._native_setup_on = (_native is not None and self._native_setup and self._tls_server is None
+                                 and (self.auth_token is None or not _native.hmac_available()))
+        self._hello = b""
+        self._gate = Gate(self, self._listener, self._native_setup_on)
 
     # -------------------------------------------------------------- backend hooks
     @abstractmethod
@@ -187,6 +176,12 @@ class ControlPlaneTransport(Transport):
         self._check_open()
         return super().register(tensors, spec)
 
+    def _configure_handshake(self) -> None:
+        """Once registered (a backend calls this at the end of its `register`): what this side says in
+        every handshake from now on."""
+        self._hello = pack_info(self._info())
+        self._gate.configure(self._hello)
+
     def _info(self) -> dict[str, Any]:
         return {"name": self.local_name, "backend": self.name, "spec": self._require_registered().to_dict(),
                 **self._hello_extra()}
@@ -197,6 +192,28 @@ class ControlPlaneTransport(Transport):
         self._require_registered().check_compatible(KVCacheSpec.from_dict(info.get("spec") or {}))
 
     def connect(self, address: str) -> Peer:
+        if not self._native_setup_on:
+            return self._connect_py(address)
+        c = self.connect_async(address)
+        if not c.wait(self.timeout * 4):
+            c.cancel()
+            raise TransferTimeout("no connection within the timeout", peer=address)
+        return c.result()
+
+    def connect_async(self, address: str) -> Connecting:
+        if not self._native_setup_on:
+            return super().connect_async(address)
+        self._check_open()
+        self._require_registered()
+        host, port = parse_address(address)
+        with self._lock:
+            conn = self._out.get(address)
+            if conn is not None and conn.up:
+                return Connected(conn.peer)
+        return self._gate.dial(address, host, port, self._hello)
+
+    def _connect_py(self, address: str) -> Peer:
+        """Dial and hand-shake on this thread (TLS, and backends whose set-up needs Python)."""
         self._check_open()
         self._require_registered()
         host, port = parse_address(address)
@@ -223,6 +240,31 @@ class ControlPlaneTransport(Transport):
             if isinstance(e, socket.timeout):
                 raise TransferTimeout("no handshake answer within the timeout", peer=address) from None
             raise PeerClosedError(f"handshake failed: {e}", peer=address) from None
+        return self._add_out(address, sock, info)
+
+    def _admit_info(self, raw: bytes) -> dict[str, Any]:
+        """A natively hand-shaken peer's info, checked like the Python handshake checks it; HandshakeError."""
+        try:
+            info = unpack_info(raw)
+            self._check_peer(info)
+            KVCacheSpec.from_dict(info["spec"])
+        except (ProtocolError, ValueError, KeyError, TypeError) as e:
+            raise HandshakeError(str(e) if isinstance(e, (ProtocolError, ValueError))
+                                 else f"malformed peer info ({e!r})") from None
+        return info
+
+    def _dialled(self, address: str, sock: socket.socket, raw: bytes) -> Peer:
+        """A natively hand-shaken connection to `address`, checked and owned in the caller's thread."""
+        try:
+            info = self._admit_info(raw)
+        except HandshakeError as e:
+            tell_and_close(sock, "handshake", str(e))
+            raise HandshakeError(f"handshake with {address} failed: {e}") from None
+        sock.settimeout(self.timeout)
+        return self._add_out(address, sock, info)
+
+    def _add_out(self, address: str, sock: socket.socket, info: dict[str, Any]) -> Peer:
+        """Own a dialled connection whose handshake passed: its data path, its entry by address."""
         peer = Peer(f"{info.get('name', '?')}@{address}", address, KVCacheSpec.from_dict(info["spec"]), info)
         conn = Conn(sock, peer, initiator=True)
         self._on_connect(conn)
@@ -315,29 +357,6 @@ class ControlPlaneTransport(Transport):
         conn.extra[key] = (plan.src_spec, plan.dst_spec, rows)
         return rows
 
-    def _served_rows(self, conn: Conn, read: bool, blocks: Any, regions: Any) -> tuple[LocalRows, int]:
-        """A peer's request by block ids: this side's rows and their byte total, every id and region
-        checked first."""
-        if not isinstance(blocks, bytes) or len(blocks) % 8 or len(blocks) // 8 > MAX_SEGMENTS:
-            raise ValueError("block id list malformed or too long")
-        if regions is not None and (not isinstance(regions, list) or not all(isinstance(r, int) for r in regions)):
-            raise ValueError("region list malformed")
-        key = ("served rows", read)
-        rows = conn.extra.get(key)
-        if rows is None:
-            assert self.spec is not None
-            rows = conn.extra[key] = BlockRows(self.spec, conn.peer.spec) if read else BlockRows(conn.peer.spec, self.spec)
-        ids = np.frombuffer(blocks, dtype="<i8")
-        side = "src" if read else "dst"
-        rows.check_ids(ids, side)
-        if regions is not None:
-            rows.check_regions(regions)
-            regions = tuple(regions)
-        rows.check_row_limit(len(ids), regions, MAX_SEGMENTS)
-        if not read:
-            block_ids(ids, "destination block", distinct=True)
-        return LocalRows(blocks=(rows, ids, side, regions)), rows.nbytes(len(ids), regions)
-
     def send_notif(self, peer: Peer | str, message: dict[str, Any]) -> None:
         conn = self._conn(peer)
         check_message(message, "notification")
@@ -346,6 +365,7 @@ class ControlPlaneTransport(Transport):
         h.wait(self.timeout)
 
     def get_notifs(self) -> list[Notif]:
+        self._gate.take_accepted()
         out = []
         while self._notifs:
             out.append(self._notifs.popleft())
@@ -385,13 +405,7 @@ class ControlPlaneTransport(Transport):
         if self._closed.is_set():
             return
         self._closed.set()
-        if self._acceptor is not None:
-            self._acceptor.close()
-        for fn in (lambda: self._listener.shutdown(socket.SHUT_RDWR), self._listener.close):
-            try:
-                fn()
-            except OSError:
-                pass
+        self._gate.close()
         with self._lock:
             conns = list(self._out.values()) + list(self._in)
             self._out.clear()
@@ -406,7 +420,8 @@ class ControlPlaneTransport(Transport):
             self._drop(c, PeerClosedError("transport closed locally", peer=c.peer.name))
         # no thread of ours may still run when the interpreter finalizes (a daemon thread woken
         # then is torn down through C++ frames and aborts the process)
-        for t in [self._accept_thread] + [c.thread for c in conns if c.thread is not None]:
+        self._gate.join(2)
+        for t in [c.thread for c in conns if c.thread is not None]:
             if t is not threading.current_thread():
                 t.join(timeout=2)
 
@@ -481,6 +496,7 @@ class ControlPlaneTransport(Transport):
     _inline_requests = True
 
     def _op_loop(self, conn: Conn) -> None:
+        off_engine_cpus()
         conn.sock.settimeout(self.timeout)
         while True:
             item = conn.ops.get()
@@ -541,64 +557,15 @@ class ControlPlaneTransport(Transport):
             self._in.discard(conn)
 
     def setup_pending(self) -> bool:
-        """Whether a peer's connection is accepted but its handshake (Python, once per peer) has not ended:
-        an engine whose thread never lets the GIL go would starve it, so the connector yields then."""
-        return self._acceptor is not None and self._acceptor.pending() > 0
+        """Whether a peer's connection is accepted but not yet admitted (hand-shaken natively, or in a
+        Python thread): the connector gives the GIL away briefly while one is (connector/core.py)."""
+        return self._gate.pending() > 0
 
-    def _accept_loop(self) -> None:
-        """Connections are accepted natively (and counted until their handshake ends, see `setup_pending`);
-        each handshake runs in its own thread. Without the native module, accepted here."""
-        acc = self._acceptor
-        while not self._closed.is_set():
-            if acc is None:
-                try:
-                    sock, addr = self._listener.accept()
-                except OSError:
-                    return
-                todo = [(sock, addr)]
-            elif not acc.wait(0.5):
-                continue
-            else:
-                todo = []
-                for fd in acc.take():
-                    sock = socket.socket(fileno=fd)
-                    try:
-                        todo.append((sock, sock.getpeername()))
-                    except OSError:
-                        sock.close()
-                        acc.setup_done()
-            for sock, addr in todo:
-                threading.Thread(target=self._serve_counted, args=(sock, addr), name=f"p2pkv-{self.name}-serve",
-                                 daemon=True).start()
-
-    def _serve_counted(self, sock: socket.socket, addr: Any) -> None:
-        try:
-            conn = self._serve(sock, addr)
-        finally:
-            if self._acceptor is not None:
-                self._acceptor.setup_done()
-        if conn is not None:
-            self._serve_loop(conn)
-
-    def _serve(self, sock: socket.socket, addr: Any) -> Conn | None:
-        """Handshake with an accepted peer and hand the connection to the data path; the connection when
-        the control plane's own loop must serve it, else None."""
-        where = f"{addr[0]}:{addr[1]}"
-        sock.settimeout(self.timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            if self.spec is None:
-                raise HandshakeError("no KV memory registered here yet")
-            if self._tls_server is not None:
-                sock = self._tls_server.wrap_socket(sock, server_side=True)
-            info = server_handshake(sock, self._info(), self.auth_token, self._check_peer)
-        except (OSError, ProtocolError, ValueError) as e:
-            log.warning("%s: refused connection from %s: %s", self.name, where, e)
-            sock.close()
-            return None
+    def _admit(self, sock: socket.socket, info: dict[str, Any], where: str) -> Conn | None:
+        """Own an accepted connection whose handshake passed and hand it to the data path; the connection
+        when the control plane's own Python loop must serve it, else None."""
         conn = Conn(sock, Peer(f"{info.get('name', '?')}@{where}", where, KVCacheSpec.from_dict(info["spec"]), info),
                     initiator=False)
-        conn.thread = threading.current_thread()
         try:
             self._on_connect(conn)
         except Exception as e:  # noqa: BLE001
@@ -617,68 +584,6 @@ class ControlPlaneTransport(Transport):
         return conn
 
     def _serve_loop(self, conn: Conn) -> None:
-        """Serve a peer's requests on this Python thread (backends and TLS connections without a native path)."""
-        sock = conn.sock
-        poller = select.poll()  # not select(): descriptors above 1023 must work
-        poller.register(sock.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
-        try:
-            while not self._closed.is_set() and conn.dead is None:
-                if not poller.poll(500):
-                    continue
-                if not self._serve_one(conn):
-                    break
-        except BaseException as e:  # noqa: BLE001 - a bad peer must never take the process down
-            if not self._closed.is_set():
-                log.warning("%s: closing connection from %s: %s", self.name, conn.peer.name, e)
-            self._drop(conn, e)
-            return
-        self._drop(conn, PeerClosedError("peer closed", peer=conn.peer.name))
-
-    def _serve_one(self, conn: Conn) -> bool:
-        sock = conn.sock
-        try:
-            f = recv_frame(sock)
-        except ConnectionResetError:
-            return False
-        if f.type == FrameType.CLOSE:
-            return False
-        if f.type == FrameType.NOTIF:
-            msg = f.meta.get("msg")
-            if not isinstance(msg, dict):
-                raise ProtocolError("NOTIF without a message map")
-            self._notifs.append(Notif(conn.peer.name, msg))
-            return True
-        if f.type == FrameType.BASELINE:
-            n = f.meta.get("nbytes")
-            if not isinstance(n, int) or not 0 < n <= MAX_BASELINE:
-                raise ProtocolError(f"bad baseline size {n!r}")
-            send_frame(sock, FrameType.ACK, {})
-            self._baseline_send(conn, n)
-            return True
-        if f.type not in (FrameType.WRITE, FrameType.READ):
-            raise ProtocolError(f"unexpected {f.type.name} frame from a connected peer")
-        req = f.meta.get("req")
-        raw = f.meta.get("segs")
-        try:
-            if "blocks" in f.meta:
-                rows, total = self._served_rows(conn, f.type == FrameType.READ, f.meta["blocks"], f.meta.get("regions"))
-            elif not isinstance(raw, bytes):
-                raise ValueError("segment table missing")
-            else:
-                region, off, length = Segments.unpack(raw, MAX_SEGMENTS)
-                Segments.check_bounds(region, off, length, [r.nbytes for r in self.spec.regions])  # type: ignore[union-attr]
-                rows, total = LocalRows((region, off, length)), int(length.sum())
-            if total != f.payload_len:
-                raise ValueError(f"segments add up to {total} bytes but the frame announces {f.payload_len}")
-        except ValueError as e:
-            send_frame(sock, FrameType.ERROR, {"kind": "request", "message": f"request {req!r} refused: {e}"})
-            raise ProtocolError(f"refused request {req!r}: {e}") from None
-        if f.type == FrameType.WRITE:
-            self._recv_plan(conn, rows, req)()
-            notify = f.meta.get("notify")
-            if isinstance(notify, dict):  # visible here before the writer hears that its write is done
-                self._notifs.append(Notif(conn.peer.name, notify))
-            send_frame(sock, FrameType.ACK, {})
-        else:
-            self._send_plan(conn, rows, req, head=encode_frame(FrameType.ACK, {}))()
-        return True
+        off_engine_cpus()
+        conn.thread = threading.current_thread()
+        serve_loop(self, conn)

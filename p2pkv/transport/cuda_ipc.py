@@ -110,6 +110,7 @@ class CudaIpcTransport(ControlPlaneTransport):
     the p2pkv CUDA extension (built at first use when nvcc is there)."""
 
     name = "cuda_ipc"
+    _native_setup = True
 
     def __init__(self, **kw: Any):
         if not torch.cuda.is_available():
@@ -162,6 +163,7 @@ class CudaIpcTransport(ControlPlaneTransport):
                 ev.record(stream)
             self._done_ptrs = [ev.cuda_event for ev in self._done_events]
             self._next_done = 0
+        self._configure_handshake()
         return spec
 
     def _hello_extra(self) -> dict[str, Any]:

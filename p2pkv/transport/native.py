@@ -37,7 +37,7 @@ except ImportError as e:  # the extension is optional at install time; the backe
 OP_READ, OP_WRITE, OP_SEND, OP_BASELINE = 0, 1, 2, 3
 NOTIF, CLOSE, DATA_READ, DATA_WRITE, BASELINE = 8, 10, 11, 12, 13
 FORM_BLOCKS, FORM_TABLE = 0, 1
-VERSION = 2
+VERSION = 3
 ALL_REGIONS = 0xFFFFFFFF
 _HEADER = struct.Struct("<4sHHIQ")
 _HEAD = struct.Struct("<BBHIIIQ")

@@ -75,6 +75,7 @@ class TcpTransport(ControlPlaneTransport):
     `hugepages=False` leaves registered CPU memory on the pages it has."""
 
     name = "tcp"
+    _native_setup = True
 
     def __init__(self, *, staging_bytes: int = 16 << 20, sock_buf_bytes: int = 0, hugepages: bool = True,
                  **kw: Any):
@@ -103,6 +104,7 @@ class TcpTransport(ControlPlaneTransport):
         if self.device.type == "cpu" and self.hugepages:
             advise_hugepages(self.regions)
         self._mem = self._geometry(None, "src")
+        self._configure_handshake()
         return spec
 
     def _staging_args(self) -> tuple[int, int, int]:

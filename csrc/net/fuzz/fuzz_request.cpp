@@ -1,6 +1,7 @@
-// Fuzz target for everything the serving side parses from a peer: the frame header and a data
-// request body, then the iovec rows built from it against a fixed geometry. Every accepted
-// request must address only registered memory. Built as a libFuzzer target
+// Fuzz target for everything the native side parses from a peer: the handshake's frame header
+// and HELLO body (hello.h), the data frame header and a data request body, then the iovec rows
+// built from it against a fixed geometry. Every accepted request must address only registered
+// memory. Built as a libFuzzer target
 // (clang++ -fsanitize=fuzzer,address) or, with P2PKV_FUZZ_MAIN, as a standalone mutation loop
 // under ASan/UBSan that CI runs for a few seconds (.ci/fuzz-native).
 #include <cstdint>
@@ -12,6 +13,7 @@
 
 #include "frame.h"
 #include "geometry.h"
+#include "hello.h"
 
 using namespace p2pkv;
 
@@ -53,9 +55,20 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   uint8_t mode = data[0];
   Header h;
   std::string why;
-  (void)parse_header(data + 1, h, why);
   const uint8_t* body = data + 1 + kHeaderSize;
   size_t n = size - 1 - kHeaderSize;
+  if (mode & 4) {  // the handshake
+    std::string kind;
+    if (!parse_handshake_header(data + 1, h, kind, why)) return 0;
+    check(h.payload_len == 0 && h.meta_len <= kHelloFixed + kMaxHelloInfo, "handshake frame within its limits");
+    Hello hello;
+    if (h.type != kHello || !parse_hello(body, n, hello, why)) return 0;
+    check(n >= kHelloFixed && hello.info.size() == n - kHelloFixed, "HELLO info is the body past its fixed part");
+    std::string again = encode_hello(hello);
+    check(again.size() == n && std::memcmp(again.data(), body, n) == 0, "encode(parse(hello)) == hello");
+    return 0;
+  }
+  (void)parse_header(data + 1, h, why);
   bool is_write = mode & 1, distinct = mode & 2;
   Request req;
   if (!parse_request(body, n, is_write, req, why)) return 0;
@@ -102,8 +115,20 @@ static std::string seed_blocks(std::mt19937_64& rng, bool table) {
   req.items = reinterpret_cast<const uint8_t*>(items.data());
   std::string body = encode_request(req);
   std::string out(1 + kHeaderSize, '\0');
-  out[0] = char(rng() % 4);
+  out[0] = char(rng() % 4);  // bit 2 clear: a data request
   encode_header(reinterpret_cast<uint8_t*>(&out[1]), kDataRead, uint32_t(body.size()), 0);
+  return out + body;
+}
+
+static std::string seed_hello(std::mt19937_64& rng) {
+  Hello h;
+  h.auth = rng() % 2;
+  for (auto& b : h.nonce) b = uint8_t(rng());
+  h.info = std::string(size_t(rng() % 64), char(0x80 | (rng() % 16)));
+  std::string body = encode_hello(h);
+  std::string out(1 + kHeaderSize, '\0');
+  out[0] = char(4 | (rng() % 4));
+  encode_header(reinterpret_cast<uint8_t*>(&out[1]), uint16_t(1 + rng() % 4), uint32_t(body.size()), 0);
   return out + body;
 }
 
@@ -115,7 +140,7 @@ int main(int argc, char** argv) {
   auto end = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
   uint64_t runs = 0;
   while (std::chrono::steady_clock::now() < end) {
-    std::string in = seed_blocks(rng, rng() % 2);
+    std::string in = rng() % 4 == 0 ? seed_hello(rng) : seed_blocks(rng, rng() % 2);
     int muts = 1 + int(rng() % 4);
     for (int m = 0; m < muts && !in.empty(); ++m) {
       size_t at = rng() % in.size();
