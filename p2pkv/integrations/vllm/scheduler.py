@@ -153,7 +153,8 @@ class P2pKvScheduler:
             if params.transfer_mode == "push" and params.key:
                 self._notifier.post(params.router_callback, params.key, False, 0)
             return False, None
-        if not raw.get("do_remote_decode") or not self.is_producer:
+        asked = TransferParams.from_dict(raw)
+        if not asked.do_remote_decode or not self.is_producer:
             return False, None
         self._p_push.pop(request.request_id, None)
         layered = self._layered.pop(request.request_id, None)
@@ -170,7 +171,7 @@ class P2pKvScheduler:
         except RuntimeError as e:
             log.error("request %s: not holding its KV for a decode instance: %s", request.request_id, e)
             return False, None
-        key = str(raw.get("transfer_id") or request.request_id)
+        key = str(asked.transfer_id or request.request_id)
         self._held[request.request_id] = key
         self._pending.saves.append(SaveSpec(request.request_id, key, tuple(blocks)))
         out = TransferParams.pull_from(address, key, blocks, n)
