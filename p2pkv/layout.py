@@ -165,7 +165,8 @@ class KVCacheSpec:
     def check_compatible(self, other: "KVCacheSpec") -> None:
         """Raise a ValueError naming the first field where a byte copy from `self` into
         `other` (or back) would not be correct: of whole blocks when both hold the same
-        heads, else of the KV heads both hold (shards of one model at other TP sizes)."""
+        heads in the same byte order, else head by head, of the KV heads both hold (shards
+        of one model at other TP sizes, or heads inside tokens on one side only: NHD, HND)."""
         for name in ("dtype", "block_size", "num_kv_heads", "head_size", "num_layers"):
             a, b = getattr(self, name), getattr(other, name)
             if a != b and a and b:
@@ -173,7 +174,7 @@ class KVCacheSpec:
         if len(self.regions) != len(other.regions):
             raise ValueError(f"KV cache mismatch in number of registered tensors: local {len(self.regions)} "
                              f"vs peer {len(other.regions)}")
-        if self.heads != other.heads:
+        if self.heads != other.heads or (self.heads and not _same_order(self, other)):
             self._check_shards(other)
             return
         for i, (a, b) in enumerate(zip(self.regions, other.regions)):
@@ -186,6 +187,7 @@ class KVCacheSpec:
                                  "a byte copy between them would scramble heads/tokens")
 
     def _check_shards(self, other: "KVCacheSpec") -> None:
+        """Head by head: the same model, some head in common, each head's bytes in the same order."""
         mine = describe(self.heads, self.num_kv_heads, self.tp_size, self.tp_rank)
         theirs = describe(other.heads, other.num_kv_heads, other.tp_size, other.tp_rank)
         if not (self.num_kv_heads and other.num_kv_heads):
@@ -196,6 +198,13 @@ class KVCacheSpec:
                              "common; pair the ranks that p2pkv.tp.tp_plan names")
         for i, (a, b) in enumerate(zip(self.regions, other.regions)):
             check_shard_regions(i, a, self.heads, b, other.heads, self.layout, other.layout)
+
+
+def _same_order(a: KVCacheSpec, b: KVCacheSpec) -> bool:
+    """Whether every block of `a` and `b` lists the same dims in the same order (whole blocks copy as bytes)."""
+    return all(_strip_names(x.content) == _strip_names(y.content)
+               and not (_names(x.content) and _names(y.content) and x.content != y.content)
+               for x, y in zip(a.regions, b.regions))
 
 
 def _names(content: tuple[Any, ...]) -> bool:
@@ -282,7 +291,7 @@ def _spec_pieces(src: KVCacheSpec, dst: KVCacheSpec) -> list[np.ndarray]:
     hit = _PIECES.get((id(src), id(dst)))
     if hit is not None and hit[0] is src and hit[1] is dst:
         return hit[2]
-    if src.heads == dst.heads:
+    if src.heads == dst.heads and (not src.heads or _same_order(src, dst)):
         pieces = [_pieces(a, b) for a, b in zip(src.regions, dst.regions)]
     else:
         pieces = [shard_pieces(a, src.heads, b, dst.heads) for a, b in zip(src.regions, dst.regions)]
