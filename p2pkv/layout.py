@@ -179,8 +179,10 @@ class KVCacheSpec:
             return
         for i, (a, b) in enumerate(zip(self.regions, other.regions)):
             if a.bytes_per_block != b.bytes_per_block:
+                hint = ("; shards of other TP sizes need num_kv_heads (the model's) to find their common heads"
+                        if self.tp_size != other.tp_size else "")
                 raise ValueError(f"KV cache mismatch in bytes per block of tensor {i}: local {a.bytes_per_block} "
-                                 f"vs peer {b.bytes_per_block}")
+                                 f"vs peer {b.bytes_per_block}{hint}")
             if _strip_names(a.content) != _strip_names(b.content) or (_names(a.content) and _names(b.content) and a.content != b.content):
                 raise ValueError(f"KV cache mismatch in the byte order of one block of tensor {i}: local layout "
                                  f"{self.layout!r} {list(a.content)} vs peer {other.layout!r} {list(b.content)}; "

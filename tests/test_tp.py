@@ -242,3 +242,12 @@ def test_hnd_is_vllms_shape_with_heads_outside_tokens():
     with pytest.raises(ValueError, match="kv_layout 'HND'"):
         make_kv_caches("block_first", num_layers=1, num_blocks=4, block_size=4, num_kv_heads=2, head_size=8,
                        kv_layout="HND")
+
+
+def test_shards_without_the_models_head_count_say_what_is_missing():
+    t2, t4 = torch.zeros(4, 2, 4, 8), torch.zeros(4, 4, 4, 8)  # [N, H, B, D], heads of TP 2 and TP 1
+    a = KVCacheSpec.from_tensors([t2], block_dim=0, tp_size=2, tp_rank=1)
+    b = KVCacheSpec.from_tensors([t4], block_dim=0)
+    with pytest.raises(ValueError, match="bytes per block of tensor 0: local 256 vs peer 512; shards of other TP "
+                                         "sizes need num_kv_heads"):
+        a.check_compatible(b)
