@@ -1,7 +1,8 @@
 """Tensor parallelism across real processes on loopback: every P rank a process that registers its own
 shard of a full KV cache with known contents; every D rank of another TP size reads its heads from the
 P ranks `tp_plan` names, over tcp and nccl (gloo on CPU). Asserts byte-exact heads in the right blocks
-of every D rank and every other block unchanged; GQA replication, MLA, NHD and HND included."""
+of every D rank and every other block unchanged; GQA replication, MLA, NHD and HND included. In push
+mode each P rank writes its heads into the D rank processes `tp_pushes` names."""
 from __future__ import annotations
 
 import json
@@ -16,9 +17,10 @@ import pytest
 import torch
 
 from p2pkv.layout import plan_segments
-from p2pkv.tp import tp_plan
+from p2pkv.tp import tp_plan, tp_pushes
 from p2pkv.transport import get_transport
-from tpcheck import d_expected, make
+from p2pkv.wire import HandshakeError
+from tpcheck import d_expected, make, p_shard
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = [
@@ -33,10 +35,24 @@ CONFIGS = [
 OPTIONS = {"tcp": {"timeout": 30}, "nccl": {"timeout": 30}}
 
 
+class Group:
+    """A TP group's ranks, one process each: `addrs[rank][config]`; `dump` reads a rank's bytes back."""
+
+    def __init__(self, procs: list[subprocess.Popen], addrs: list[list[str]]):
+        self.procs, self.addrs = procs, addrs
+
+    def dump(self, rank: int, config: int, path: Path) -> bytes:
+        p = self.procs[rank]
+        p.stdin.write(f"dump {config} {path}\n")  # type: ignore[union-attr]
+        p.stdin.flush()  # type: ignore[union-attr]
+        assert p.stdout.readline().strip() == "DUMPED"  # type: ignore[union-attr]
+        return path.read_bytes()
+
+
 @contextmanager
-def p_group(backend: str, tp: int, configs: list[dict]) -> Iterator[list[list[str]]]:
-    """TP P ranks, one process each; yields addresses[rank][config]; ends every process."""
-    procs = [subprocess.Popen([sys.executable, str(HERE / "tp_roles.py"), "p", backend, json.dumps(configs), str(tp),
+def group(role: str, backend: str, tp: int, configs: list[dict]) -> Iterator[Group]:
+    """TP ranks of role 'p' or 'd' (tests/tp_roles.py), one process each; ends every process."""
+    procs = [subprocess.Popen([sys.executable, str(HERE / "tp_roles.py"), role, backend, json.dumps(configs), str(tp),
                                str(r), json.dumps(OPTIONS[backend])], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               text=True, cwd=HERE) for r in range(tp)]
     try:
@@ -44,9 +60,9 @@ def p_group(backend: str, tp: int, configs: list[dict]) -> Iterator[list[list[st
         for p in procs:
             lines = [p.stdout.readline().strip() for _ in configs]  # type: ignore[union-attr]
             if not all(line.startswith("ADDR ") for line in lines):
-                raise RuntimeError(f"P rank failed to start: {lines!r}")
+                raise RuntimeError(f"{role} rank failed to start: {lines!r}")
             addrs.append([line[5:] for line in lines])
-        yield addrs
+        yield Group(procs, addrs)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -88,10 +104,10 @@ def read_into_d_group(backend: str, cfg: dict, addrs: list[str], p_tp: int, d_tp
 
 def run_matrix(backend: str, p_tps: tuple[int, ...], d_tps: tuple[int, ...], configs: list[dict]) -> None:
     for p_tp in p_tps:
-        with p_group(backend, p_tp, configs) as addrs:
+        with group("p", backend, p_tp, configs) as p:
             for ci, cfg in enumerate(configs):
                 for d_tp in d_tps:
-                    read_into_d_group(backend, cfg, [a[ci] for a in addrs], p_tp, d_tp, seed=100 * p_tp + 10 * d_tp + ci)
+                    read_into_d_group(backend, cfg, [a[ci] for a in p.addrs], p_tp, d_tp, seed=100 * p_tp + 10 * d_tp + ci)
 
 
 @pytest.mark.timeout(120)
@@ -109,10 +125,33 @@ def test_every_p_tp_into_every_d_tp_on_every_layout(backend):
 
 @pytest.mark.timeout(30)
 def test_a_d_rank_dialling_a_p_rank_with_none_of_its_heads_is_refused_naming_tp_rank():
-    from p2pkv.wire import HandshakeError
     cfg = CONFIGS[0]
     with get_transport("tcp") as p, get_transport("tcp") as d:
         p.register(*make(cfg, 2, 1))
         d.register(*make(cfg, 4, 0))
         with pytest.raises(HandshakeError, match=r"tp_rank: .*KV heads \[0, 1\) of 4 \(tp rank 0 of 4\).*no KV head in common"):
             d.connect(p.address)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("p_tp, d_tp, ci, d_layout", [(2, 4, 0, "vllm"), (4, 1, 2, "vllm"), (1, 2, 0, "vllm_hnd")])
+def test_push_each_p_rank_writes_its_heads_into_the_d_ranks_that_need_them(tmp_path, p_tp, d_tp, ci, d_layout):
+    cfg = CONFIGS[ci]
+    d_cfg = {**cfg, "layout": d_layout}  # NHD P into HND D: heads move one by one
+    src, dst = [5, 0, 9, 3], [1, 11, 4, 8]
+    with group("d", "tcp", d_tp, [d_cfg]) as d, ExitStack() as stack:
+        handles = []
+        for r in range(p_tp):
+            tensors, spec = p_shard(cfg, p_tp, r)
+            tr = stack.enter_context(get_transport("tcp", timeout=30))
+            tr.register(tensors, spec)
+            for push in tp_pushes(spec, d_tp):
+                peer = tr.connect(d.addrs[push.d_rank][0])
+                handles.append(tr.write(peer, plan_segments(spec, peer.spec, src, dst), f"p{r}->d{push.d_rank}"))
+        for h in handles:
+            h.wait(30)
+        for r in range(d_tp):
+            before, spec = make(d_cfg, d_tp, r, "random", seed=7 + r)
+            got = torch.frombuffer(bytearray(d.dump(r, 0, tmp_path / f"d{r}.bin")), dtype=torch.uint8)
+            want = torch.cat([e.contiguous().reshape(-1) for e in d_expected(cfg, before, spec.heads, src, dst)])
+            assert torch.equal(got, want), f"D rank {r} of {d_tp} after pushes from P tp {p_tp}"
