@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from p2pkv.heads import check_shard_regions, check_tp, cut, describe, heads_of, shard_pieces
+from p2pkv.heads import HEAD, check_shard_regions, check_tp, cut, describe, heads_of, shard_pieces
 from p2pkv.segments import BlockPlan, Segments
 
 __all__ = ["KVCacheSpec", "RegionSpec", "PRESETS", "make_kv_caches", "plan_segments", "block_ids", "block_geometry",
@@ -95,11 +95,11 @@ class KVCacheSpec:
         check_tp(self.num_kv_heads, self.tp_size, self.tp_rank)
         local = len(self.heads)
         for i, r in enumerate(self.regions):
-            sizes = [c[1] for c in r.content if isinstance(c, tuple) and c[0] == "head"]
+            sizes = [c[1] for c in r.content if isinstance(c, tuple) and c[0] == HEAD]
             if local and sizes and sizes[0] != local:
-                raise ValueError(f"KV tensor {i} has {sizes[0]} heads in its 'head' dim, but "
-                                 f"{describe(self.heads, self.num_kv_heads, self.tp_size, self.tp_rank)} are "
-                                 f"{local}: num_kv_heads is the model's, tp_size/tp_rank pick this rank's share")
+                raise ValueError(f"KV tensor {i} has {sizes[0]} heads in its '{HEAD}' dim, but this rank holds "
+                                 f"{local}: {describe(self.heads, self.num_kv_heads, self.tp_size, self.tp_rank)}; "
+                                 "num_kv_heads is the model's, tp_size/tp_rank pick this rank's share")
 
     @property
     def heads(self) -> range:

@@ -219,7 +219,7 @@ def test_a_shard_without_a_named_head_dim_is_refused_when_heads_must_be_sliced()
     _, whole = make({"layout": "vllm", "heads": 4, "blocks": 6, "dtype": "fp32", "layers": 1})
     with pytest.raises(ValueError, match="no dim is named 'head'.*pass dim_names="):
         whole.check_compatible(spec)
-    with pytest.raises(ValueError, match="has 2 heads in its 'head' dim, but KV heads \\[0, 1\\) of 4"):
+    with pytest.raises(ValueError, match=r"2 heads in its 'head' dim, but this rank holds 1: KV heads \[0, 1\) of 4"):
         KVCacheSpec.from_tensors([t], block_dim=1, dim_names=("kv", "block", "token", "head", "dim"), num_kv_heads=4,
                                  tp_size=4, tp_rank=0)
 

@@ -41,4 +41,5 @@ def serve(backend: str, configs: list[dict], tp: int, rank: int, opts: dict, rol
 if __name__ == "__main__":
     if sys.argv[1] not in ("p", "d"):
         raise SystemExit(f"unknown role {sys.argv[1]!r}")
-    serve(sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), json.loads(sys.argv[6]), sys.argv[1])
+    role, backend, cfgs, tp, rank, opts = sys.argv[1:7]
+    serve(backend, json.loads(cfgs), int(tp), int(rank), json.loads(opts), role)
