@@ -36,6 +36,10 @@ def cache_bytes(args: argparse.Namespace) -> tuple[int, int]:
     return total, total if args.layout == "cross_layer" else per_layer
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
 def fill(region: torch.Tensor, seed: int) -> None:
     """Deterministic random bytes, made 4 MiB at a time so that filling (and re-making
     the expected bytes when verifying) never holds a second copy of a region."""
@@ -50,7 +54,7 @@ def build(args: argparse.Namespace, device: str, seed: int, side: str = "") -> t
     every couple of seconds (a cache of many GiB takes minutes to fill)."""
     _, nb = num_blocks(args)
     if side:
-        progress(f"{side}: allocating and filling {cache_bytes(args)[0] / 2**30:.2f} GiB of KV cache on {device}")
+        progress(f"{side}: allocating and filling {_size(cache_bytes(args)[0])} of KV cache on {device}")
     tensors, spec = make_kv_caches(args.layout, num_layers=args.layers, num_blocks=nb, block_size=args.block_size,
                                    num_kv_heads=args.kv_heads, head_size=args.head_size, dtype=args.dtype, device=device)
     total, done, shown = sum(t.nbytes for t in tensors), 0, time.monotonic()
@@ -58,7 +62,7 @@ def build(args: argparse.Namespace, device: str, seed: int, side: str = "") -> t
         fill(t.view(torch.uint8).view(-1), seed + i)
         done += t.nbytes
         if side and time.monotonic() - shown > PROGRESS_EVERY_S and done < total:
-            progress(f"{side}: filled {done / 2**30:.2f} of {total / 2**30:.2f} GiB")
+            progress(f"{side}: filled {_size(done)} of {_size(total)}")
             shown = time.monotonic()
     return tensors, spec
 
