@@ -75,7 +75,7 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("--plot needs matplotlib: pip install 'p2pkv[plot]'", file=sys.stderr)
+        print("--plot needs matplotlib: pip install matplotlib", file=sys.stderr)
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for backend in sorted({r["backend"] for r in rows}):
