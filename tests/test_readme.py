@@ -45,3 +45,20 @@ def test_the_layout_section_names_only_paths_that_exist():
             if not list(ROOT.glob(path.rstrip("/"))):
                 missing.append(path)
     assert not missing, f"README's layout names paths that do not exist: {missing}"
+
+
+def _cited(text: str, name: str) -> bool:
+    """Whether docs text cites data file `name`: by its name, or as a numbered series (`x_N.json`, `x_{1,2}.json`)."""
+    stem, number = re.fullmatch(r"(.*?)(?:_(\d+))?\.json", name).groups()
+    if name in text:
+        return True
+    return number is not None and (f"{stem}_N.json" in text or any(
+        number in m.split(",") for m in re.findall(re.escape(stem) + r"_\{([\d,]+)\}\.json", text)))
+
+
+def test_docs_data_holds_exactly_the_files_the_benchmarks_cite():
+    text = (ROOT / "docs" / "benchmarks.md").read_text()
+    files = sorted(p.name for p in (ROOT / "docs" / "data").glob("*.json"))
+    assert [f for f in files if not _cited(text, f)] == [], "docs/data files no table cites"
+    named = set(re.findall(r"\b([a-z0-9_]+\.json)\b", text)) - {"out.json"}
+    assert sorted(n for n in named if n not in files and not n.endswith("_N.json")) == []
