@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             print(f"p2pkv bench: error: {e}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            print("p2pkv bench: interrupted", file=sys.stderr)
+            return 130
     from p2pkv import doctor
     return doctor.main(as_json=args.json)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -272,3 +273,26 @@ def test_p_busy_load_runs_a_spinning_thread_or_process_and_stops_it():
             load.set("busy")
         assert child.poll() is None
     assert child.returncode is not None and load._proc is None
+
+
+def test_filling_a_large_cache_says_how_far_it_got(monkeypatch, capsys):
+    monkeypatch.setattr(cache, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(cache, "FILL_CHUNK", 1 << 16)
+    args = build_parser().parse_args(["bench", "--layers", "1", "--tokens", "64", "--layout", "cross_layer"])
+    cache.build(args, "cpu", 0, side="P")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "[p2pkv bench] P: allocating and filling 1.5 MiB of KV cache on cpu"
+    assert "[p2pkv bench] P: filled 0.1 MiB of 1.5 MiB" in lines and len(lines) > 3  # within one tensor
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_ends_in_one_line_without_a_traceback():
+    proc = subprocess.Popen([sys.executable, "-m", "p2pkv", "bench", "--layers", "2", "--tokens", "256",
+                             "--iters", "3000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "iteration" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130
+    assert rest.strip().splitlines()[-1] == "p2pkv bench: interrupted" and "Traceback" not in rest, rest

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from typing import Callable
 
 import torch
 
@@ -40,13 +41,28 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
-def fill(region: torch.Tensor, seed: int) -> None:
+def fill(region: torch.Tensor, seed: int, done: Callable[[int], None] | None = None) -> None:
     """Deterministic random bytes, made 4 MiB at a time so that filling (and re-making
-    the expected bytes when verifying) never holds a second copy of a region."""
+    the expected bytes when verifying) never holds a second copy of a region; `done(n)` after each piece."""
     g = torch.Generator().manual_seed(seed)
     for start in range(0, region.numel(), FILL_CHUNK):
         part = region[start:start + FILL_CHUNK]
         part.copy_(torch.randint(0, 256, (part.numel(),), dtype=torch.uint8, generator=g).to(region.device))
+        if done is not None:
+            done(part.numel())
+
+
+class _FillProgress:
+    """Says on stderr how far filling a cache got, every PROGRESS_EVERY_S seconds."""
+
+    def __init__(self, side: str, total: int):
+        self.side, self.total, self.done, self.shown = side, total, 0, time.monotonic()
+
+    def __call__(self, nbytes: int) -> None:
+        self.done += nbytes
+        if time.monotonic() - self.shown > PROGRESS_EVERY_S and self.done < self.total:
+            progress(f"{self.side}: filled {_size(self.done)} of {_size(self.total)}")
+            self.shown = time.monotonic()
 
 
 def build(args: argparse.Namespace, device: str, seed: int, side: str = "") -> tuple[list[torch.Tensor], KVCacheSpec]:
@@ -57,13 +73,9 @@ def build(args: argparse.Namespace, device: str, seed: int, side: str = "") -> t
         progress(f"{side}: allocating and filling {_size(cache_bytes(args)[0])} of KV cache on {device}")
     tensors, spec = make_kv_caches(args.layout, num_layers=args.layers, num_blocks=nb, block_size=args.block_size,
                                    num_kv_heads=args.kv_heads, head_size=args.head_size, dtype=args.dtype, device=device)
-    total, done, shown = sum(t.nbytes for t in tensors), 0, time.monotonic()
+    done = _FillProgress(side, sum(t.nbytes for t in tensors)) if side else None
     for i, t in enumerate(tensors):
-        fill(t.view(torch.uint8).view(-1), seed + i)
-        done += t.nbytes
-        if side and time.monotonic() - shown > PROGRESS_EVERY_S and done < total:
-            progress(f"{side}: filled {_size(done)} of {_size(total)}")
-            shown = time.monotonic()
+        fill(t.view(torch.uint8).view(-1), seed + i, done)
     return tensors, spec
 
 
