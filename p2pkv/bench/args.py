@@ -47,7 +47,7 @@ def _seconds(text: str) -> float:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The bench's flags (DESIGN.md, "Bench CLI contract") on `p`."""
+    """The bench's flags on `p`; their names and the --json fields are a contract that scripts rely on."""
     p.add_argument("--backend", default="tcp", help="transport(s), comma separated: tcp, nccl, ucx, cuda_ipc")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both KV caches live")
     p.add_argument("--layers", type=_at_least(1), default=32, help="KV layers (one tensor each, except cross_layer)")

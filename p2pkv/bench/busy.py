@@ -1,6 +1,6 @@
 """--busy: the idle run's requests again with P's engine thread busy in pure Python (against the same spin in
-another process) and with D's thread as an engine loop, each case verified on its own (DESIGN.md, "Threads
-and the GIL"). P's load is switched by D, over stdin/stdout (local pair) or torchrun's store."""
+another process) and with D's thread as an engine loop, each case verified on its own (docs/architecture.md,
+"Threads: who moves the bytes"). P's load is switched by D, over stdin/stdout (local pair) or torchrun's store."""
 from __future__ import annotations
 
 import argparse
