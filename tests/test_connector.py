@@ -103,6 +103,11 @@ def test_pull_moves_exact_blocks_and_releases_on_confirm(layouts):
         wait_finished(p, "req-1", "saved", also=(d,))
         assert p.metrics["released_confirmed"] == 1 and p.holding() == {}
         assert d.metrics["loaded_blocks"] == 4
+        ps, ds = p.stats(), d.stats()
+        nbytes = 4 * pspec.bytes_per_block
+        assert ps.counts["sent_blocks"] == 4 and ps.counts["sent_bytes"] == nbytes and ps.held == 0
+        assert ps.holds_ended == {"confirmed": 1} and ps.counts["saved_requests"] == 1
+        assert ds.counts["loaded_blocks"] == 4 and ds.counts["loaded_bytes"] == nbytes and not ds.load_failures
     finally:
         p.close()
         d.close()
@@ -124,6 +129,8 @@ def test_push_layer_by_layer_lands_each_layer_before_the_next_is_saved():
             assert block_bytes(pt, pspec, s) == block_bytes(dt, dspec, t)
         wait_finished(p, "req-2", "saved", also=(d,))
         assert p.metrics["released_confirmed"] == 1 and p.metrics["sent_bytes"] > 0
+        assert p.stats().counts["sent_blocks"] == 4 and d.stats().counts["loaded_blocks"] == 4
+        assert d.stats().counts["loaded_bytes"] == p.stats().counts["sent_bytes"] == 4 * pspec.bytes_per_block
     finally:
         p.close()
         d.close()
@@ -152,6 +159,7 @@ def test_producer_releases_after_hold_timeout_when_nobody_comes():
         wait_finished(p, "lonely", "saved", timeout=5, also=(d,))
         assert p.metrics["released_timeout"] == 1 and p.metrics["released_confirmed"] == 0
         assert p.holding() == {}
+        assert p.stats().holds_ended == {"expired": 1} and p.stats().held == 0
     finally:
         p.close()
         d.close()
@@ -172,6 +180,7 @@ def test_pull_load_after_the_hold_expired_fails_instead_of_reading_reused_blocks
         d.load("d-late", [2, 5], peer=p.address, remote_request_id="late", remote_block_ids=[7, 3])
         f = wait_finished(d, "d-late", also=(p,))
         assert set(f.failed["d-late"].blocks) == {2, 5} and "released these blocks" in f.failed["d-late"].reason
+        assert f.failed["d-late"].cause == "gone"
         p.save("fresh", [4])
         d.load("d-fresh", [6], peer=p.address, remote_request_id="fresh", remote_block_ids=[4])
         assert not wait_finished(d, "d-fresh", also=(p,)).failed
@@ -191,6 +200,7 @@ def test_load_from_gone_peer_reports_every_block():
         assert f.failed["x"].blocks == (4, 1, 2)
         assert addr in f.failed["x"].reason and "'x'" in f.failed["x"].reason
         assert d.metrics["failed_blocks"] == 3
+        assert f.failed["x"].cause == "unreachable" and d.stats().load_failures == {"unreachable": 1}
     finally:
         d.close()
 

@@ -21,6 +21,8 @@ pytest.importorskip("vllm")
 from tiny_llama import prompts as make_prompts  # noqa: E402
 from tiny_llama import write_tiny_llama  # noqa: E402
 
+from p2pkv.integrations.vllm import DiscardSpec, LoadSpec, SaveSpec  # noqa: E402
+
 pytestmark = [pytest.mark.vllm]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -62,6 +64,12 @@ class Role:
             raise AssertionError(f"{self.name} exited with {self.proc.wait()} (see {self.log.name})")
         return out
 
+    def metrics(self) -> dict:
+        """The p2pkv series in this instance's vLLM Prometheus registry (its /metrics)."""
+        self.proc.stdin.write(json.dumps({"metrics": True}) + "\n")
+        self.proc.stdin.flush()
+        return self.next(60)["metrics"]
+
     def send(self, prompts: list[str], params: list | None, max_tokens: int) -> None:
         self.proc.stdin.write(json.dumps({"prompts": prompts, "params": params, "max_tokens": max_tokens}) + "\n")
         self.proc.stdin.flush()
@@ -89,6 +97,11 @@ def read_metrics(path: str) -> dict:
             return json.load(f)
     except (OSError, ValueError):
         return {}
+
+
+def series(metrics: dict, name: str) -> float:
+    """The sum of every sample of `name{...}` (all label values)."""
+    return sum(v for k, v in metrics.items() if k.split("{")[0] == name)
 
 
 def wait_metrics(path: str, ok, timeout: float = 60) -> dict:
@@ -139,10 +152,10 @@ def fake_blocks(ids: list[int], cached: int):
 def test_block_dim_is_found_when_another_dim_has_the_same_size():
     import torch
 
-    from p2pkv.integrations.vllm import _block_dim
-    assert _block_dim(torch.empty(64, 2, 32, 64), 64) == 0          # CPU: [blocks, heads, tokens, 2*head]
-    assert _block_dim(torch.empty(2, 16, 16, 4, 8), 16) == 1        # GPU: [2, blocks, tokens, heads, head]
-    assert _block_dim(torch.empty(8, 2, 16, 4, 16).permute(1, 0, 2, 3, 4), 8) == 1
+    from p2pkv.integrations.vllm.worker import block_dim
+    assert block_dim(torch.empty(64, 2, 32, 64), 64) == 0          # CPU: [blocks, heads, tokens, 2*head]
+    assert block_dim(torch.empty(2, 16, 16, 4, 8), 16) == 1        # GPU: [2, blocks, tokens, heads, head]
+    assert block_dim(torch.empty(8, 2, 16, 4, 16).permute(1, 0, 2, 3, 4), 8) == 1
 
 
 def test_producer_holds_the_prompt_blocks_and_names_them_for_d():
@@ -153,7 +166,7 @@ def test_producer_holds_the_prompt_blocks_and_names_them_for_d():
     assert delay and params == {"do_remote_prefill": True, "do_remote_decode": False, "transfer_mode": "pull",
                                 "remote_address": "10.0.0.1:7100", "remote_request_id": "req-1",
                                 "remote_block_ids": [11, 12, 13], "remote_num_tokens": 70}
-    assert c.build_connector_meta(None).saves == [{"req": "req-1", "key": "req-1", "blocks": [11, 12, 13]}]
+    assert c.build_connector_meta(None).saves == [SaveSpec("req-1", "req-1", (11, 12, 13))]
     aborted = fake_request(70, {"do_remote_decode": True}, RequestStatus.FINISHED_ABORTED, computed=70)
     assert c.request_finished(aborted, [1, 2, 3]) == (False, None)
 
@@ -163,13 +176,13 @@ def test_push_producer_sends_layers_in_the_step_that_completes_the_prefill():
 
     from vllm.v1.request import RequestStatus
     c = fake_connector("kv_producer", mode="push")
-    c._kv_cache_manager = NS(get_block_ids=lambda rid: ([4, 5, 6, 7],))
+    c.scheduler.kv_cache_manager = NS(get_block_ids=lambda rid: ([4, 5, 6, 7],))
     req = fake_request(70, {"do_remote_decode": True, "transfer_id": "x-9"})
     c.update_state_after_alloc(req, fake_blocks([4, 5, 6], cached=0), 0)
     assert c.build_connector_meta(NS(num_scheduled_tokens={"req-1": 40})).layer_saves == []
     req.num_computed_tokens = 40
     meta = c.build_connector_meta(NS(num_scheduled_tokens={"req-1": 30}))
-    assert meta.layer_saves == [{"req": "req-1", "key": "x-9", "blocks": [4, 5, 6]}]
+    assert meta.layer_saves == [SaveSpec("req-1", "x-9", (4, 5, 6))]
     req.status = RequestStatus.FINISHED_ABORTED
     assert c.request_finished(req, [4, 5, 6]) == (False, None)
     assert c.build_connector_meta(NS(num_scheduled_tokens={})).drops == ["x-9"]
@@ -183,8 +196,7 @@ def test_consumer_loads_only_what_its_prefix_cache_lacks():
     assert c.get_num_new_matched_tokens(req, 32) == (38, True)
     c.update_state_after_alloc(req, fake_blocks([5, 6, 7], cached=1), 38)
     load, = c.build_connector_meta(None).loads
-    assert load == {"req": "req-1", "key": "p-7", "peer": "10.0.0.1:7100", "offset": 1, "blocks": [6, 7],
-                    "remote_blocks": [22, 23]}
+    assert load == LoadSpec("req-1", "p-7", "10.0.0.1:7100", blocks=(6, 7), remote_blocks=(22, 23), offset=1)
     assert c.get_num_new_matched_tokens(req, 0) == (0, False)
 
 
@@ -204,9 +216,28 @@ def test_malformed_transfer_params_cost_a_local_prefill_not_the_engine(bad, capl
     req = fake_request(70, {**PULL, **bad})
     assert c.get_num_new_matched_tokens(req, 0) == (0, False)
     assert "kv_transfer_params ignored" in caplog.text
+    assert c.get_kv_connector_stats().to_dict()["load_failures"] == {"bad_params": 1}
+    assert c.get_kv_connector_stats() is None
     c.update_state_after_alloc(req, fake_blocks([5, 6, 7], cached=0), 0)
     meta = c.build_connector_meta(None)
     assert meta.loads == [] and meta.discards == []
+
+
+def test_vllms_toy_proxy_params_reach_p_and_ps_output_reaches_d_as_is():
+    """vLLM's toy proxy sends P NixlConnector-style params (extra keys, None values) and passes
+    P's output to D unchanged: P holds, D loads, the extra keys are ignored."""
+    from vllm.v1.request import RequestStatus
+    toy = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
+           "remote_block_ids": None, "remote_host": None, "remote_port": None}
+    delay, out = fake_connector("kv_producer").request_finished(
+        fake_request(70, toy, RequestStatus.FINISHED_LENGTH_CAPPED, computed=70), [4, 5, 6])
+    assert delay and out["remote_block_ids"] == [4, 5, 6] and out["remote_address"] == "10.0.0.1:7100"
+    d = fake_connector("kv_consumer")
+    req = fake_request(70, {**out, "remote_prefill_cached_tokens": 0, "remote_engine_id": "x"})
+    assert d.get_num_new_matched_tokens(req, 0) == (70, True)
+    d.update_state_after_alloc(req, fake_blocks([1, 2, 3], cached=0), 70)
+    load, = d.build_connector_meta(None).loads
+    assert (load.key, load.blocks, load.remote_blocks) == ("req-1", (1, 2, 3), (4, 5, 6))
 
 
 def test_kv_both_serves_as_producer_and_consumer_and_single_roles_stay_in_their_lane():
@@ -233,10 +264,10 @@ def test_push_consumer_sends_its_blocks_and_an_abort_releases_p():
     assert c.get_num_new_matched_tokens(req, 64) == (36, True)
     c.update_state_after_alloc(req, fake_blocks([8, 9, 10, 11], cached=2), 36)
     load, = c.build_connector_meta(None).loads
-    assert (load["key"], load["offset"], load["blocks"]) == ("x-1", 2, [10, 11])
+    assert (load.key, load.offset, load.blocks) == ("x-1", 2, (10, 11))
     gone = fake_request(100, dict(params, do_remote_prefill=True))
     assert c.request_finished(gone, []) == (False, None)
-    assert c.build_connector_meta(None).discards == [{"peer": "10.0.0.1:7100", "key": "x-1"}]
+    assert c.build_connector_meta(None).discards == [DiscardSpec("10.0.0.1:7100", "x-1")]
 
 
 class CallbackSink:
@@ -286,8 +317,8 @@ def test_push_consumer_tells_the_router_whether_it_needs_p():
         c.update_state_after_alloc(cached, fake_blocks([8, 9, 10, 11], cached=3), 0)
         assert sink.next() == {"transfer_id": "x-3", "need_prefill": False, "tokens": 0}
         meta = c.build_connector_meta(None)
-        assert [ld["key"] for ld in meta.loads] == ["x-2"]
-        assert meta.discards == [{"peer": "10.0.0.1:7100", "key": "x-3"}]
+        assert [ld.key for ld in meta.loads] == ["x-2"]
+        assert meta.discards == [DiscardSpec("10.0.0.1:7100", "x-3")]
     finally:
         c.shutdown()
         sink.close()
@@ -302,7 +333,7 @@ def test_push_consumer_goes_on_when_the_router_is_unreachable():
         assert c.get_num_new_matched_tokens(req, 0) == (100, True)
         c.update_state_after_alloc(req, fake_blocks([1, 2, 3, 4], cached=0), 100)
         load, = c.build_connector_meta(None).loads
-        assert (load["key"], load["blocks"]) == ("x-4", [1, 2, 3, 4])
+        assert (load.key, load.blocks) == ("x-4", (1, 2, 3, 4))
     finally:
         c.shutdown()
 
@@ -360,22 +391,37 @@ def test_pull_then_producer_killed(setup):
         d.send(prompts, for_d(params), MAX_TOKENS)
         check_d(d.next(), setup["expected"]["pull"], loaded=True)
         dmet = read_metrics(dm)
+        blocks = sum(len(x["remote_block_ids"]) for x in params)
         assert dmet.get("loaded_requests") == 8 and not dmet.get("load_failures")
-        assert dmet["loaded_blocks"] == sum(len(x["remote_block_ids"]) for x in params)
+        assert dmet["loaded_blocks"] == blocks and dmet["loaded_bytes"] > 0
         pmet = wait_metrics(pm, lambda m: m.get("reported_finished_sending") == 8)
-        assert pmet["released_confirmed"] == 8 and not pmet.get("released_timeout")
-        assert pmet["held_requests"] == 0 and pmet["reported_finished_sending"] == 8
+        assert pmet["holds_ended"] == {"confirmed": 8} and pmet["sent_blocks"] == blocks
+        assert pmet["held"] == 0 and pmet["reported_finished_sending"] == 8
+        # The same figures on D's vLLM /metrics (its Prometheus registry).
+        dprom = d.metrics()
+        assert dprom["vllm:p2pkv_transfer_blocks{direction=loaded}"] == blocks
+        assert dprom["vllm:p2pkv_transfer_bytes{direction=loaded}"] == dmet["loaded_bytes"]
+        assert dprom["vllm:p2pkv_loads{}"] == 8 and dprom["vllm:p2pkv_load_seconds{}_count"] == 8
+        assert not series(dprom, "vllm:p2pkv_load_failures")
 
         # P computes a new batch, then dies before D loads it: D recomputes every block.
         prompts = setup["prompts"]["kill"]
         p.send(prompts, [{"do_remote_decode": True}] * len(prompts), 1)
-        params = p.next()["kv_transfer_params"]
+        params2 = p.next()["kv_transfer_params"]
+        # P's vLLM /metrics: the first batch's holds ended confirmed and its blocks were read.
+        pprom = p.metrics()
+        assert pprom["vllm:p2pkv_transfer_blocks{direction=sent}"] == blocks
+        assert pprom["vllm:p2pkv_transfer_bytes{direction=sent}"] == pmet["sent_bytes"] > 0
+        assert pprom["vllm:p2pkv_holds_ended{outcome=confirmed}"] == 8 and "vllm:p2pkv_holds{}" in pprom
         p.kill()
-        d.send(prompts, for_d(params), MAX_TOKENS)
+        d.send(prompts, for_d(params2), MAX_TOKENS)
         check_d(d.next(), setup["expected"]["kill"], loaded=False)
         dmet = read_metrics(dm)
-        assert dmet.get("load_failures") == 8
-        assert dmet["failed_blocks"] == sum(len(x["remote_block_ids"]) for x in params)
+        failed = sum(len(x["remote_block_ids"]) for x in params2)
+        assert sum(dmet["load_failures"].values()) == 8 and dmet["failed_blocks"] == failed
+        dprom = d.metrics()
+        assert series(dprom, "vllm:p2pkv_load_failures") == 8
+        assert dprom["vllm:p2pkv_failed_blocks{}"] == failed
     finally:
         p.kill()
         d.kill()
@@ -415,9 +461,13 @@ def test_push_d_then_p(setup):
         check_d(d.next(), setup["expected"]["push"], loaded=True)
         dmet = read_metrics(dm)
         assert dmet.get("loaded_requests") == 8 and not dmet.get("load_failures")
+        dprom = d.metrics()
+        assert dprom["vllm:p2pkv_transfer_blocks{direction=loaded}"] == dmet["loaded_blocks"] > 0
+        assert dprom["vllm:p2pkv_transfer_bytes{direction=loaded}"] == dmet["loaded_bytes"] > 0
+        assert dprom["vllm:p2pkv_loads{}"] == 8
         pmet = wait_metrics(pm, lambda m: m.get("reported_finished_sending") == 8)
-        assert pmet["released_confirmed"] == 8 and not pmet.get("released_timeout")
-        assert pmet["held_requests"] == 0 and pmet["saved_requests"] == 8
+        assert pmet["holds_ended"] == {"confirmed": 8} and pmet["sent_bytes"] == dmet["loaded_bytes"]
+        assert pmet["held"] == 0 and pmet["saved_requests"] == 8
         # D asked first, so P may send layers while its prefill runs (layers_pushed_before_final); whether
         # the first batch overlaps depends on when P's first contact with D (a Python handshake, which
         # vLLM's spinning worker starves) completes, so only the pushes themselves are asserted.
@@ -431,6 +481,11 @@ def test_push_d_then_p(setup):
         dmet = read_metrics(dm)
         assert dmet.get("loaded_requests") == 8 and not dmet.get("load_failures")
         assert read_metrics(pm) == pmet
+        p.send(["a plain prompt"], None, 1)  # P's engine then hands vLLM the stats of its last steps
+        p.next()
+        pprom = p.metrics()
+        assert pprom["vllm:p2pkv_transfer_bytes{direction=sent}"] == pmet["sent_bytes"]
+        assert pprom["vllm:p2pkv_holds_ended{outcome=confirmed}"] == 8 and pprom["vllm:p2pkv_holds{}"] == 0
 
         # P is gone before D asks for the next batch: D recomputes every prompt.
         p.kill()
@@ -439,7 +494,8 @@ def test_push_d_then_p(setup):
                           "transfer_id": f"gone-{i}"} for i in range(len(prompts))], MAX_TOKENS)
         check_d(d.next(), setup["expected"]["kill_push"], loaded=False)
         dmet = read_metrics(dm)
-        assert dmet.get("load_failures") == 8 and dmet.get("loaded_requests") == 8
+        assert sum(dmet["load_failures"].values()) == 8 and dmet.get("loaded_requests") == 8
+        assert series(d.metrics(), "vllm:p2pkv_load_failures") == 8
     finally:
         p.kill()
         d.kill()

@@ -5,8 +5,9 @@
 
 It prints {"ready": true} once the engine is up, then answers each stdin line
 {"prompts": [...], "params": [...] | null, "max_tokens": N} with token ids,
-num_cached_tokens and the outputs' kv_transfer_params; "exit" ends it. Result
-lines start with "P2PKV-JSON " because vLLM logs to stdout too.
+num_cached_tokens and the outputs' kv_transfer_params, and {"metrics": true} with
+the p2pkv series vLLM's Prometheus registry holds (what its /metrics serves);
+"exit" ends it. Result lines start with "P2PKV-JSON " because vLLM logs to stdout too.
 """
 from __future__ import annotations
 
@@ -21,6 +22,22 @@ MARK = "P2PKV-JSON "
 def emit(obj: dict) -> None:
     sys.stdout.write(MARK + json.dumps(obj) + "\n")
     sys.stdout.flush()
+
+
+def p2pkv_metrics(llm) -> dict:
+    """{'name{label=value,...}': value} for every vllm:p2pkv_* sample (engine labels left out)."""
+    from vllm.v1.metrics.reader import Histogram
+    out = {}
+    for m in llm.get_metrics():
+        if not m.name.startswith("vllm:p2pkv_"):
+            continue
+        labels = ",".join(f"{k}={v}" for k, v in sorted(m.labels.items()) if k not in ("model_name", "engine"))
+        key = f"{m.name}{{{labels}}}"
+        if isinstance(m, Histogram):
+            out[key + "_count"], out[key + "_sum"] = m.count, m.sum
+        else:
+            out[key] = m.value
+    return out
 
 
 def main() -> None:
@@ -49,12 +66,15 @@ def main() -> None:
                                        "metrics_path": args.metrics, "load_timeout": args.load_timeout,
                                        "hold_timeout": 120})
     llm = LLM(model=args.model, tokenizer=args.model, enforce_eager=True, max_model_len=512, block_size=args.block_size,
-              dtype="float32", max_num_seqs=16, kv_transfer_config=kv, seed=0)
+              dtype="float32", max_num_seqs=16, kv_transfer_config=kv, seed=0, disable_log_stats=False)
     emit({"ready": True})
     for line in sys.stdin:
         if line.strip() == "exit":
             break
         cmd = json.loads(line)
+        if cmd.get("metrics"):
+            emit({"metrics": p2pkv_metrics(llm)})
+            continue
         params = cmd.get("params") or [None] * len(cmd["prompts"])
         sps = [SamplingParams(max_tokens=cmd["max_tokens"], temperature=0.0, ignore_eos=True,
                               extra_args={"kv_transfer_params": p} if p is not None else None) for p in params]

@@ -18,6 +18,6 @@ can recompute them. A pull load is reported loaded only after P confirms it stil
 held the request when D read it.
 """
 from p2pkv.connector.core import MODES, KVConnector
-from p2pkv.connector.records import Finished, LoadFailure
+from p2pkv.connector.records import FAILURE_CAUSES, ConnectorStats, Finished, LoadFailure
 
-__all__ = ["KVConnector", "Finished", "LoadFailure", "MODES"]
+__all__ = ["KVConnector", "Finished", "LoadFailure", "MODES", "ConnectorStats", "FAILURE_CAUSES"]

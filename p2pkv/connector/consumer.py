@@ -75,11 +75,13 @@ class Consumer:
             if self.loads.get(ld.key) is not ld:
                 continue
             if self.mode == "push" and ld.remote_key in ld.link.undelivered and not ld.done:
-                self._end(ld, f"cannot reach the producer: {ld.link.undelivered.pop(ld.remote_key)}", tell=False)
+                self._end(ld, f"cannot reach the producer: {ld.link.undelivered.pop(ld.remote_key)}", tell=False,
+                          cause="unreachable")
             elif ld.deadline < now:
                 # Reads still posted may land later: report only once they ended (the transport's
                 # timeout bounds that), so no late byte reaches blocks the engine reused.
-                ld.error = ld.error or f"not loaded within the {self.load_timeout:g} s load timeout"
+                if ld.error is None:
+                    ld.error, ld.cause = f"not loaded within the {self.load_timeout:g} s load timeout", "timeout"
                 if not ld.reads:
                     self._end(ld, ld.error)
 
@@ -96,13 +98,14 @@ class Consumer:
         if ld is None:
             return
         if isinstance(msg, Abort):
-            self._end(ld, f"producer gave up: {msg.reason}")
+            self._end(ld, f"producer gave up: {msg.reason}", cause="producer_abort")
         elif isinstance(msg, Landed):
             self._landed(ld, msg)
         elif isinstance(msg, (Held, Sums)) and ld.awaiting_answer:
             if msg.gone:
                 self._end(ld, "the producer had released these blocks (its hold_timeout passed or its "
-                              "engine dropped the request), so what was read may be another request's KV")
+                              "engine dropped the request), so what was read may be another request's KV",
+                          cause="gone")
                 return
             if isinstance(msg, Sums):
                 for layer, theirs in enumerate(msg.sums[:len(self.layers)]):
@@ -116,7 +119,7 @@ class Consumer:
         """Pull: post the reads of a load once its producer is dialled; fail it if the dial failed."""
         link = ld.link
         if link.down:
-            self._end(ld, f"cannot reach the producer: {link.error}", tell=False)
+            self._end(ld, f"cannot reach the producer: {link.error}", tell=False, cause="unreachable")
             return
         if link.peer is None:
             return
@@ -124,7 +127,7 @@ class Consumer:
         try:
             full = plan_segments(link.peer.spec, self.layers.spec, ld.remote_blocks, ld.blocks)
         except ValueError as e:
-            self._end(ld, f"bad plan: {e}")
+            self._end(ld, f"bad plan: {e}", cause="bad_plan")
             return
         groups = [[layer] for layer in range(len(self.layers))] if self.layerwise else [list(range(len(self.layers)))]
         ld.reads = []
@@ -155,9 +158,11 @@ class Consumer:
             if isinstance(h.error, RequestGone):
                 ld.error = ld.error or ("the producer had released these blocks (its hold_timeout passed or its "
                                         "engine dropped the request), so nothing was read")
+                ld.cause = ld.cause or "gone"
                 ld.closed_only = False
             elif h.error is not None:
                 ld.error = ld.error or str(h.error)
+                ld.cause = ld.cause or "transfer_error"
                 if isinstance(h.error, PeerClosedError):
                     ld.link.broken(str(h.error))
                 else:
@@ -180,7 +185,7 @@ class Consumer:
         log.info("request %r: connection to %s was closed (%s); re-dialling and reading again",
                  ld.key, ld.peer_address, ld.error)
         self.metrics["load_retries"] += 1
-        ld.retried, ld.error, ld.reads = True, None, None
+        ld.retried, ld.error, ld.cause, ld.reads = True, None, None, None
         ld.done.clear()
         ld.handles.clear()
         ld.link.use()
@@ -211,6 +216,7 @@ class Consumer:
             return
         ld.bad |= set(range(msg.n, len(ld.blocks)))
         ld.sent = msg.n
+        self.metrics["loaded_bytes"] += msg.n * self.layers.block_bytes(msg.layer)
         if msg.sums is not None:
             mine = self.layers.block_sums(ld.blocks[:len(msg.sums)], msg.layer)
             bad = {i for i, (a, b) in enumerate(zip(mine, msg.sums)) if a != b}
@@ -220,8 +226,9 @@ class Consumer:
         if len(ld.done) == len(self.layers):
             self._end(ld, None)
 
-    def _end(self, ld: Load, error: str | None, tell: bool = True) -> None:
-        """Report a load ended (failed blocks named) and tell P, unless P could not be reached at all."""
+    def _end(self, ld: Load, error: str | None, tell: bool = True, cause: str | None = None) -> None:
+        """Report a load ended (failed blocks named, `cause` one of FAILURE_CAUSES) and tell P,
+        unless P could not be reached at all."""
         self.loads.pop(ld.key, None)
         if self._by_remote.get(ld.remote_key) == ld.key:
             del self._by_remote[ld.remote_key]
@@ -236,8 +243,13 @@ class Consumer:
             if ld.bad - missing:
                 parts.append(f"checksum mismatch in {len(ld.bad - missing)} block(s)")
             reason = error or "; ".join(parts)
-            self._failed[ld.key] = LoadFailure(blocks, f"request {ld.key!r} from {ld.peer_address}: {reason}")
+            if error is not None:
+                cause = cause or ld.cause or "transfer_error"
+            else:
+                cause = "checksum" if ld.bad - missing else "partial"
+            self._failed[ld.key] = LoadFailure(blocks, f"request {ld.key!r} from {ld.peer_address}: {reason}", cause)
             self.metrics["load_failures"] += 1
+            self.metrics[f"load_failed_{cause}"] += 1
             self.metrics["failed_blocks"] += len(blocks)
             self.metrics["loaded_blocks"] += len(ld.blocks) - len(blocks)
             log.warning("load of request %r from %s failed for %d of %d blocks: %s", ld.key, ld.peer_address,

@@ -18,7 +18,7 @@ from p2pkv.connector.layers import LayerMap
 from p2pkv.connector.links import Links
 from p2pkv.connector.messages import BadMessage, ToConsumer, ToProducer, parse
 from p2pkv.connector.producer import Producer
-from p2pkv.connector.records import Finished, LoadFailure
+from p2pkv.connector.records import ConnectorStats, Finished, LoadFailure
 from p2pkv.layout import KVCacheSpec, block_ids
 from p2pkv.transport import TransferError, Transport, get_transport
 
@@ -152,6 +152,12 @@ class KVConnector:
             if self.producer is None:
                 return {}
             return {k: h.blocks.tolist() for k, h in self.producer.holds.items()}
+
+    def stats(self) -> ConnectorStats:
+        """A snapshot of this connector's counters and of the holds it keeps now (read-only)."""
+        with self._lock:
+            held = len(self.producer.holds) if self.producer is not None else 0
+            return ConnectorStats.from_counter(self.metrics, held)
 
     # ----------------------------------------------------------------------- consumer
     def load(self, request_id: str, block_ids: Sequence[int], *, peer: str, remote_request_id: str | None = None,

@@ -32,6 +32,10 @@ class LayerMap:
             raise ValueError(f"layer {layer} out of range [0, {len(self.groups)})")
         return layer
 
+    def block_bytes(self, layer: int) -> int:
+        """Bytes one block holds in `layer` (across the tensors that hold it)."""
+        return sum(self.spec.regions[r].bytes_per_block for r in self.groups[layer])
+
     def segments(self, full: Segments, layer: int) -> Segments:
         """The part of a planned transfer that moves `layer` (keeping its block-id plan)."""
         m = np.isin(full.region, self.groups[layer])

@@ -166,6 +166,7 @@ class Producer:
             return
         layers = sorted(h.saved - h.written)
         h.written |= set(layers)
+        h.sent_blocks = len(src)
         self.metrics["layers_pushed"] += len(layers)
         if not h.final:
             self.metrics["layers_pushed_before_final"] += len(layers)
@@ -221,8 +222,21 @@ class Producer:
         if h is not None and not h.final and not force:
             h.pending_end = h.pending_end or how
             return
-        if self.holds.pop(key, None) is not None:
-            self._report_end(key, how)
+        h = self.holds.pop(key, None)
+        if h is None:
+            return
+        if how == "released_confirmed":
+            self._count_sent(h)
+        self._report_end(key, how)
+
+    def _count_sent(self, h: Hold) -> None:
+        """Count the blocks D confirmed: those pushed to it (their bytes were counted per
+        write), or, in pull, the blocks it read from this hold."""
+        if h.written:
+            self.metrics["sent_blocks"] += h.sent_blocks
+            return
+        self.metrics["sent_blocks"] += len(h.blocks)
+        self.metrics["sent_bytes"] += len(h.blocks) * self.layers.spec.bytes_per_block
 
     def _report_end(self, key: str, how: str) -> None:
         """Stop serving held reads of the request; report it once no read of its blocks is in flight."""
