@@ -203,24 +203,25 @@ class ControlPlaneTransport(Transport):
     def connect_async(self, address: str) -> Connecting:
         if not self._native_setup_on:
             return super().connect_async(address)
+        host, port, up = self._dial_target(address)
+        if up is not None:
+            return Connected(up)
+        return self._gate.dial(address, host, port, self._hello)
+
+    def _dial_target(self, address: str) -> tuple[str, int, Peer | None]:
+        """(host, port, the peer if a live connection to `address` exists), after the checks every dial makes."""
         self._check_open()
         self._require_registered()
         host, port = parse_address(address)
         with self._lock:
             conn = self._out.get(address)
-            if conn is not None and conn.up:
-                return Connected(conn.peer)
-        return self._gate.dial(address, host, port, self._hello)
+            return host, port, conn.peer if conn is not None and conn.up else None
 
     def _connect_py(self, address: str) -> Peer:
         """Dial and hand-shake on this thread (TLS, and backends whose set-up needs Python)."""
-        self._check_open()
-        self._require_registered()
-        host, port = parse_address(address)
-        with self._lock:
-            conn = self._out.get(address)
-            if conn is not None and conn.up:
-                return conn.peer
+        host, port, up = self._dial_target(address)
+        if up is not None:
+            return up
         try:
             sock = dial(host, port, self.timeout)
         except socket.timeout as e:
