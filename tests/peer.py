@@ -19,29 +19,34 @@ def build(cfg: dict, seed_offset: int = 0):
                           head_size=cfg.get("head_size", 8), dtype=cfg.get("dtype", "bf16"), fill="random", generator=g)
 
 
+def serve(backend: str, built: list, opts: dict) -> None:
+    """Register each (tensors, spec) on a transport of its own, print its address, then obey stdin."""
+    caches, transports = [], []
+    try:
+        for tensors, spec in built:
+            tr = get_transport(backend, **opts)
+            transports.append(tr)
+            tr.register(tensors, spec)
+            caches.append(tensors)
+            print(f"ADDR {tr.address}", flush=True)
+        for line in sys.stdin:
+            cmd = line.split()
+            if not cmd or cmd[0] == "quit":
+                break
+            if cmd[0] == "dump":
+                with open(cmd[2], "wb") as f:
+                    for t in caches[int(cmd[1])]:
+                        f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
+                print("DUMPED", flush=True)
+    finally:
+        for tr in transports:
+            tr.close()
+
+
 def main() -> None:
     backend, configs = sys.argv[1], json.loads(sys.argv[2])
     opts = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
-    caches, transports = [], []
-    for cfg in configs:
-        tensors, spec = build(cfg)
-        tr = get_transport(backend, **opts)
-        tr.register(tensors, spec)
-        caches.append(tensors)
-        transports.append(tr)
-        print(f"ADDR {tr.address}", flush=True)
-    for line in sys.stdin:
-        cmd = line.split()
-        if not cmd or cmd[0] == "quit":
-            break
-        if cmd[0] == "dump":
-            i, path = int(cmd[1]), cmd[2]
-            with open(path, "wb") as f:
-                for t in caches[i]:
-                    f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
-            print("DUMPED", flush=True)
-    for tr in transports:
-        tr.close()
+    serve(backend, [build(cfg) for cfg in configs], opts)
 
 
 if __name__ == "__main__":

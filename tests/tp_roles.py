@@ -8,38 +8,17 @@ from __future__ import annotations
 import json
 import sys
 
-import torch
-
-from p2pkv.transport import get_transport
+from peer import serve
 from tpcheck import make, p_shard
 
 
-def serve(backend: str, configs: list[dict], tp: int, rank: int, opts: dict, role: str) -> None:
-    transports, caches = [], []
-    try:
-        for cfg in configs:
-            tensors, spec = p_shard(cfg, tp, rank) if role == "p" else make(cfg, tp, rank, "random", seed=7 + rank)
-            tr = get_transport(backend, **opts)
-            transports.append(tr)
-            tr.register(tensors, spec)
-            caches.append(tensors)
-            print(f"ADDR {tr.address}", flush=True)
-        for line in sys.stdin:
-            cmd = line.split()
-            if not cmd or cmd[0] == "quit":
-                break
-            if cmd[0] == "dump":
-                with open(cmd[2], "wb") as f:
-                    for t in caches[int(cmd[1])]:
-                        f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
-                print("DUMPED", flush=True)
-    finally:
-        for tr in transports:
-            tr.close()
+def shards(configs: list[dict], tp: int, rank: int, role: str) -> list:
+    """Rank `rank`'s cache of each config: P's shard of the full cache, or D's seeded random one."""
+    return [p_shard(cfg, tp, rank) if role == "p" else make(cfg, tp, rank, "random", seed=7 + rank) for cfg in configs]
 
 
 if __name__ == "__main__":
     if sys.argv[1] not in ("p", "d"):
         raise SystemExit(f"unknown role {sys.argv[1]!r}")
     role, backend, cfgs, tp, rank, opts = sys.argv[1:7]
-    serve(backend, json.loads(cfgs), int(tp), int(rank), json.loads(opts), role)
+    serve(backend, shards(json.loads(cfgs), int(tp), int(rank), role), json.loads(opts))
