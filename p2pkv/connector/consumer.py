@@ -13,8 +13,10 @@ import numpy as np
 from p2pkv.connector.layers import LayerMap
 from p2pkv.connector.links import Links
 from p2pkv.connector.messages import Abort, Cancel, Held, HeldQuery, Landed, Release, SumQuery, Sums, ToConsumer, Want
-from p2pkv.connector.records import Load, LoadFailure
+from p2pkv.connector.records import Load, LoadFailure, ShardedLoad
+from p2pkv.heads import heads_of
 from p2pkv.layout import plan_segments
+from p2pkv.tp import tp_reads
 from p2pkv.transport import PeerClosedError, RequestGone, TransferError, TransferHandle, Transport
 
 __all__ = ["Consumer", "ENDED_KEPT"]
@@ -32,7 +34,8 @@ class Consumer:
         self.mode, self.checksum, self.layerwise = mode, checksum, layerwise
         self.load_timeout, self.metrics = load_timeout, metrics
         self.loads: dict[str, Load] = {}
-        self._by_remote: dict[str, str] = {}
+        self._sharded: dict[str, ShardedLoad] = {}
+        self._by_remote: dict[str, list[str]] = {}
         self._ended: dict[str, bool] = {}
         self._loaded: set[str] = set()
         self._failed: dict[str, LoadFailure] = {}
@@ -40,15 +43,54 @@ class Consumer:
     # ------------------------------------------------------------------ engine calls
     def load(self, key: str, blocks: np.ndarray, peer: str, remote_key: str, remote_blocks: np.ndarray | None,
              remote_offset: int, now: float) -> None:
-        if key in self.loads:
+        if key in self.loads or key in self._sharded:
             raise ValueError(f"request {key!r} is already loading")
-        link = self.links.get(peer)
-        ld = self.loads[key] = Load(key, blocks, link, remote_key, remote_blocks, remote_offset,
-                                    now + self.load_timeout)
-        self._by_remote[remote_key] = key
+        self._start(Load(key, blocks, self.links.get(peer), remote_key, remote_blocks, remote_offset,
+                         now + self.load_timeout))
+
+    def load_sharded(self, key: str, blocks: np.ndarray, peers: list[str], remote_key: str,
+                     remote_blocks: np.ndarray, remote_offset: int, now: float) -> None:
+        """Pull from a P group of `len(peers)` ranks (addresses in rank order): read from each P rank
+        that holds some of this rank's heads its slice of every block, and release P's ranks that no
+        D rank reads (this rank answers for those whose heads it shares first)."""
+        if key in self.loads or key in self._sharded:
+            raise ValueError(f"request {key!r} is already loading")
+        if self.mode != "pull":
+            raise ValueError(f"request {key!r}: loading from a P group of {len(peers)} ranks needs pull mode")
+        spec = self.layers.spec
+        every = tp_reads(spec.num_kv_heads, len(peers), spec.tp_size)
+        readers = {p: len({x.d_rank for x in every if x.p_rank == p}) for p in range(len(peers))}
+        parts = sorted({x.p_rank for x in every if x.d_rank == spec.tp_rank})
+        self._sharded[key] = ShardedLoad(key, blocks, [f"{key}@p{p}" for p in parts])
+        for p in parts:
+            self._start(Load(f"{key}@p{p}", blocks, self.links.get(peers[p]), remote_key, remote_blocks,
+                             remote_offset, now + self.load_timeout, parent=key, release_of=readers[p]))
+        for p in self._answered_by_me(len(peers)):
+            if not readers[p]:
+                self.links.get(peers[p]).send(Release(remote_key).to_dict())
+
+    def _answered_by_me(self, p_tp: int) -> list[int]:
+        """The P ranks this D rank speaks for when no read does: those whose lowest D rank sharing a
+        head (any D rank for a latent) is this one."""
+        spec = self.layers.spec
+        if spec.num_kv_heads == 0:
+            return list(range(p_tp)) if spec.tp_rank == 0 else []
+        mine = []
+        for p in range(p_tp):
+            theirs = set(heads_of(spec.num_kv_heads, p_tp, p))
+            first = next(r for r in range(spec.tp_size) if theirs & set(heads_of(spec.num_kv_heads, spec.tp_size, r)))
+            if first == spec.tp_rank:
+                mine.append(p)
+        return mine
+
+    def _start(self, ld: Load) -> None:
+        self.loads[ld.key] = ld
+        self._by_remote.setdefault(ld.remote_key, []).append(ld.key)
+        link = ld.link
         if self.mode == "push":
-            link.undelivered.pop(remote_key, None)
-            link.send(Want(remote_key, tuple(blocks.tolist()), remote_offset, self.transport.address).to_dict())
+            link.undelivered.pop(ld.remote_key, None)
+            link.send(Want(ld.remote_key, tuple(ld.blocks.tolist()), ld.remote_offset,
+                           self.transport.address).to_dict())
             ld.reads = []
         else:
             link.use()
@@ -56,6 +98,11 @@ class Consumer:
 
     def discard(self, peer: str, remote_key: str) -> None:
         self.links.get(peer).send(Cancel(remote_key).to_dict())
+
+    def discard_sharded(self, peers: list[str], remote_key: str) -> None:
+        """Tell each P rank this D rank speaks for (see `load_sharded`) that no load follows."""
+        for p in self._answered_by_me(len(peers)):
+            self.discard(peers[p], remote_key)
 
     def busy(self) -> bool:
         return bool(self.loads)
@@ -87,16 +134,30 @@ class Consumer:
 
     def layer_state(self, key: str, layer: int) -> bool | None:
         """True/False once `layer` of the load landed or failed (or the load ended); None while pending."""
+        sharded = self._sharded.get(key)
+        if sharded is not None:
+            states = [self.layer_state(k, layer) for k in sharded.parts]
+            return False if False in states else None if None in states else True
         ld = self.loads.get(key)
         if ld is None:
             return self._ended.get(key, False)
         return ld.done.get(layer)
 
+    def pending(self, key: str, layer: int) -> Load | None:
+        """The load (or the P rank's part of it) whose `layer` is still to land, to wait on."""
+        sharded = self._sharded.get(key)
+        for k in sharded.parts if sharded is not None else [key]:
+            ld = self.loads.get(k)
+            if ld is not None and layer not in ld.done:
+                return ld
+        return None
+
     # ------------------------------------------------------------------ messages from P
-    def on_message(self, msg: ToConsumer) -> None:
-        ld = self.loads.get(self._by_remote.get(msg.req, ""))
-        if ld is None:
+    def on_message(self, msg: ToConsumer, peer: str = "") -> None:
+        keys = [k for k in self._by_remote.get(msg.req, ()) if k in self.loads]
+        if not keys:
             return
+        ld = next((self.loads[k] for k in keys if self.loads[k].link.address == peer), self.loads[keys[0]])
         if isinstance(msg, Abort):
             self._end(ld, f"producer gave up: {msg.reason}", cause="producer_abort")
         elif isinstance(msg, Landed):
@@ -227,40 +288,61 @@ class Consumer:
             self._end(ld, None)
 
     def _end(self, ld: Load, error: str | None, tell: bool = True, cause: str | None = None) -> None:
-        """Report a load ended (failed blocks named, `cause` one of FAILURE_CAUSES) and tell P,
-        unless P could not be reached at all."""
+        """End a load (failed blocks named, `cause` one of FAILURE_CAUSES) and tell P, unless P could
+        not be reached at all; a P rank's part of a sharded load reports once every part ended."""
         self.loads.pop(ld.key, None)
-        if self._by_remote.get(ld.remote_key) == ld.key:
-            del self._by_remote[ld.remote_key]
-        if error is None and not ld.bad:
-            self.metrics["loaded_requests"] += 1
-            self.metrics["loaded_blocks"] += len(ld.blocks)
-        else:
+        keys = self._by_remote.get(ld.remote_key, [])
+        if ld.key in keys:
+            keys.remove(ld.key)
+        if not keys:
+            self._by_remote.pop(ld.remote_key, None)
+        failure = None
+        if error is not None or ld.bad:
             failed = set(range(len(ld.blocks))) if error is not None else ld.bad
-            blocks = tuple(int(ld.blocks[i]) for i in sorted(failed))
             missing = set(range(ld.sent, len(ld.blocks))) if ld.sent is not None else set()
             parts = [f"the producer sent only {ld.sent} of {len(ld.blocks)} blocks"] if missing else []
             if ld.bad - missing:
                 parts.append(f"checksum mismatch in {len(ld.bad - missing)} block(s)")
-            reason = error or "; ".join(parts)
             if error is not None:
                 cause = cause or ld.cause or "transfer_error"
             else:
                 cause = "checksum" if ld.bad - missing else "partial"
-            self._failed[ld.key] = LoadFailure(blocks, f"request {ld.key!r} from {ld.peer_address}: {reason}", cause)
-            self.metrics["load_failures"] += 1
-            self.metrics[f"load_failed_{cause}"] += 1
-            self.metrics["failed_blocks"] += len(blocks)
-            self.metrics["loaded_blocks"] += len(ld.blocks) - len(blocks)
-            log.warning("load of request %r from %s failed for %d of %d blocks: %s", ld.key, ld.peer_address,
-                        len(blocks), len(ld.blocks), reason)
+            failure = LoadFailure(tuple(int(ld.blocks[i]) for i in sorted(failed)),
+                                  f"request {ld.key!r} from {ld.peer_address}: {error or '; '.join(parts)}", cause)
         if not tell:
             pass
         elif self.mode == "pull":
-            ld.link.send(Release(ld.remote_key, ok=error is None and not ld.bad).to_dict())
+            ld.link.send(Release(ld.remote_key, ok=failure is None, of=ld.release_of).to_dict())
         elif error is not None:
             ld.link.send(Cancel(ld.remote_key).to_dict())
-        self._loaded.add(ld.key)
-        self._ended[ld.key] = ld.key not in self._failed
+        self._ended[ld.key] = failure is None
+        sharded = self._sharded.get(ld.parent) if ld.parent is not None else None
+        if sharded is None:
+            self._report(ld.key, ld.blocks, failure)
+            return
+        sharded.ended[ld.key] = failure
+        if len(sharded.ended) == len(sharded.parts):
+            del self._sharded[sharded.key]
+            failures = [f for f in sharded.ended.values() if f is not None]
+            merged = None if not failures else LoadFailure(
+                tuple(sorted({b for f in failures for b in f.blocks})), "; ".join(f.reason for f in failures),
+                failures[0].cause)
+            self._report(sharded.key, sharded.blocks, merged)
+
+    def _report(self, key: str, blocks: np.ndarray, failure: LoadFailure | None) -> None:
+        """Count a whole load's outcome and hand it to the engine's next `take_finished`."""
+        if failure is None:
+            self.metrics["loaded_requests"] += 1
+            self.metrics["loaded_blocks"] += len(blocks)
+        else:
+            self._failed[key] = failure
+            self.metrics["load_failures"] += 1
+            self.metrics[f"load_failed_{failure.cause}"] += 1
+            self.metrics["failed_blocks"] += len(failure.blocks)
+            self.metrics["loaded_blocks"] += len(blocks) - len(failure.blocks)
+            log.warning("load of request %r failed for %d of %d blocks: %s", key, len(failure.blocks), len(blocks),
+                        failure.reason)
+        self._loaded.add(key)
+        self._ended[key] = failure is None
         if len(self._ended) > ENDED_KEPT:
             del self._ended[next(iter(self._ended))]

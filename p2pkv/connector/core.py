@@ -37,6 +37,15 @@ def _check_request_id(request_id: Any, what: str = "request id") -> str:
     return request_id
 
 
+def _peers(request_id: str, peer: Any) -> list[str]:
+    """The producer's address, or a P group's addresses in rank order, as a non-empty list."""
+    peers = [peer] if isinstance(peer, str) else list(peer) if isinstance(peer, (list, tuple)) else None
+    if not peers or not all(isinstance(p, str) and p for p in peers):
+        raise TypeError(f"request {request_id!r}: peer must be the producer's address string, or a P group's "
+                        f"addresses in rank order, got {peer!r}")
+    return peers
+
+
 def _block_ids(request_id: str, ids: Any, what: str, num_blocks: int | None = None,
                distinct: bool = False) -> np.ndarray:
     """layout.block_ids for one request's list (never a single int), its error naming the request."""
@@ -160,19 +169,21 @@ class KVConnector:
             return ConnectorStats.from_counter(self.metrics, held)
 
     # ----------------------------------------------------------------------- consumer
-    def load(self, request_id: str, block_ids: Sequence[int], *, peer: str, remote_request_id: str | None = None,
-             remote_block_ids: Sequence[int] | None = None, remote_offset: int = 0) -> None:
+    def load(self, request_id: str, block_ids: Sequence[int], *, peer: str | Sequence[str],
+             remote_request_id: str | None = None, remote_block_ids: Sequence[int] | None = None,
+             remote_offset: int = 0) -> None:
         """Fill local `block_ids` with the peer's copy of the request, asynchronously.
 
         Pull needs `remote_block_ids` (P's blocks, in the same order); push sends
         our block ids to P, which writes P's blocks `[remote_offset:]` into them.
+        `peer` is the producer's address, or (pull) the addresses of a tensor-parallel P
+        group in rank order: this rank then reads its heads from the P ranks holding them.
         The outcome comes back from `get_finished()`."""
         spec, _, consumer = self._check_usable()
         _check_request_id(request_id)
         if remote_request_id is not None:
             _check_request_id(remote_request_id, "remote request id")
-        if not isinstance(peer, str) or not peer:
-            raise TypeError(f"request {request_id!r}: peer must be the producer's address string, got {peer!r}")
+        peers = _peers(request_id, peer)
         blocks = _block_ids(request_id, block_ids, "block", spec.num_blocks, distinct=True)
         remote = None if remote_block_ids is None else _block_ids(request_id, remote_block_ids, "remote block")
         if isinstance(remote_offset, bool) or not isinstance(remote_offset, (int, np.integer)) or remote_offset < 0:
@@ -183,16 +194,28 @@ class KVConnector:
                              f"({len(blocks)}), got {None if remote is None else len(remote)}")
         with self._lock:
             self._read_messages(time.monotonic())
-            consumer.load(request_id, blocks, peer, remote_request_id or request_id, remote, int(remote_offset),
-                          time.monotonic())
+            if len(peers) == 1 and spec.tp_size == 1:
+                consumer.load(request_id, blocks, peers[0], remote_request_id or request_id, remote,
+                              int(remote_offset), time.monotonic())
+            else:
+                if remote is None:
+                    raise ValueError(f"request {request_id!r}: loading from a P group of {len(peers)} ranks "
+                                     "needs pull mode")
+                consumer.load_sharded(request_id, blocks, peers, remote_request_id or request_id, remote,
+                                      int(remote_offset), time.monotonic())
 
-    def discard(self, peer: str, remote_request_id: str) -> None:
-        """Tell the producer at `peer` that we will not load `remote_request_id` (e.g. a
-        local prefix-cache hit covered it), so it can release its blocks now."""
-        _, _, consumer = self._check_usable()
+    def discard(self, peer: str | Sequence[str], remote_request_id: str) -> None:
+        """Tell the producer at `peer` (or the P group at these addresses, in rank order) that we
+        will not load `remote_request_id` (e.g. a local prefix-cache hit covered it), so it can
+        release its blocks now."""
+        spec, _, consumer = self._check_usable()
         _check_request_id(remote_request_id, "remote request id")
+        peers = _peers(remote_request_id, peer)
         with self._lock:
-            consumer.discard(peer, remote_request_id)
+            if len(peers) == 1 and spec.tp_size == 1:
+                consumer.discard(peers[0], remote_request_id)
+            else:
+                consumer.discard_sharded(peers, remote_request_id)
 
     def wait_layer(self, request_id: str, layer: int, timeout: float | None = None) -> bool:
         """Block until `layer` of a loading request has landed; False if it failed, the
@@ -206,7 +229,7 @@ class KVConnector:
             with self._lock:
                 self._progress()
                 state = consumer.layer_state(request_id, layer)
-                ld = consumer.loads.get(request_id)
+                ld = consumer.pending(request_id, layer)
             if state is not None:
                 return state
             left = None if end is None else end - time.monotonic()
@@ -300,6 +323,6 @@ class KVConnector:
                 if isinstance(msg, ToProducer):
                     self.producer.on_message(msg, now)
                 elif isinstance(msg, ToConsumer):
-                    self.consumer.on_message(msg)
+                    self.consumer.on_message(msg, n.peer)
             except Exception:  # noqa: BLE001 - what a peer sends must never fail the engine's call
                 log.exception("request %r: handling %s from %s failed; message dropped", msg.req, msg.kind, n.peer)

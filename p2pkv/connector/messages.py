@@ -61,14 +61,16 @@ class ToConsumer(Message):
 
 @dataclass(frozen=True)
 class Release(ToProducer):
-    """Pull: D has read the blocks (`ok`: and they were good); P may free them."""
+    """Pull: D has read the blocks (`ok`: and they were good). P frees them once `of` releases
+    came: with tensor parallelism several D ranks read one P rank, each releasing once."""
 
     kind: ClassVar[str] = "release"
     ok: bool = True
+    of: int = 1
 
     @classmethod
     def _parse(cls, raw: dict[str, Any]) -> "Release":
-        return cls(raw["req"], bool(raw.get("ok", True)))
+        return cls(raw["req"], bool(raw.get("ok", True)), _int(raw.get("of", 1), "release.of", 1))
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ class Producer:
         self._stopping: list[Hold] = []  # released by the engine while writes were in flight
         self._wants: dict[str, tuple[Want, float]] = {}
         self._early: dict[str, tuple[str, float]] = {}
+        self._early_releases: dict[str, tuple[int, float]] = {}  # releases of a shared hold before its save
         self._gone: dict[str, None] = {}
         self._ended: set[str] = set()
 
@@ -97,6 +98,8 @@ class Producer:
             del self._wants[key]
         for key in [k for k, (_, deadline) in self._early.items() if deadline < now]:
             del self._early[key]
+        for key in [k for k, (_, deadline) in self._early_releases.items() if deadline < now]:
+            del self._early_releases[key]
         for key in [k for k in self._wants if k in self.holds]:
             self._match(key)
         for h in list(self.holds.values()):
@@ -109,6 +112,8 @@ class Producer:
         if isinstance(msg, (Release, Cancel)):
             how = "released_confirmed" if isinstance(msg, Release) else "released_aborted"
             h = self.holds.get(key)
+            if isinstance(msg, Release) and msg.of > 1 and not self._last_release(key, h, msg.of, now):
+                return
             if h is None:
                 self._early[key] = (how, now + self.hold_timeout)
             elif h.inflight:
@@ -135,6 +140,17 @@ class Producer:
             self.links.get(msg.addr).send(Sums(key, sums, gone=key in self._gone).to_dict())
 
     # ------------------------------------------------------------------ internals
+    def _last_release(self, key: str, h: Hold | None, of: int, now: float) -> bool:
+        """Count one of the `of` releases a hold shared by several D ranks waits for: True at the last."""
+        if h is None:
+            n, deadline = self._early_releases.pop(key, (0, now + self.hold_timeout))
+            if n + 1 >= of:
+                return True
+            self._early_releases[key] = (n + 1, deadline)
+            return False
+        h.releases += 1 + self._early_releases.pop(key, (0, 0.0))[0]
+        return h.releases >= of
+
     def _match(self, key: str) -> None:
         """Pair D's block list (push) with the hold it is for."""
         h = self.holds.get(key)

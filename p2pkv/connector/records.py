@@ -12,7 +12,7 @@ from p2pkv.connector.links import Link
 from p2pkv.connector.messages import Want
 from p2pkv.transport import TransferHandle
 
-__all__ = ["LoadFailure", "Finished", "Hold", "Load", "ConnectorStats", "FAILURE_CAUSES", "HOLD_ENDS"]
+__all__ = ["LoadFailure", "Finished", "Hold", "Load", "ShardedLoad", "ConnectorStats", "FAILURE_CAUSES", "HOLD_ENDS"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,7 @@ class Hold:
     pending_end: str | None = None
     sent_blocks: int = 0  # push: how many of `blocks` were written to D
     stop: str | None = None  # how it ends once no write is in flight: D gave up, the engine released it, a write failed
+    releases: int = 0  # pull: releases counted so far, of a hold several D ranks read
 
     @property
     def inflight(self) -> int:
@@ -78,10 +79,23 @@ class Load:
     sent: int | None = None
     closed_only: bool = True  # every failed read found the connection closed (so a fresh dial may do)
     retried: bool = False
+    parent: str | None = None  # the ShardedLoad this is one P rank's part of
+    release_of: int = 1  # pull: how many D ranks release this P rank's hold (tensor parallelism)
 
     @property
     def peer_address(self) -> str:
         return self.link.address
+
+
+@dataclass
+class ShardedLoad:
+    """Consumer side: one request read from several P ranks of a tensor-parallel group, as one
+    `Load` per P rank (`parts`); it ends when every part did, failed if any part failed."""
+
+    key: str
+    blocks: np.ndarray
+    parts: list[str]
+    ended: dict[str, LoadFailure | None] = field(default_factory=dict)
 
 
 FAILURE_CAUSES = ("unreachable", "gone", "timeout", "producer_abort", "transfer_error", "checksum", "partial",
