@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import threading
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import torch
 
 from kvcheck import assert_same, expected_after
 from p2pkv.layout import make_kv_caches, plan_segments
-from p2pkv.transport import PeerClosedError, TransferError, get_transport
+from p2pkv.transport import PeerClosedError, TransferError, control, get_transport
 from p2pkv.wire import HEADER, MAGIC, VERSION, FrameType, encode_frame
 
 
@@ -127,6 +128,50 @@ def test_mutual_tls_transfers_and_refuses_plaintext_and_foreign_certs(tmp_path):
         good_transfer(p.address, pt, **certs["d"])
     with pytest.raises(ValueError, match="tls_cert, tls_key and tls_ca"):
         get_transport("tcp", tls_cert=certs["p"]["tls_cert"])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make test certificates")
+@pytest.mark.parametrize("post_read", [False, True])
+def test_close_before_the_tls_op_thread_runs_raises_in_no_thread(tmp_path, monkeypatch, post_read):
+    """Issue 20: `Exception in thread p2pkv-tcp-op: OSError: [Errno 9] Bad file descriptor` on a close()
+    right after connect(). A TLS connection is driven by a Python op thread, whose first step set its
+    socket's timeout; a close() that got there first had already closed the socket. The op thread is
+    held back here until close() has closed the socket, which a busy host does by descheduling it."""
+    certs = make_certs(tmp_path, ["p", "d"])
+    sock_closed = threading.Event()
+    real_close, real_off = control.Conn.close, control.off_engine_cpus
+
+    def close_and_tell(conn):
+        real_close(conn)
+        sock_closed.set()
+
+    def op_thread_late():
+        if threading.current_thread().name == "p2pkv-tcp-op":
+            sock_closed.wait(10)
+        real_off()
+    monkeypatch.setattr(control.Conn, "close", close_and_tell)
+    monkeypatch.setattr(control, "off_engine_cpus", op_thread_late)
+    died = []
+    monkeypatch.setattr(threading, "excepthook", lambda a: died.append(f"{a.thread.name}: {a.exc_type.__name__}: "
+                                                                       f"{a.exc_value}"))
+    pt, ps = cache(seed=4)
+    dt, ds = cache()
+    with get_transport("tcp", timeout=3, **certs["p"]) as p:
+        p.register(pt, ps)
+        d = get_transport("tcp", timeout=3, **certs["d"])
+        d.register(dt, ds)
+        peer = d.connect(p.address)
+        op = [t for t in threading.enumerate() if t.name == "p2pkv-tcp-op"]
+        h = d.read(peer, plan_segments(peer.spec, ds, [1, 5], [0, 2]), "r") if post_read else None
+        d.close()
+    for t in op:
+        t.join(5)
+    assert op and not any(t.is_alive() for t in op)
+    assert died == []
+    if h is not None:
+        with pytest.raises(PeerClosedError):
+            h.wait(5)
 
 
 UNPICKLING_MODULES = {"pickle", "cPickle", "_pickle", "cloudpickle", "dill", "marshal", "shelve", "joblib"}

@@ -270,6 +270,9 @@ class ControlPlaneTransport(Transport):
         conn = Conn(sock, peer, initiator=True)
         self._on_connect(conn)
         if not self._adopt(conn):
+            # the op thread's socket timeout is set here, not as that thread's first step: a close()
+            # right after connect() may close the socket before the thread runs (EBADF there)
+            conn.sock.settimeout(self.timeout)
             conn.thread = threading.Thread(target=self._op_loop, args=(conn,), name=f"p2pkv-{self.name}-op",
                                            daemon=True)
         with self._lock:
@@ -498,7 +501,6 @@ class ControlPlaneTransport(Transport):
 
     def _op_loop(self, conn: Conn) -> None:
         off_engine_cpus()
-        conn.sock.settimeout(self.timeout)
         while True:
             item = conn.ops.get()
             if item is None:
