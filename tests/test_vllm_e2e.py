@@ -35,10 +35,10 @@ MARK = "P2PKV-JSON "
 class Role:
     """One vLLM instance in its own process group, driven over stdin/stdout JSON lines."""
 
-    def __init__(self, name: str, args: list[str], log_dir: str):
+    def __init__(self, name: str, args: list[str], log_dir: str, env: dict[str, str] | None = None):
         # The tree under test first: the venv's editable install may point at another checkout.
         env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1",
-                   PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE)]))
+                   PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE)]), **(env or {}))
         self.name = name
         self.log = open(os.path.join(log_dir, f"{name}.log"), "w")
         self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "vllm_role.py"), *args], env=env,
@@ -122,7 +122,7 @@ def test_settings_refuse_unknown_keys_and_modes():
         Settings.from_extra({"mode": "teleport"})
 
 
-def fake_connector(role: str, mode: str = "pull", **extra):
+def fake_connector(role: str, mode: str = "pull", tp: int = 1, pp: int = 1, **extra):
     """The adapter's scheduler half with stand-ins for vLLM's config objects (no engine)."""
     from types import SimpleNamespace as NS
 
@@ -133,7 +133,7 @@ def fake_connector(role: str, mode: str = "pull", **extra):
     kv = KVTransferConfig(kv_connector="P2pKvConnector", kv_role=role,
                           kv_connector_extra_config={"mode": mode, "advertise": "10.0.0.1:7100", **extra})
     cfg = NS(kv_transfer_config=kv, cache_config=NS(block_size=BLOCK),
-             parallel_config=NS(tensor_parallel_size=1, pipeline_parallel_size=1))
+             parallel_config=NS(tensor_parallel_size=tp, pipeline_parallel_size=pp))
     return P2pKvConnector(cfg, KVConnectorRole.SCHEDULER, NS(kv_cache_groups=[object()]))
 
 
@@ -196,7 +196,7 @@ def test_consumer_loads_only_what_its_prefix_cache_lacks():
     assert c.get_num_new_matched_tokens(req, 32) == (38, True)
     c.update_state_after_alloc(req, fake_blocks([5, 6, 7], cached=1), 38)
     load, = c.build_connector_meta(None).loads
-    assert load == LoadSpec("req-1", "p-7", "10.0.0.1:7100", blocks=(6, 7), remote_blocks=(22, 23), offset=1)
+    assert load == LoadSpec("req-1", "p-7", ("10.0.0.1:7100",), blocks=(6, 7), remote_blocks=(22, 23), offset=1)
     assert c.get_num_new_matched_tokens(req, 0) == (0, False)
 
 
@@ -267,7 +267,7 @@ def test_push_consumer_sends_its_blocks_and_an_abort_releases_p():
     assert (load.key, load.offset, load.blocks) == ("x-1", 2, (10, 11))
     gone = fake_request(100, dict(params, do_remote_prefill=True))
     assert c.request_finished(gone, []) == (False, None)
-    assert c.build_connector_meta(None).discards == [DiscardSpec("10.0.0.1:7100", "x-1")]
+    assert c.build_connector_meta(None).discards == [DiscardSpec(("10.0.0.1:7100",), "x-1")]
 
 
 class CallbackSink:
@@ -318,7 +318,7 @@ def test_push_consumer_tells_the_router_whether_it_needs_p():
         assert sink.next() == {"transfer_id": "x-3", "need_prefill": False, "tokens": 0}
         meta = c.build_connector_meta(None)
         assert [ld.key for ld in meta.loads] == ["x-2"]
-        assert meta.discards == [DiscardSpec("10.0.0.1:7100", "x-3")]
+        assert meta.discards == [DiscardSpec(("10.0.0.1:7100",), "x-3")]
     finally:
         c.shutdown()
         sink.close()

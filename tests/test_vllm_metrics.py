@@ -113,7 +113,7 @@ def test_worker_stats_count_a_real_load_on_both_sides(mode):
         d.register_kv_caches(dk)
         assert p.take_stats().to_dict()["held"]  # start-up: this worker holds nothing
         assert p.take_stats() is None
-        d.drive(P2pKvMetadata(loads=[LoadSpec("d-1", "k-1", p.conn.address, (5, 6),
+        d.drive(P2pKvMetadata(loads=[LoadSpec("d-1", "k-1", (p.conn.address,), (5, 6),
                                                (1, 2) if mode == "pull" else None)]))
         p.drive(P2pKvMetadata(saves=[SaveSpec("p-1", "k-1", (1, 2))]))
         mid = p.take_stats()  # the hold (unless a push already ended it)

@@ -1,7 +1,7 @@
 """Runs one vLLM instance for the end-to-end test, driven by JSON lines:
 
     python tests/vllm_role.py plain|producer|consumer MODEL_DIR [--mode pull|push]
-        [--listen H:P] [--metrics PATH] [--load-timeout S]
+        [--listen H:P] [--metrics PATH] [--load-timeout S] [--tp N]
 
 It prints {"ready": true} once the engine is up, then answers each stdin line
 {"prompts": [...], "params": [...] | null, "max_tokens": N} with token ids,
@@ -17,6 +17,11 @@ import os
 import sys
 
 MARK = "P2PKV-JSON "
+
+if os.environ.get("P2PKV_TEST_LOG"):  # module level: vLLM's spawned workers run it too
+    import logging
+    logging.basicConfig(level=os.environ["P2PKV_TEST_LOG"], format="%(asctime)s %(process)d %(name)s: %(message)s")
+    logging.getLogger("p2pkv").setLevel(os.environ["P2PKV_TEST_LOG"])
 
 
 def emit(obj: dict) -> None:
@@ -49,6 +54,7 @@ def main() -> None:
     ap.add_argument("--metrics", default=None)
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--load-timeout", type=float, default=30.0)
+    ap.add_argument("--tp", type=int, default=1, help="tensor_parallel_size (workers in processes of their own)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -66,7 +72,10 @@ def main() -> None:
                                        "metrics_path": args.metrics, "load_timeout": args.load_timeout,
                                        "hold_timeout": 120})
     llm = LLM(model=args.model, tokenizer=args.model, enforce_eager=True, max_model_len=512, block_size=args.block_size,
-              dtype="float32", max_num_seqs=16, kv_transfer_config=kv, seed=0, disable_log_stats=False)
+              dtype="float32", max_num_seqs=16, kv_transfer_config=kv, seed=0, disable_log_stats=False,
+              tensor_parallel_size=args.tp, distributed_executor_backend="mp" if args.tp > 1 else None)
+    # The first forward compiles kernels (long on a loaded host): not while a transfer waits on it.
+    llm.generate(["w1 w2"], SamplingParams(max_tokens=2), use_tqdm=False)
     emit({"ready": True})
     for line in sys.stdin:
         if line.strip() == "exit":

@@ -4,9 +4,10 @@ P": D tells P its blocks, P writes) mode, layer by layer, over any transport.
 
 Work happens in the engine's own calls: `save`, `load` and `get_finished` (every
 step) post transfers, poll them, read peers' messages and expire what ran out of
-time; no connector thread completes a request. Only per-peer set-up (dial,
-handshake) and control sends run in a short-lived thread per peer (links.py), so
-a frozen peer delays nobody else.
+time; no connector thread completes a request. Per-peer dials are polled there too
+(links.py; native for tcp and cuda_ipc, a short-lived thread per dial elsewhere), and
+control sends that may block go out from a sender thread per peer, so a frozen peer
+delays nobody else.
 
 Modules: core (the facade), producer (holds), consumer (loads), messages (one
 class per control message), links (per-peer dial and send), layers (tensor ↔

@@ -201,6 +201,7 @@ class Consumer:
                 h = TransferHandle(link.address, ld.key, 0)
                 h._finish(e if isinstance(e, TransferError) else PeerClosedError(str(e), peer=link.address,
                                                                                 request_id=ld.key))
+            log.debug("request %r: read of %d segments posted to %s", ld.key, len(segs), link.peer.name)
             ld.reads.append((layers, h))
             for layer in layers:
                 ld.handles[layer] = h

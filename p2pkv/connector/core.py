@@ -1,7 +1,7 @@
 """KVConnector: the engine-facing facade. It checks arguments, routes typed messages
 to the producer or consumer side, and makes progress only inside the engine's own
-calls (`save`, `load`, `get_finished`, `wait_layer`); per-peer dials and control
-sends run in each peer's link thread (links.py)."""
+calls (`save`, `load`, `get_finished`, `wait_layer`): per-peer dials are polled there
+(links.py), and run natively where the transport can."""
 from __future__ import annotations
 
 import logging
@@ -266,12 +266,11 @@ class KVConnector:
         return finished
 
     def _yield_for_setup(self) -> None:
-        """While a peer's set-up (dial, accept and handshake: Python, once per peer) or any transfer is
-        under way, give the GIL away for SETUP_YIELD_S per engine call. vLLM's worker spins on
-        sched_yield() between steps, which starves every other Python thread of its process (CPython
-        hands the GIL back to the spinner); the bytes move natively, but first contact still runs in
-        Python threads, and real vLLM P/D loads time out without this. Moving the handshake into the
-        native data path removes it."""
+        """While a peer's set-up or any transfer is under way, give the GIL away for SETUP_YIELD_S per
+        engine call. vLLM's worker spins on sched_yield() between steps, which starves every other
+        Python thread of its process (CPython hands the GIL back to the spinner), and admitting a peer
+        that hand-shook natively still takes a Python call here or in the accept thread: without this,
+        real vLLM P/D loads on a CPU host wait for their first contact up to the hold timeout."""
         pending = getattr(self.transport, "setup_pending", None)
         if self.links.setting_up() or (pending is not None and pending()) or self.busy():
             time.sleep(SETUP_YIELD_S)
@@ -306,6 +305,7 @@ class KVConnector:
         poll its transfers, post what became possible and expire what ran out of time."""
         assert self.producer is not None and self.consumer is not None
         now = time.monotonic()
+        self.links.poll()
         self._read_messages(now)
         self.producer.progress(now)
         self.consumer.progress(now)

@@ -27,6 +27,8 @@ class TransferParams:
     `do_remote_prefill`, `transfer_mode`, P's p2pkv `remote_address`; pull adds the
     request id and block ids P holds and how many tokens they cover; push adds the
     `transfer_id` P knows the request by and, optionally, the router's `router_callback`.
+    A tensor-parallel P (pull) adds `remote_addresses`, one per P rank in rank order, and
+    `remote_tp_size`; `remote_address` is then rank 0's.
     """
 
     do_remote_decode: bool = False
@@ -38,6 +40,8 @@ class TransferParams:
     remote_num_tokens: int | None = None
     transfer_id: str | None = None
     router_callback: str | None = None
+    remote_addresses: tuple[str, ...] | None = None
+    remote_tp_size: int | None = None
 
     # ---------------------------------------------------------------- constructors
     @classmethod
@@ -46,10 +50,15 @@ class TransferParams:
         return cls(do_remote_decode=True, transfer_id=transfer_id)
 
     @classmethod
-    def pull_from(cls, address: str, request_id: str, block_ids: list[int], num_tokens: int) -> "TransferParams":
-        """What P's output carries in pull mode: where D reads which blocks."""
-        return cls(do_remote_prefill=True, transfer_mode="pull", remote_address=address,
-                   remote_request_id=request_id, remote_block_ids=tuple(block_ids), remote_num_tokens=num_tokens)
+    def pull_from(cls, address: str | tuple[str, ...], request_id: str, block_ids: list[int],
+                  num_tokens: int) -> "TransferParams":
+        """What P's output carries in pull mode: where D reads which blocks (`address`: P's, or
+        its TP ranks' in rank order)."""
+        group = None if isinstance(address, str) or len(address) == 1 else tuple(address)
+        return cls(do_remote_prefill=True, transfer_mode="pull",
+                   remote_address=address if isinstance(address, str) else address[0],
+                   remote_request_id=request_id, remote_block_ids=tuple(block_ids), remote_num_tokens=num_tokens,
+                   remote_addresses=group, remote_tp_size=None if group is None else len(group))
 
     @classmethod
     def push_to(cls, p_address: str, transfer_id: str, router_callback: str | None = None) -> "TransferParams":
@@ -62,7 +71,10 @@ class TransferParams:
         """Read a request's params as given (not validated: see `problem`); unknown keys are ignored."""
         raw = raw or {}
         ids = raw.get("remote_block_ids")
-        return cls(do_remote_decode=bool(raw.get("do_remote_decode")),
+        addrs = raw.get("remote_addresses")
+        return cls(remote_addresses=tuple(addrs) if isinstance(addrs, list) else addrs,
+                   remote_tp_size=raw.get("remote_tp_size"),
+                   do_remote_decode=bool(raw.get("do_remote_decode")),
                    do_remote_prefill=bool(raw.get("do_remote_prefill")),
                    transfer_mode=raw.get("transfer_mode") or "pull",
                    remote_address=raw.get("remote_address"), remote_request_id=raw.get("remote_request_id"),
@@ -78,12 +90,15 @@ class TransferParams:
             out.update(do_remote_prefill=True, do_remote_decode=False, transfer_mode=self.transfer_mode)
         elif self.do_remote_decode:
             out["do_remote_decode"] = True
-        for k in ("remote_address", "remote_request_id", "remote_num_tokens", "transfer_id", "router_callback"):
+        for k in ("remote_address", "remote_request_id", "remote_num_tokens", "transfer_id", "router_callback",
+                  "remote_tp_size"):
             v = getattr(self, k)
             if v is not None:
                 out[k] = v
-        if self.remote_block_ids is not None:
-            out["remote_block_ids"] = list(self.remote_block_ids)
+        for k in ("remote_block_ids", "remote_addresses"):
+            v = getattr(self, k)
+            if v is not None:
+                out[k] = list(v)
         return out
 
     # ---------------------------------------------------------------- reading D's side
@@ -91,6 +106,13 @@ class TransferParams:
     def key(self) -> str | None:
         """The id P knows the request by: its request id (pull) or the transfer id (push)."""
         return self.remote_request_id if self.transfer_mode == "pull" else self.transfer_id
+
+    @property
+    def peers(self) -> tuple[str, ...]:
+        """P's ranks' addresses in rank order (one for a P without tensor parallelism)."""
+        if self.remote_addresses is not None:
+            return self.remote_addresses
+        return (self.remote_address,) if self.remote_address is not None else ()
 
     def problem(self) -> str | None:
         """What is wrong with a consumer's params, or None. They come with the request, so a
@@ -112,4 +134,13 @@ class TransferParams:
             return "remote_block_ids is not a non-empty list of non-negative integers"
         if self.remote_num_tokens is not None and not _is_uint(self.remote_num_tokens):
             return f"remote_num_tokens {self.remote_num_tokens!r} is not a non-negative integer"
+        group = self.remote_addresses
+        if group is None:
+            return None if self.remote_tp_size in (None, 1) else "remote_tp_size without remote_addresses"
+        if not isinstance(group, tuple) or not group or not all(isinstance(a, str) and ":" in a for a in group):
+            return "remote_addresses is not a non-empty list of 'host:port' strings"
+        if self.remote_tp_size != len(group):
+            return f"remote_tp_size {self.remote_tp_size!r} differs from the {len(group)} remote_addresses"
+        if group[0] != self.remote_address:
+            return "remote_address is not the first of remote_addresses (P's rank 0)"
         return None

@@ -569,6 +569,7 @@ class ControlPlaneTransport(Transport):
         when the control plane's own Python loop must serve it, else None."""
         conn = Conn(sock, Peer(f"{info.get('name', '?')}@{where}", where, KVCacheSpec.from_dict(info["spec"]), info),
                     initiator=False)
+        log.debug("%s: admitted %s from %s", self.name, conn.peer.name, where)
         try:
             self._on_connect(conn)
         except Exception as e:  # noqa: BLE001

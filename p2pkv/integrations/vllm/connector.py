@@ -13,7 +13,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V
 from p2pkv.integrations.vllm.metrics import P2pKvPromMetrics, P2pKvStats
 from p2pkv.integrations.vllm.scheduler import P2pKvScheduler
 from p2pkv.integrations.vllm.settings import Settings
-from p2pkv.integrations.vllm.worker import P2pKvWorker
+from p2pkv.integrations.vllm.worker import P2pKvWorker, Shard
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -37,10 +37,14 @@ class P2pKvConnector(KVConnectorBase_V1, SupportsHMA):
         self.settings = Settings.from_extra(cfg.kv_connector_extra_config)
         block_size = vllm_config.cache_config.block_size
         par = vllm_config.parallel_config
-        if par.tensor_parallel_size > 1 or par.pipeline_parallel_size > 1:
-            raise NotImplementedError("P2pKvConnector moves one worker's KV cache per instance; tensor/pipeline "
-                                      f"parallel sizes {par.tensor_parallel_size}/{par.pipeline_parallel_size} "
-                                      "are not supported yet (run P and D with TP=1, PP=1)")
+        tp = par.tensor_parallel_size
+        if par.pipeline_parallel_size > 1:
+            raise NotImplementedError(f"P2pKvConnector does not support pipeline parallelism (pipeline_parallel_size "
+                                      f"{par.pipeline_parallel_size}); run P and D with PP=1 (tensor parallelism "
+                                      "works, in pull mode)")
+        if tp > 1 and self.settings.mode == "push":
+            raise NotImplementedError(f"P2pKvConnector: push mode needs tensor_parallel_size 1 (this instance has "
+                                      f"{tp}); use mode 'pull', which works between any TP sizes")
         groups = len(kv_cache_config.kv_cache_groups)
         if groups > 1:
             raise ValueError(f"P2pKvConnector supports models with one KV cache group; this one has {groups} "
@@ -49,9 +53,12 @@ class P2pKvConnector(KVConnectorBase_V1, SupportsHMA):
         self.scheduler: P2pKvScheduler | None = None
         self.worker: P2pKvWorker | None = None
         if role == KVConnectorRole.SCHEDULER:
-            self.scheduler = P2pKvScheduler(self.settings, block_size, cfg.is_kv_producer, cfg.is_kv_consumer)
+            self.scheduler = P2pKvScheduler(self.settings, block_size, cfg.is_kv_producer, cfg.is_kv_consumer, tp)
         else:
-            self.worker = P2pKvWorker(self.settings, block_size, kv_cache_config.num_blocks)
+            model = vllm_config.model_config
+            heads = 0 if model.use_mla else model.get_total_num_kv_heads()
+            self.worker = P2pKvWorker(self.settings, block_size, kv_cache_config.num_blocks,
+                                      Shard(heads, model.get_head_size(), tp))
 
     # ================================================================ scheduler side
     def bind_kv_cache_manager(self, kv_cache_manager: "KVCacheManager") -> None:
@@ -95,7 +102,10 @@ class P2pKvConnector(KVConnectorBase_V1, SupportsHMA):
 
     @classmethod
     def get_required_kvcache_layout(cls, vllm_config: "VllmConfig") -> str | None:
-        return None
+        """Heads outside tokens within a block (HND), so that one head's slice of a block is one span
+        for a rank of another TP size (MLA has no heads: any layout)."""
+        model = vllm_config.model_config
+        return None if model is None or model.use_mla else "LBHNC"
 
     # ================================================================ worker side
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:

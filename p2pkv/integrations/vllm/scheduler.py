@@ -31,11 +31,11 @@ class P2pKvScheduler:
     """What moves: P holds (or pushes) a finished prefill's blocks; D loads the blocks its
     prefix cache lacks, or tells P it needs none."""
 
-    def __init__(self, settings: Settings, block_size: int, is_producer: bool, is_consumer: bool):
-        self.settings, self.block_size = settings, block_size
+    def __init__(self, settings: Settings, block_size: int, is_producer: bool, is_consumer: bool, tp_size: int = 1):
+        self.settings, self.block_size, self.tp_size = settings, block_size, tp_size
         self.is_producer, self.is_consumer = is_producer, is_consumer
         self.kv_cache_manager: "KVCacheManager | None" = None
-        self._address: str | None = settings.advertise
+        self._addresses: tuple[str, ...] | None = (settings.advertise,) if settings.advertise and tp_size == 1 else None
         self._pending = P2pKvMetadata()
         self._held: dict[str, str] = {}
         self._p_push: dict[str, "Request"] = {}
@@ -45,21 +45,24 @@ class P2pKvScheduler:
 
     # ---------------------------------------------------------------- start-up
     def set_handshake(self, metadata: dict[int, Any]) -> None:
-        """Learn the worker's transport address, unless `advertise` named one."""
-        if self._address is None:
-            for m in metadata.values():
-                if isinstance(m, P2pKvHandshake):
-                    self._address = m.address
-                    break
+        """Learn every worker's transport address, by TP rank, unless `advertise` named the one."""
+        if self._addresses is not None:
+            return
+        got = {rank: m.address for rank, m in metadata.items() if isinstance(m, P2pKvHandshake)}
+        if sorted(got) == list(range(self.tp_size)):
+            self._addresses = tuple(got[r] for r in range(self.tp_size))
+        else:
+            log.error("P2pKvConnector: expected the addresses of TP ranks 0..%d, got ranks %s",
+                      self.tp_size - 1, sorted(got))
 
-    def _my_address(self) -> str:
-        if self._address is None:
+    def _my_addresses(self) -> tuple[str, ...]:
+        if self._addresses is None:
             host, _, port = self.settings.listen.rpartition(":")
-            if port in ("", "0") or host in ("0.0.0.0", "::", "[::]"):
-                raise RuntimeError("P2pKvConnector: the worker did not report its address; set 'advertise' "
+            if self.tp_size > 1 or port in ("", "0") or host in ("0.0.0.0", "::", "[::]"):
+                raise RuntimeError("P2pKvConnector: the workers did not report their addresses; set 'advertise' "
                                    "(or a fixed 'listen' host:port) in kv_connector_extra_config")
-            self._address = self.settings.listen
-        return self._address
+            self._addresses = (self.settings.listen,)
+        return self._addresses
 
     # ---------------------------------------------------------------- D: what to load
     def _consumer_params(self, request: "Request") -> TransferParams | None:
@@ -100,14 +103,14 @@ class P2pKvScheduler:
         if params is None:
             return
         raw["do_remote_prefill"] = False
-        peer, key = params.remote_address, params.key
-        if not peer or not key:
+        peers, key = params.peers, params.key
+        if not peers or not key:
             log.warning("request %s: kv_transfer_params lack remote_address/request id: %s", request.request_id, raw)
             return
         if params.transfer_mode == "push":
             self._notifier.post(params.router_callback, key, num_external_tokens > 0, num_external_tokens)
         if num_external_tokens <= 0:
-            self._pending.discards.append(DiscardSpec(peer, key))
+            self._pending.discards.append(DiscardSpec(peers, key))
             return
         group = blocks.blocks[0]
         local_done = sum(1 for b in group if b.block_hash is not None and not b.is_null)
@@ -115,10 +118,10 @@ class P2pKvScheduler:
         if params.transfer_mode == "pull":
             assert params.remote_block_ids is not None
             remote = params.remote_block_ids[local_done:local_done + len(local)]
-            load = LoadSpec(request.request_id, key, peer, tuple(local[:len(remote)]), tuple(remote), local_done)
+            load = LoadSpec(request.request_id, key, peers, tuple(local[:len(remote)]), tuple(remote), local_done)
         else:
             n = _cdiv(num_external_tokens + local_done * self.block_size, self.block_size) - local_done
-            load = LoadSpec(request.request_id, key, peer, tuple(local[:n]), None, local_done)
+            load = LoadSpec(request.request_id, key, peers, tuple(local[:n]), None, local_done)
         self._pending.loads.append(load)
 
     # ---------------------------------------------------------------- P: what to hold or push
@@ -148,8 +151,8 @@ class P2pKvScheduler:
         params = self._consumer_params(request)
         if params is not None:
             raw["do_remote_prefill"] = False
-            if params.remote_address and params.key:
-                self._pending.discards.append(DiscardSpec(params.remote_address, params.key))
+            if params.peers and params.key:
+                self._pending.discards.append(DiscardSpec(params.peers, params.key))
             if params.transfer_mode == "push" and params.key:
                 self._notifier.post(params.router_callback, params.key, False, 0)
             return False, None
@@ -167,14 +170,14 @@ class P2pKvScheduler:
         if not blocks:
             return False, None
         try:
-            address = self._my_address()
+            addresses = self._my_addresses()
         except RuntimeError as e:
             log.error("request %s: not holding its KV for a decode instance: %s", request.request_id, e)
             return False, None
         key = str(asked.transfer_id or request.request_id)
         self._held[request.request_id] = key
         self._pending.saves.append(SaveSpec(request.request_id, key, tuple(blocks)))
-        out = TransferParams.pull_from(address, key, blocks, n)
+        out = TransferParams.pull_from(addresses, key, blocks, n)
         if self.settings.mode == "push":
             out = replace(out, transfer_mode="push", transfer_id=key)
         return True, out.to_dict()

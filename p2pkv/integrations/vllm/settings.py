@@ -15,14 +15,16 @@ class Settings:
 
     backend: transport name ('tcp', 'ucx', 'nccl', 'cuda_ipc', ...). mode: 'pull'
     (D reads P's held blocks) or 'push' (D sends P its block ids, P writes). listen:
-    where this instance's worker listens ('host:port'; port 0 picks one). advertise:
-    the address peers should dial, when it differs from `listen` (e.g. listen on
-    0.0.0.0). auth_token: shared secret for the handshake's HMAC (else the env var
+    where this instance's worker listens ('host:port'; port 0 picks one; with tensor
+    parallelism rank r listens on port + r). advertise: the address peers should dial,
+    when it differs from `listen` (e.g. listen on 0.0.0.0; rank r: port + r, or its own
+    port when the port given is 0). auth_token: shared secret for the handshake's HMAC (else the env var
     P2PKV_AUTH_TOKEN). hold_timeout: seconds P keeps a finished request's blocks
     waiting for D. load_timeout: seconds D waits for a load before recomputing.
     checksum: verify a CRC32 per block and layer. metrics_path: a JSON file the
     worker rewrites with its cumulative counters (the same figures also go to
-    vLLM's stats and /metrics). push_layers: in push mode, P writes each layer to D
+    vLLM's stats and /metrics); with tensor parallelism each rank r writes its own,
+    `x.tpR.json` for `x.json`. push_layers: in push mode, P writes each layer to D
     as soon as the prefill's last step has computed it, overlapping the transfer
     with the next layers. transport_options: extra keywords for the transport.
     """

@@ -20,14 +20,15 @@ class SaveSpec:
 
 @dataclass(frozen=True)
 class LoadSpec:
-    """D: fill local `blocks` of `req` from the producer at `peer`, which knows it as `key`.
+    """D: fill local `blocks` of `req` from the producer at `peers` (its TP ranks' addresses in
+    rank order; one without TP), which knows it as `key`.
 
     Pull: `remote_blocks` are P's blocks, in the same order. Push: None; P writes its
     blocks `[offset:]` (D's prefix cache already holds the first `offset`)."""
 
     req: str
     key: str
-    peer: str
+    peers: tuple[str, ...]
     blocks: tuple[int, ...]
     remote_blocks: tuple[int, ...] | None
     offset: int = 0
@@ -35,9 +36,9 @@ class LoadSpec:
 
 @dataclass(frozen=True)
 class DiscardSpec:
-    """D: tell the producer at `peer` it can free `key` now (D will not load it)."""
+    """D: tell the producer at `peers` (its TP ranks) it can free `key` now (D will not load it)."""
 
-    peer: str
+    peers: tuple[str, ...]
     key: str
 
 
@@ -56,6 +57,6 @@ class P2pKvMetadata(KVConnectorMetadata):
 
 @dataclass
 class P2pKvHandshake(KVConnectorHandshakeMetadata):
-    """Worker → scheduler at start-up: where the worker's transport listens."""
+    """Worker → scheduler at start-up: where the worker's transport listens (one per TP rank)."""
 
     address: str
