@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from p2pkv.transport.base import off_engine_cpus
+
 try:
     import torch.distributed as dist
 except ImportError:  # pragma: no cover - torch builds without distributed; the transport refuses to start
@@ -91,7 +93,8 @@ def _dispose(held: list[Any], backend: str) -> Future | None:
     try:
         with _REAPER_LOCK:
             if _REAPER is None:
-                _REAPER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="p2pkv-nccl-free")
+                _REAPER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="p2pkv-nccl-free",
+                                             initializer=off_engine_cpus)
             return _REAPER.submit(free)
     except RuntimeError:
         free()

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from p2pkv.segments import Segments
-from p2pkv.transport.base import PeerClosedError, TransferError, TransferHandle, TransferTimeout
+from p2pkv.transport.base import PeerClosedError, TransferError, TransferHandle, TransferTimeout, off_engine_cpus
 from p2pkv.transport.chunks import Packer, plan_chunks
 from p2pkv.transport.control import Conn
 from p2pkv.transport.nccl.group import PairGroup
@@ -47,7 +47,11 @@ def _fan_out(work: Callable[[int, list[BaseException]], None], workers: int, nam
             work(k, failed)
         except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
             failed.append(e)
-    helpers = [threading.Thread(target=run, args=(k,), name=name, daemon=True) for k in range(1, workers)]
+
+    def helper(k: int) -> None:
+        off_engine_cpus()
+        run(k)
+    helpers = [threading.Thread(target=helper, args=(k,), name=name, daemon=True) for k in range(1, workers)]
     for h in helpers:
         h.start()
     run(0)
@@ -162,6 +166,7 @@ class PythonDataPath:
         failed: list[BaseException] = []
 
         def post() -> None:
+            off_engine_cpus()
             try:
                 while (item := ready.get()) is not None:
                     i, b, n = item
