@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from p2pkv.segments import Segments
-from p2pkv.transport.base import Peer, PeerClosedError, TransferError, TransferHandle, TransferTimeout
+from p2pkv.transport.base import (Peer, PeerClosedError, TransferError, TransferHandle, TransferTimeout,
+                                  off_engine_cpus)
 from p2pkv.transport.control import Conn, ControlPlaneTransport
 from p2pkv.transport.ucx.baseline import UcxBaseline
 from p2pkv.transport.ucx.handle import UcxHandle
@@ -69,6 +70,7 @@ class UcxTransport(OneSidedPath, StagedPath, UcxBaseline, ControlPlaneTransport)
         self._ctx = api.UCXContext({**context_config(), **(ucx_config or {})},
                                    feature_flags=tuple(getattr(api.Feature, f) for f in FEATURES))
         self._worker = api.UCXWorker(self._ctx)
+        self._worker.set_progress_thread_start_callback(_progress_thread_start)
         self._worker.start_progress_thread(polling_mode=False, epoll_timeout=100)
         self._wh = self._worker.handle
         self._addr = bytes(self._worker.address)
@@ -133,7 +135,7 @@ class UcxTransport(OneSidedPath, StagedPath, UcxBaseline, ControlPlaneTransport)
         worker; restart the progress thread so that it makes it current first."""
         index = dev.index if dev.index is not None else torch.cuda.current_device()
         self._worker.stop_progress_thread()
-        self._worker.set_progress_thread_start_callback(torch.cuda.set_device, cb_args=(index,))
+        self._worker.set_progress_thread_start_callback(_progress_thread_start, cb_args=(index,))
         self._worker.start_progress_thread(polling_mode=False, epoll_timeout=100)
 
     def _bind_cuda(self) -> None:
@@ -271,3 +273,11 @@ class UcxTransport(OneSidedPath, StagedPath, UcxBaseline, ControlPlaneTransport)
 
 
 _graveyard: list[Any] = []
+
+
+def _progress_thread_start(cuda_device: int | None = None) -> None:
+    """Run first by ucxx's progress thread, which completes this transport's requests: leave the core the
+    creating (engine) thread is pinned to, and make the CUDA device current where the memory is CUDA."""
+    off_engine_cpus()
+    if cuda_device is not None:
+        torch.cuda.set_device(cuda_device)
