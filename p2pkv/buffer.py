@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 
 from p2pkv.pipe import TensorPipe
+from p2pkv.transport.base import off_engine_cpus
 
 __all__ = ["LookupBuffer"]
 
@@ -83,6 +84,7 @@ class LookupBuffer:
             self._server.start()
 
     def _serve(self) -> None:
+        off_engine_cpus()
         while not self._closed.is_set():
             try:
                 req = self.recv.recv_tensor(timeout=0.5)

@@ -1,13 +1,15 @@
-"""Helpers for multi-process tests: start a P peer process, talk to it, always end it."""
+"""Helpers for multi-process tests: start a P peer process, talk to it, always end it; run code in a child
+pinned to one CPU, as an engine pins its compute thread."""
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 HERE = Path(__file__).resolve().parent
 
@@ -59,3 +61,18 @@ def wait_errors(handles, timeout: float = 10.0) -> list:
         except TransferError as e:
             errors.append(e)
     return errors
+
+
+def run_pinned(code: str, io_cpus: str | None = None, timeout: float = 60) -> Any:
+    """Run `code` in a child Python that first pins itself to one CPU (the lowest this process may use), as an
+    engine pins its compute thread, so every thread it starts inherits that CPU; P2PKV_IO_CPUS is `io_cpus`
+    (unset for None). Returns the Python literal the child printed last."""
+    cpu = min(os.sched_getaffinity(0))
+    prelude = f"import os, sys\nsys.path[:0] = {[str(HERE.parent), str(HERE)]!r}\nos.sched_setaffinity(0, {{{cpu}}})\n"
+    env = {k: v for k, v in os.environ.items() if k != "P2PKV_IO_CPUS"}
+    if io_cpus is not None:
+        env["P2PKV_IO_CPUS"] = io_cpus
+    out = subprocess.run([sys.executable, "-c", prelude + code], env=env, capture_output=True, text=True,
+                         timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return ast.literal_eval(out.stdout.strip().splitlines()[-1])

@@ -19,6 +19,7 @@ from p2pkv.layout import make_kv_caches, plan_segments
 from p2pkv.transport import Connecting, PeerClosedError, get_transport
 from p2pkv.wire import (HEADER, MAGIC, AuthError, FrameType, HandshakeError, client_handshake, decode_meta,
                         encode_hello, recv_exact, server_handshake)
+from procs import run_pinned
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -186,18 +187,16 @@ def test_a_silent_connection_ends_at_the_timeout_while_others_get_in(caplog):
 
 
 _AFFINITY = """
-import os, sys, threading
-sys.path[:0] = {paths!r}
-os.sched_setaffinity(0, {{0}})  # as an engine pins its compute thread
+import threading
 import torch
 from p2pkv.layout import make_kv_caches
 from p2pkv.transport import get_transport
 t, s = make_kv_caches("vllm", num_layers=1, num_blocks=4, block_size=4, num_kv_heads=1, head_size=8, dtype=torch.float16)
 with get_transport("tcp") as tr:
     tr.register(t, s)
-    mine = {{t.native_id for t in threading.enumerate()}}
+    mine = {t.native_id for t in threading.enumerate()}
     native = [d for d in os.listdir("/proc/self/task") if int(d) not in mine]
-    print(sorted({{tuple(sorted(os.sched_getaffinity(int(d)))) for d in native}}))
+    print(sorted({tuple(sorted(os.sched_getaffinity(int(d)))) for d in native}))
 """
 
 
@@ -206,16 +205,7 @@ with get_transport("tcp") as tr:
 def test_native_threads_do_not_inherit_the_engine_threads_pinning(io_cpus, expect):
     """An engine pins its compute thread to a core its OpenMP threads spin on; p2pkv's native
     threads (here the acceptor) take P2PKV_IO_CPUS or every CPU instead of that one core."""
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "P2PKV_IO_CPUS"}
-    if io_cpus is not None:
-        env["P2PKV_IO_CPUS"] = io_cpus
-    out = subprocess.run([sys.executable, "-c", _AFFINITY.format(paths=[root])], env=env, capture_output=True,
-                         text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    got = eval(out.stdout.strip().splitlines()[-1])  # noqa: S307 - our own child's printed list
+    got = run_pinned(_AFFINITY, io_cpus)
     if expect == "all":
         assert got == [tuple(sorted(os.sched_getaffinity(0)))]
     else:

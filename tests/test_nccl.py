@@ -26,7 +26,7 @@ from p2pkv.layout import PRESETS, make_kv_caches, plan_segments
 from p2pkv.transport import PeerClosedError, TransferError, get_transport
 from p2pkv.transport.chunks import Packer, plan_chunks
 from peer import build
-from procs import peer_process
+from procs import peer_process, run_pinned
 
 HERE = Path(__file__).resolve().parent
 ROLES = str(HERE / "nccl_roles.py")
@@ -286,6 +286,47 @@ def test_read_completes_while_ps_engine_thread_spins(mode):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+_HELPERS_AFFINITY = """
+import threading
+from p2pkv.layout import plan_segments
+from p2pkv.transport import get_transport
+from p2pkv.transport.nccl import NcclTransport
+from peer import build
+cpus = {}
+run = threading.Thread.run
+def run_and_note(self):  # what the thread itself ends with
+    try:
+        run(self)
+    finally:
+        cpus[self.name] = sorted(os.sched_getaffinity(0))
+threading.Thread.run = run_and_note
+NcclTransport._native = lambda self, conn: False  # the Python data path, as for CUDA tensors or over TLS
+cfg = {"layout": "vllm_cpu", "seed": 1, "head_size": 64, "blocks": 8}
+(pt, ps), (dt, ds) = build(cfg), build({**cfg, "seed": 2})
+opts = {"timeout": 20, "pack_threshold": 1 << 40, "chunk_bytes": 4096, "depth": 2, "sockets": 2}
+with get_transport("nccl", **opts) as p, get_transport("nccl", **opts) as d:
+    p.register(pt, ps)
+    d.register(dt, ds)
+    peer = d.connect(p.address)
+    d.read(peer, plan_segments(peer.spec, ds, [0, 1, 2, 3], [4, 5, 6, 7]), "r").wait(20)
+for t in threading.enumerate():
+    if t.name.startswith("p2pkv-nccl-free"):  # the reaper lives on: read it from here
+        cpus["p2pkv-nccl-free"] = sorted(os.sched_getaffinity(t.native_id))
+print({name: c for name, c in cpus.items() if name.startswith("p2pkv-nccl")})
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_the_python_paths_helper_threads_leave_the_core_the_engine_pinned():
+    """In a process whose engine thread is pinned to one core, the Python data path's packing and
+    unpacking helpers and the thread that frees process groups (started by a close() on the engine's
+    thread) all take every CPU (P2PKV_IO_CPUS unset)."""
+    got = run_pinned(_HELPERS_AFFINITY, timeout=100)  # two transports and a transfer, most threads on one core
+    assert {"p2pkv-nccl-send", "p2pkv-nccl-unpack", "p2pkv-nccl-free"} <= set(got), got
+    assert all(c == sorted(os.sched_getaffinity(0)) for c in got.values()), got
 
 
 @pytest.mark.timeout(60)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,7 @@ import torch
 
 from p2pkv.buffer import LookupBuffer
 from p2pkv.pipe import TensorPipe
+from procs import run_pinned
 
 
 def make_pipe(**kw):
@@ -243,3 +245,21 @@ def test_lookup_buffer_misuse_is_refused():
         consumer.close()
         with pytest.raises(RuntimeError, match="lookup buffer is closed"):
             consumer.drop_select("z")
+
+
+_LOOKUP_AFFINITY = """
+import torch
+from test_pipe_buffer import buffers
+with buffers(capacity=1 << 20, timeout=10.0) as (producer, consumer, _):
+    producer.insert("k", [torch.ones(4)])
+    assert consumer.drop_select("k") is not None  # answered by the producer's serving thread
+    print(sorted(os.sched_getaffinity(producer._server.native_id)))
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_the_lookup_buffers_thread_leaves_the_core_the_engine_pinned():
+    """insert() runs on the engine's thread, pinned to one core; the serving thread it starts takes
+    every CPU (P2PKV_IO_CPUS unset) instead of waiting behind the engine for that core."""
+    assert run_pinned(_LOOKUP_AFFINITY, timeout=100) == sorted(os.sched_getaffinity(0))

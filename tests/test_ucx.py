@@ -20,7 +20,7 @@ from p2pkv.layout import PRESETS, make_kv_caches, plan_segments
 from p2pkv.segments import Segments
 from p2pkv.transport import TransferTimeout, get_transport
 from peer import build
-from procs import peer_process
+from procs import peer_process, run_pinned
 
 HAVE_UCXX = importlib.util.find_spec("ucxx") is not None
 needs_ucxx = pytest.mark.skipif(not HAVE_UCXX, reason="ucxx is not installed (pip install 'p2pkv[ucx]')")
@@ -388,6 +388,39 @@ def test_idle_connected_pair_does_not_spin_a_core():
     assert line, out.stderr[-2000:]
     cpu, wall = map(float, line[0].split()[1:])
     assert cpu < 0.2 * wall, f"idle process used {cpu:.2f} s of CPU in {wall:.2f} s"
+
+
+_PROGRESS_AFFINITY = """
+import threading, time
+import torch
+from p2pkv.layout import make_kv_caches
+from p2pkv.transport import get_transport
+t, s = make_kv_caches("vllm", num_layers=1, num_blocks=4, block_size=4, num_kv_heads=1, head_size=8, dtype=torch.float16)
+before = set(os.listdir("/proc/self/task"))
+with get_transport("ucx") as tr:
+    tr.register(t, s)
+    python = {str(x.native_id) for x in threading.enumerate()}
+    # UCX's own "async" thread (libucs's timers and events) is not one p2pkv starts
+    native = [d for d in set(os.listdir("/proc/self/task")) - before - python
+              if open(f"/proc/self/task/{d}/comm").read().strip() != "async"]
+    end = time.monotonic() + 10  # ucxx's progress thread runs its start callback soon after it starts
+    while True:
+        got = sorted({tuple(sorted(os.sched_getaffinity(int(d)))) for d in native})
+        if len(got) == 1 and len(got[0]) > 1 or time.monotonic() > end:
+            break
+        time.sleep(0.05)
+    print([len(native), got])
+"""
+
+
+@needs_ucxx
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_ucxx_progress_thread_leaves_the_core_the_engine_pinned():
+    """The transport is made on the engine's thread, pinned to one core; ucxx's progress thread, which
+    completes the transfers, and p2pkv's native threads take every CPU instead (P2PKV_IO_CPUS unset)."""
+    count, got = run_pinned(_PROGRESS_AFFINITY, timeout=100)
+    assert count >= 2 and got == [tuple(sorted(os.sched_getaffinity(0)))], (count, got)
 
 
 @needs_ucxx
