@@ -414,3 +414,26 @@ def test_push_with_p_down_sends_d_the_plain_request_and_counts_the_fallback():
             await client.close()
             await d.close()
     asyncio.run(go())
+
+
+_CALLBACK_AFFINITY = """
+from p2pkv.integrations.vllm.notify import NeedNotifier
+n = NeedNotifier()
+import time
+n.post("http://127.0.0.1:9/p2pkv/need", "t-1", True, 10)  # nobody listens: the thread only has to run
+end = time.monotonic() + 20
+while n._q.qsize() and time.monotonic() < end:  # it has taken the callback: past its first line
+    time.sleep(0.01)
+cpus = sorted(os.sched_getaffinity(n._thread.native_id))
+n.close()
+print(cpus)
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_the_router_callback_thread_leaves_the_core_the_engine_pinned():
+    """D's scheduler posts need-P callbacks from its pinned thread; the thread that sends them takes
+    every CPU (P2PKV_IO_CPUS unset) instead of waiting behind the engine for that core."""
+    from procs import run_pinned
+    assert run_pinned(_CALLBACK_AFFINITY, timeout=100) == sorted(os.sched_getaffinity(0))

@@ -8,6 +8,8 @@ import threading
 import time
 from typing import Any
 
+from p2pkv.transport.base import off_engine_cpus
+
 __all__ = ["parse_address", "dial", "tls_contexts"]
 
 
@@ -49,6 +51,7 @@ def _resolve(host: str, port: int, timeout: float) -> list[tuple]:
     out: list[Any] = []
 
     def run() -> None:
+        off_engine_cpus()
         try:
             out.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
         except OSError as e:

@@ -9,6 +9,8 @@ import threading
 import urllib.request
 from typing import Any
 
+from p2pkv.transport.base import off_engine_cpus
+
 __all__ = ["NeedNotifier"]
 
 log = logging.getLogger("p2pkv.vllm")
@@ -33,6 +35,7 @@ class NeedNotifier:
         self._q.put((url, {"transfer_id": transfer_id, "need_prefill": need, "tokens": tokens}))
 
     def _run(self) -> None:
+        off_engine_cpus()
         while (item := self._q.get()) is not None:
             url, body = item
             req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
