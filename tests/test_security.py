@@ -197,3 +197,18 @@ def test_no_module_of_the_package_can_unpickle():
                     node.attr == "load" and not (isinstance(node.value, ast.Name) and node.value.id == "torch")):
                 found.append(f"{path.name}:{node.lineno} uses .{node.attr}")
     assert len(list(root.rglob("*.py"))) > 20 and found == []
+
+
+def test_a_connection_closed_before_its_serving_thread_starts_is_dropped_not_raised():
+    """The Python serving loop of a connection closed before it ran (close() racing its start) must drop
+    the connection with the reason, raising nothing in the thread."""
+    from types import SimpleNamespace as NS
+
+    from p2pkv.transport.serving import serve_loop
+    a, b = socket.socketpair()
+    a.close()
+    b.close()
+    dropped = []
+    tr = NS(_closed=threading.Event(), name="tcp", _drop=lambda conn, e: dropped.append(e))
+    serve_loop(tr, NS(sock=a, dead=None, peer=NS(name="peer-1")))
+    assert len(dropped) == 1 and isinstance(dropped[0], ValueError)

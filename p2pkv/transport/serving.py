@@ -42,10 +42,9 @@ class LocalRows:
 
 def serve_loop(tr: Any, conn: Any) -> None:
     """Serve a peer's requests on this Python thread (backends and TLS connections without a native path)."""
-    sock = conn.sock
     poller = select.poll()  # not select(): descriptors above 1023 must work
-    poller.register(sock.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
-    try:
+    try:  # a close() racing this thread's start leaves fileno() at -1: register fails in here, not the thread
+        poller.register(conn.sock.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
         while not tr._closed.is_set() and conn.dead is None:
             if not poller.poll(500):
                 continue
