@@ -316,11 +316,11 @@ class Consumer:
             ld.link.send(Release(ld.remote_key, ok=failure is None, of=ld.release_of).to_dict())
         elif error is not None:
             ld.link.send(Cancel(ld.remote_key).to_dict())
-        self._ended[ld.key] = failure is None
         sharded = self._sharded.get(ld.parent) if ld.parent is not None else None
         if sharded is None:
             self._report(ld.key, ld.blocks, failure)
             return
+        self._ended[ld.key] = failure is None  # the part's layers answer layer_state of the whole
         sharded.ended[ld.key] = failure
         if len(sharded.ended) == len(sharded.parts):
             del self._sharded[sharded.key]

@@ -67,12 +67,13 @@ class Link:
     def send(self, message: dict[str, Any]) -> None:
         """Send a control message to this peer without blocking the caller, in order with earlier ones
         (those for a peer still being dialled wait for the dial; a failed dial makes them undelivered)."""
-        if self.peer is None or self._waiting:
+        peer = self.peer
+        if peer is None or self._waiting:
             self._waiting.append(message)
             self.use()
             self.poll()
             return
-        self._post(message)
+        self._post(peer, message)
 
     def poll(self) -> None:
         """Adopt a finished dial and send what waited for it."""
@@ -84,8 +85,8 @@ class Link:
                 log.debug("connected to %s (%s)", self.address, self.peer.name)
             except SEND_ERRORS as e:
                 self._failed(e)
-        while self.peer is not None and self._waiting:
-            self._post(self._waiting.popleft())
+        while self._waiting and (peer := self.peer) is not None:
+            self._post(peer, self._waiting.popleft())
 
     def wait_settled(self, timeout: float | None) -> bool:
         """Block until no dial is under way (set-up only: a request waits here only for its first contact);
@@ -105,15 +106,15 @@ class Link:
         if self._sender is not None:
             self._sender.close(timeout)
 
-    def _post(self, message: dict[str, Any]) -> None:
-        assert self.peer is not None
+    def _post(self, peer: Peer, message: dict[str, Any]) -> None:
+        """Send to `peer` as read once by the caller: the sender thread may mark the link broken meanwhile."""
         if getattr(self.transport, "send_notif_blocks", True):
             if self._sender is None:
                 self._sender = _Sender(self)
-            self._sender.put(self.peer, message)
+            self._sender.put(peer, message)
             return
         try:
-            self.transport.send_notif(self.peer, message)
+            self.transport.send_notif(peer, message)
         except SEND_ERRORS as e:
             self.send_failed(message, e)
 
