@@ -9,7 +9,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export P2PKV_EXT_DIR=${P2PKV_EXT_DIR:-/tmp/p2pkv-ext}
 PY=${PY:-python3}
-STEPS=${STEPS:-"env native build test kbench pair busy"}
+STEPS=${STEPS:-"env native build test kbench pair busy tp8"}
 TOKENS=${TOKENS:-"16 512 2048 4096"}
 KTOKENS=${KTOKENS:-"16 512 2048 4096 32768"}
 LOG=$OUT/suite.log
@@ -38,6 +38,13 @@ for s in $STEPS; do
       for b in ${BACKENDS:-cuda_ipc tcp}; do
         step "busy-$b" "${BENCH_LIMIT:-240}" "$PY" -m p2pkv bench --device cuda --backend "$b" --busy --tokens ${BUSY_TOKENS:-16 512 2048} \
           --requests "${REQUESTS:-4}" --iters "${ITERS:-10}" --warmup 2 --json "$OUT/busy_$b.json"
+      done ;;
+    tp8)  # small segments, Llama-3-70B at TP 8 (one KV head per rank: 4 KiB per block and K/V plane), cuda_ipc;
+          # P2PKV_HINT=6 turns off the batching of units of 4 KiB and less, for the same-run comparison
+      for h in ${TP8_HINTS:-2 6}; do
+        step "tp8-hint$h" "${BENCH_LIMIT:-240}" env P2PKV_HINT="$h" "$PY" -m p2pkv bench --device cuda --backend cuda_ipc \
+          --kv-heads 1 --block-size 16 --head-size 128 --layers 8 --tokens ${TP8_TOKENS:-512 2048 3000 8192} \
+          --requests 2 --iters "${ITERS:-10}" --warmup 2 --json "$OUT/tp8_hint$h.json"
       done ;;
     kbench) step kbench 180 "$PY" bench/kernel_bench.py --tokens $KTOKENS --json "$OUT/kernel_bench.json" ;;
     pair)  # two processes, cuda_ipc and tcp on CUDA tensors, same-run baselines (bench/gpu_pair_bench.py)

@@ -139,6 +139,56 @@ __global__ void __launch_bounds__(kThreads) copy_blocks_kernel(const __grid_cons
   }
 }
 
+// Units of at most 16 bytes per thread (pieces of up to 4 KiB, TP's one-head slices): one 16-byte
+// access per thread and unit would leave a single load in flight per thread, so each pass takes
+// kBatch units, grid-strided, and keeps their loads in flight together before storing. Units that
+// are not 16-byte aligned on both sides, or longer, take the row copy.
+constexpr int kBatch = 4;
+
+template <int HINT, int NPAIRS>
+__global__ void __launch_bounds__(kThreads) copy_small_blocks_kernel(const __grid_constant__ BlockArgs<NPAIRS> a) {
+  const int64_t stride = (int64_t)gridDim.x;
+  for (int64_t u0 = blockIdx.x; u0 < a.units; u0 += stride * kBatch) {
+    uint64_t src[kBatch], dst[kBatch], len[kBatch];
+    bool vec = true;
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      const int64_t u = u0 + k * stride;
+      len[k] = 0;
+      src[k] = dst[k] = 0;
+      if (u >= a.units) continue;
+      const int64_t item = u / a.split;
+      const int64_t part = u - item * a.split;
+      const int64_t rp = item / a.npairs;
+      const int p = (int)(item - rp * a.npairs);
+      const int64_t r = rp / a.npieces;
+      const int piece = (int)(rp - r * a.npieces);
+      const BlockRegion* reg = a.regions + r;
+      const int64_t plen = __ldg(&reg->piece_len[piece]);
+      const int64_t off = part * a.chunk;
+      if (off >= plen) continue;
+      len[k] = (uint64_t)(plen - off < a.chunk ? plen - off : a.chunk);
+      src[k] = __ldg(&reg->src_base) + (int64_t)a.pairs[2 * p] * __ldg(&reg->src_stride) + __ldg(&reg->piece_src[piece]) + off;
+      dst[k] = __ldg(&reg->dst_base) + (int64_t)a.pairs[2 * p + 1] * __ldg(&reg->dst_stride) + __ldg(&reg->piece_dst[piece]) + off;
+      vec = vec && ((src[k] | dst[k] | len[k]) & 15) == 0 && len[k] <= 16ull * blockDim.x;
+    }
+    if (!vec) {
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k)
+        if (len[k]) copy_row<HINT, 4>(src[k], dst[k], len[k]);
+      continue;
+    }
+    const uint64_t at = 16ull * threadIdx.x;
+    uint4 v[kBatch];
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k)
+      if (at < len[k]) v[k] = load16<HINT>(reinterpret_cast<const uint4*>(src[k] + at));
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k)
+      if (at < len[k]) store16<HINT>(reinterpret_cast<uint4*>(dst[k] + at), v[k]);
+  }
+}
+
 template <int NPAIRS>
 cudaError_t launch_blocks_n(const BlockRegion* regions, int nreg, int npieces, const int32_t* pairs, int npairs,
                             int64_t chunk, int split, int grid, int hint, cudaStream_t stream) {
@@ -154,6 +204,13 @@ cudaError_t launch_blocks_n(const BlockRegion* regions, int nreg, int npieces, c
   int64_t g = grid > 0 ? grid : (int64_t)sm_count() * (2048 / kThreads);
   if (grid < 0) g = (int64_t)sm_count() * -grid;
   if (g > a.units) g = a.units;
+  if (chunk <= 16 * kThreads && !(hint & 4)) {  // bit 2: no batching of small units (to compare)
+    const int64_t gs = (a.units + kBatch - 1) / kBatch;
+    const unsigned gb = (unsigned)(g < gs ? g : gs);
+    if (hint & 1) copy_small_blocks_kernel<1, NPAIRS><<<gb, kThreads, 0, stream>>>(a);
+    else copy_small_blocks_kernel<0, NPAIRS><<<gb, kThreads, 0, stream>>>(a);
+    return cudaGetLastError();
+  }
   switch (hint & 3) {
     case 1: copy_blocks_kernel<1, 4, NPAIRS><<<(unsigned)g, kThreads, 0, stream>>>(a); break;
     case 2: copy_blocks_kernel<0, 8, NPAIRS><<<(unsigned)g, kThreads, 0, stream>>>(a); break;

@@ -25,7 +25,7 @@ __all__ = ["MAGIC", "VERSION", "HEADER", "FrameType", "Frame", "ProtocolError", 
            "check_message"]
 
 MAGIC = b"P2KV"
-VERSION = 3  # 2: binary request frames (csrc/net/frame.h); 3: binary HELLO/AUTH bodies (csrc/net/hello.h)
+VERSION = 4  # 2: binary request frames (csrc/net/frame.h); 3: binary HELLO/AUTH bodies (csrc/net/hello.h); 4: GEOMETRY frames
 HEADER = struct.Struct("<4sHHIQ")
 MAX_META = 32 << 20
 MAX_PAYLOAD = 1 << 40

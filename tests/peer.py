@@ -1,10 +1,13 @@
 """A P process for multi-process tests: builds seeded random caches (one transport
 per config), prints each listening address, then obeys line commands on stdin:
-`dump I PATH` writes cache I's raw bytes to PATH; `quit` (or EOF) exits."""
+`dump I PATH` writes cache I's raw bytes to PATH; `freeze S` prints FROZEN, then holds the GIL in
+pure Python for S seconds (an engine that never yields: no Python thread of p2pkv can run);
+`quit` (or EOF) exits."""
 from __future__ import annotations
 
 import json
 import sys
+import time
 
 import torch
 
@@ -38,6 +41,14 @@ def serve(backend: str, built: list, opts: dict) -> None:
                     for t in caches[int(cmd[1])]:
                         f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
                 print("DUMPED", flush=True)
+            if cmd[0] == "freeze":
+                sys.setswitchinterval(1000.0)  # other threads would wait this long for the GIL
+                print("FROZEN", flush=True)
+                end = time.monotonic() + float(cmd[1])
+                while time.monotonic() < end:
+                    pass
+                sys.setswitchinterval(0.005)
+                print("THAWED", flush=True)
     finally:
         for tr in transports:
             tr.close()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kvcheck import assert_same, expected_after
-from p2pkv.layout import PRESETS, KVCacheSpec, make_kv_caches, plan_segments
+from p2pkv.layout import PRESETS, BlockRows, KVCacheSpec, make_kv_caches, plan_segments
 from p2pkv.transport import PeerClosedError, TransferError, TransferTimeout, get_transport
 from p2pkv.transport.tcp import TcpTransport
 from p2pkv.wire import AuthError, HandshakeError
@@ -287,6 +287,55 @@ def test_requests_by_block_ids_and_by_segment_table_land_the_same_bytes():
         b.close()
 
 
+@pytest.mark.timeout(90)
+def test_a_peer_is_served_while_ps_python_never_runs():
+    """P's engine holds the GIL and never gives it up; D dials P for the first time and reads. The
+    native acceptor hand-shakes D and serves the read with no Python of P's process running."""
+    cfg = {"layout": "vllm", "seed": 6}
+    with peer_process("tcp", [cfg]) as p:
+        d_tensors, d_spec = local_cache(cfg)
+        p.proc.stdin.write("freeze 60\n")
+        p.proc.stdin.flush()
+        assert p.proc.stdout.readline().strip() == "FROZEN"
+        with get_transport("tcp", timeout=30) as tr:
+            tr.register(d_tensors, d_spec)
+            peer = tr.connect(p.addresses[0])
+            before = [t.clone() for t in d_tensors]
+            tr.read(peer, plan_segments(peer.spec, d_spec, [1, 5, 6], [0, 2, 3]), "frozen-p").wait(30)
+            assert_same(d_tensors, expected_after("vllm", before, build(cfg)[0], [1, 5, 6], [0, 2, 3]))
+            assert p.proc.poll() is None
+
+
+@pytest.mark.timeout(60)
+def test_a_geometry_that_reaches_outside_the_serving_sides_memory_is_refused_and_ends_the_connection():
+    """The dialling side describes the serving side's rows of a block (GEOMETRY); P checks every piece
+    of every block against its own regions, refuses one that reaches past them with the reason, and
+    goes on serving honest peers."""
+    from p2pkv.transport import native as nat
+    cfg = {"layout": "vllm", "seed": 4}
+    with peer_process("tcp", [cfg]) as p:
+        d_tensors, d_spec = local_cache(cfg)
+        with get_transport("tcp", timeout=20) as tr:
+            tr.register(d_tensors, d_spec)
+            peer = tr.connect(p.addresses[0])
+            rows = BlockRows(peer.spec, d_spec)
+            body = bytearray(nat.geometry_body(rows, "src", False))
+            body[8:16] = (int(rows.num_blocks[0]) * 4).to_bytes(8, "little")  # 4x the blocks P has
+            link = tr._out[peer.address].link
+            link.post(nat.OP_SEND, nat.frame(nat.GEOMETRY, bytes(body)), None, None, 0)
+            req = nat.request_body(nat.FORM_BLOCKS, "evil", np.asarray([0], "<i8").tobytes(), 1, None)
+            op = link.post(nat.OP_READ, nat.frame(nat.DATA_READ, req, 0), None, None, 0)
+            with pytest.raises(TransferError, match="block geometry refused: region 0: a block's piece ends past"):
+                nat.NativeHandle(op, peer.name, "evil", 0).wait(10)
+            tr.close()
+        with get_transport("tcp", timeout=20) as tr:
+            tr.register(d_tensors, d_spec)
+            peer = tr.connect(p.addresses[0])
+            before = [t.clone() for t in d_tensors]
+            tr.read(peer, plan_segments(peer.spec, d_spec, [2, 7], [3, 0]), "good").wait(10)
+            assert_same(d_tensors, expected_after("vllm", before, build(cfg)[0], [2, 7], [3, 0]))
+
+
 @pytest.mark.timeout(60)
 def test_block_requests_naming_bad_ids_or_regions_are_refused_by_the_serving_side():
     """A hostile D that skips its own checks (frames written by hand here) is refused by P's native
@@ -305,6 +354,10 @@ def test_block_requests_naming_bad_ids_or_regions_are_refused_by_the_serving_sid
             tr.register(d_tensors, d_spec)
             for read, ids, regions, why in cases:
                 peer = tr.connect(p.addresses[0])
+                link = tr._out[peer.address].link
+                for rows, write in ((BlockRows(peer.spec, d_spec), False), (BlockRows(d_spec, peer.spec), True)):
+                    body = nat.geometry_body(rows, "dst" if write else "src", write)
+                    link.post(nat.OP_SEND, nat.frame(nat.GEOMETRY, body), None, None, 0)
                 body = nat.request_body(nat.FORM_BLOCKS, "evil", np.asarray(ids, "<i8").tobytes(), len(ids), regions)
                 op = tr._out[peer.address].link.post(nat.OP_READ if read else nat.OP_WRITE,
                                                      nat.frame(nat.DATA_READ if read else nat.DATA_WRITE, body, 0),

@@ -78,6 +78,11 @@ void Acceptor::configure(HandshakeSetup s) {
   configured_ = true;
 }
 
+void Acceptor::serve(ServeSetup s) {
+  std::lock_guard<std::mutex> lk(mu_);
+  serve_ = std::make_shared<const ServeSetup>(std::move(s));
+}
+
 void Acceptor::close() {
   if (stop_.exchange(true)) return;
   if (thread_.joinable()) thread_.join();
@@ -88,7 +93,10 @@ void Acceptor::close() {
   peers_.clear();
   std::lock_guard<std::mutex> lk(mu_);
   for (int fd : queue_) ::close(fd);
-  for (auto& a : ready_) ::close(a.fd);
+  for (auto& a : ready_) {
+    if (a.server) a.server->close();
+    else ::close(a.fd);
+  }
   queue_.clear();
   ready_.clear();
   in_flight_ = 0;
@@ -139,7 +147,9 @@ std::vector<Refusal> Acceptor::take_refusals(uint64_t& dropped) {
 
 size_t Acceptor::pending() {
   std::lock_guard<std::mutex> lk(mu_);
-  return queue_.size() + in_setup_ + in_flight_ + ready_.size();
+  size_t unserved = serve_ ? 0 : in_flight_;  // a native handshake that ends in a Server needs no owner
+  for (const auto& a : ready_) unserved += a.server ? 0 : 1;
+  return queue_.size() + in_setup_ + unserved;
 }
 
 void Acceptor::push_refusal(Refusal r) {
@@ -186,8 +196,22 @@ void Acceptor::run() {
       if (p->ok) {
         int fl = fcntl(p->fd, F_GETFL);
         if (fl >= 0) fcntl(p->fd, F_SETFL, fl & ~O_NONBLOCK);
+        Accepted a{now_s(), p->fd, nullptr, 0, p->addr, std::move(p->client.info)};
+        // made under the lock: the owner sees the Server in `ready_` before any message it inboxes
         std::lock_guard<std::mutex> lk(mu_);
-        ready_.push_back(Accepted{now_s(), p->fd, p->addr, std::move(p->client.info)});
+        if (serve_) {
+          const ServeSetup& how = *serve_;
+          auto staging = how.api ? std::make_shared<CudaStaging>(how.api, how.device, how.staging_bytes) : nullptr;
+          if (how.sock_buf_bytes > 0) {
+            setsockopt(p->fd, SOL_SOCKET, SO_SNDBUF, &how.sock_buf_bytes, sizeof how.sock_buf_bytes);
+            setsockopt(p->fd, SOL_SOCKET, SO_RCVBUF, &how.sock_buf_bytes, sizeof how.sock_buf_bytes);
+          }
+          a.peer_id = next_peer_id_++;
+          a.server = Server::make(p->fd, setup_.timeout_s, a.peer_id, how.mem, nullptr, nullptr, how.inbox, staging,
+                                  how.held);
+          a.fd = -1;
+        }
+        ready_.push_back(std::move(a));
         --in_flight_;
         cv_.notify_all();
       } else {

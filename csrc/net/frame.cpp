@@ -39,6 +39,7 @@ bool parse_header(const uint8_t* p, Header& h, std::string& why) {
   h.payload_len = load_u64(p + 12);
   switch (h.type) {
     case kError: case kAck: case kNotif: case kClose: case kDataRead: case kDataWrite: case kBaseline: case kGone:
+    case kGeometry:
       break;
     default:
       why = "unknown frame type " + std::to_string(h.type);

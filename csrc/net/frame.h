@@ -11,7 +11,7 @@
 namespace p2pkv {
 
 constexpr uint32_t kMagic = 0x564B3250;  // "P2KV" read little-endian
-constexpr uint16_t kVersion = 3;  // 3: binary HELLO/AUTH bodies (hello.h), hand-shaken natively
+constexpr uint16_t kVersion = 4;  // 4: the dialling side sends the serving side its block geometry (kGeometry)
 constexpr size_t kHeaderSize = 20;       // <4sHHIQ: magic, version, type, meta length, payload length
 constexpr uint32_t kMaxMeta = 32u << 20;
 constexpr uint64_t kMaxPayload = 1ull << 40;
@@ -28,6 +28,7 @@ enum FrameType : uint16_t {
   kError = 4, kAck = 7, kNotif = 8, kClose = 10,
   kDataRead = 11, kDataWrite = 12, kBaseline = 13,
   kGone = 14,  // reply: the read asked for a request this side no longer holds; nothing was sent
+  kGeometry = 15,  // dialling side -> serving side: the server's rows of a block for this pair (geometry.h)
 };
 
 // Request flags. kRequireHeld: serve this read only while its request id is held here (the serving

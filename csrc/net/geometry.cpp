@@ -16,7 +16,7 @@ bool Geometry::validate(std::string& why) const {
     return false;
   }
   for (size_t r = 0; r < R; ++r) {
-    if (piece_start[r] > piece_start[r + 1]) {
+    if (piece_start[r] > piece_start[r + 1] || piece_start[r + 1] > piece_off.size()) {
       why = "geometry pieces out of order";
       return false;
     }
@@ -142,6 +142,72 @@ static bool table_iovecs(const Request& req, const Regions& mem, std::vector<iov
     total += uint64_t(len);
   }
   return true;
+}
+
+bool parse_geometry(const uint8_t* body, size_t n, const Regions& mem, Geometry& out, bool& write, std::string& why) {
+  if (n < kGeometryHead) {
+    why = "geometry frame shorter than its fixed part";
+    return false;
+  }
+  if (body[0] > 1 || body[1] || body[2] || body[3]) {
+    why = "geometry frame with an unknown direction or flags";
+    return false;
+  }
+  write = body[0] == 1;
+  uint64_t R = load_u32(body + 4);
+  if (R != mem.base.size()) {
+    why = "geometry for " + std::to_string(R) + " regions, but " + std::to_string(mem.base.size()) +
+          " are registered here";
+    return false;
+  }
+  size_t fixed = kGeometryHead + 8 * R + 4 * (R + 1);  // R <= kMaxRegions: no overflow
+  if (n < fixed) {
+    why = "geometry frame too short for its regions";
+    return false;
+  }
+  const uint8_t* starts = body + kGeometryHead + 8 * R;
+  uint64_t P = load_u32(starts + 4 * R);
+  if (load_u32(starts) != 0 || P > kMaxPieces || n != fixed + 16 * P) {
+    why = "geometry frame's piece count does not match its length (or exceeds " + std::to_string(kMaxPieces) + ")";
+    return false;
+  }
+  Geometry g;
+  g.mem = mem;
+  g.num_blocks = load_u64(body + 8);
+  g.stride.resize(R);
+  g.piece_start.resize(R + 1);
+  g.piece_off.resize(P);
+  g.piece_len.resize(P);
+  for (uint64_t r = 0; r < R; ++r) g.stride[r] = load_u64(body + kGeometryHead + 8 * r);
+  for (uint64_t r = 0; r <= R; ++r) g.piece_start[r] = load_u32(starts + 4 * r);
+  const uint8_t* pieces = body + fixed;
+  for (uint64_t p = 0; p < P; ++p) {
+    g.piece_off[p] = load_u64(pieces + 8 * p);
+    g.piece_len[p] = load_u64(pieces + 8 * (P + p));
+  }
+  if (!g.validate(why)) return false;
+  out = std::move(g);
+  return true;
+}
+
+std::string encode_geometry(const Geometry& g, bool write) {
+  size_t R = g.stride.size(), P = g.piece_off.size();
+  std::string out(kGeometryHead + 8 * R + 4 * (R + 1) + 16 * P, '\0');
+  auto put = [&](size_t at, uint64_t v, int w) {
+    for (int i = 0; i < w; ++i) out[at + i] = char(v >> (8 * i));
+  };
+  put(0, write ? 1 : 0, 1);
+  put(4, R, 4);
+  put(8, g.num_blocks, 8);
+  for (size_t r = 0; r < R; ++r) put(kGeometryHead + 8 * r, g.stride[r], 8);
+  size_t starts = kGeometryHead + 8 * R;
+  for (size_t r = 0; r <= R; ++r) put(starts + 4 * r, r < g.piece_start.size() ? g.piece_start[r] : 0, 4);
+  size_t pieces = starts + 4 * (R + 1);
+  for (size_t p = 0; p < P; ++p) {
+    put(pieces + 8 * p, g.piece_off[p], 8);
+    put(pieces + 8 * (P + p), g.piece_len[p], 8);
+  }
+  return out;
 }
 
 bool request_iovecs(const Request& req, const Geometry* geo, const Regions& mem, bool dst_side, bool distinct,

@@ -377,12 +377,33 @@ Status Server::serve_one(const Header& h, bool& stop) {
     }
     case kBaseline:
       return serve_baseline(h);
+    case kGeometry:
+      return take_geometry(h);
     case kDataRead:
     case kDataWrite:
       return serve_request(h);
     default:
       return Status::fail(kProtocol, "unexpected frame type " + std::to_string(h.type) + " from a connected peer");
   }
+}
+
+Status Server::take_geometry(const Header& h) {
+  std::string body(h.meta_len, '\0');
+  Status st = recv_bytes(fd_, &body[0], body.size());
+  if (!st.ok()) return st;
+  Geometry g;
+  bool write = false;
+  std::string why;
+  if (!parse_geometry(reinterpret_cast<const uint8_t*>(body.data()), body.size(), mem_, g, write, why)) {
+    std::string meta = error_meta("geometry", "block geometry refused: " + why);
+    uint8_t head[kHeaderSize];
+    encode_header(head, kError, uint32_t(meta.size()), 0);
+    std::vector<iovec> v{iovec{head, sizeof head}, iovec{&meta[0], meta.size()}};
+    (void)send_all(fd_, v);
+    return Status::fail(kProtocol, "the peer's block geometry was refused: " + why);
+  }
+  (write ? write_geo_ : read_geo_) = std::make_shared<const Geometry>(std::move(g));
+  return {};
 }
 
 Status Server::refuse(const std::string& request_id, const std::string& why) {

@@ -140,7 +140,8 @@ class Initiator : public Link {
 class Server : public Link {
  public:
   // Serves one accepted connection: requests by block ids use `read_geo` (this side's source
-  // rows) or `write_geo` (destination rows), segment tables are checked against `mem`.
+  // rows) or `write_geo` (destination rows), segment tables are checked against `mem`. Either
+  // geometry may be null and come later from the peer (kGeometry), checked against `mem`.
   static std::shared_ptr<Server> make(int fd, double timeout_s, uint64_t peer_id, Regions mem,
                                       std::shared_ptr<const Geometry> read_geo,
                                       std::shared_ptr<const Geometry> write_geo, std::shared_ptr<Inbox> inbox,
@@ -153,6 +154,7 @@ class Server : public Link {
   Status serve_one(const Header& h, bool& stop);
   Status serve_request(const Header& h);
   Status serve_baseline(const Header& h);
+  Status take_geometry(const Header& h);  // kGeometry: the peer's rows of this side, checked, for this pair
   Status refuse(const std::string& request_id, const std::string& why);
   void on_close() override;
 

@@ -254,6 +254,40 @@ PyMethodDef Held_methods[] = {
     {"serving", reinterpret_cast<PyCFunction>(Held_serving), METH_VARARGS, "whether a read of it is in flight"},
     {nullptr, nullptr, 0, nullptr}};
 
+// ------------------------------------------------------------------------------- links
+struct LinkObject {
+  PyObject_HEAD
+  std::shared_ptr<Link> link;
+};
+
+PyTypeObject InitiatorType = {PyVarObject_HEAD_INIT(nullptr, 0)};
+PyTypeObject ServerType = {PyVarObject_HEAD_INIT(nullptr, 0)};
+
+// Device staging from (cuda_api address, device, bytes); null when cuda_api is 0 (host memory).
+std::shared_ptr<CudaStaging> staging_of(unsigned long long api, int device, unsigned long long bytes) {
+  if (api == 0) return nullptr;
+  return std::make_shared<CudaStaging>(reinterpret_cast<const CudaApi*>(api), device, size_t(bytes));
+}
+
+bool check_api(unsigned long long api, unsigned long long bytes) {
+  if (api != 0 && reinterpret_cast<const CudaApi*>(api)->version != 1) {
+    PyErr_SetString(PyExc_ValueError, "the CUDA extension's native API is of another version: rebuild p2pkv");
+    return false;
+  }
+  if (api != 0 && bytes < (64u << 10)) {
+    PyErr_SetString(PyExc_ValueError, "staging needs at least 64 KiB");
+    return false;
+  }
+  return true;
+}
+
+PyObject* wrap_server(std::shared_ptr<Server> server) {
+  auto* o = reinterpret_cast<LinkObject*>(ServerType.tp_alloc(&ServerType, 0));
+  if (o == nullptr) return nullptr;
+  new (&o->link) std::shared_ptr<Link>(std::move(server));
+  return reinterpret_cast<PyObject*>(o);
+}
+
 // ---------------------------------------------------------------------------- Acceptor
 struct AcceptorObject {
   PyObject_HEAD
@@ -304,6 +338,36 @@ PyObject* Acceptor_configure(AcceptorObject* self, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+// serve(bases, sizes, inbox, held=None, cuda_api=0, device=-1, staging_bytes=0, sock_buf_bytes=0): from now
+// on every hand-shaken connection is served natively at once (its Server comes with take_ready).
+PyObject* Acceptor_serve(AcceptorObject* self, PyObject* args) {
+  PyObject *bases, *sizes, *inbox, *held = Py_None;
+  unsigned long long api = 0, bytes = 0;
+  int device = -1, sock_buf = 0;
+  if (!PyArg_ParseTuple(args, "OOO!|OKiKi", &bases, &sizes, &InboxType, &inbox, &held, &api, &device, &bytes,
+                        &sock_buf) ||
+      !check_api(api, bytes))
+    return nullptr;
+  if (held != Py_None && !PyObject_TypeCheck(held, &HeldType)) {
+    PyErr_SetString(PyExc_TypeError, "held must be a p2pkv._native.Held or None");
+    return nullptr;
+  }
+  ServeSetup s;
+  if (!read_array(bases, s.mem.base, "bases") || !read_array(sizes, s.mem.size, "sizes")) return nullptr;
+  if (s.mem.base.size() != s.mem.size.size()) {
+    PyErr_SetString(PyExc_ValueError, "bases and sizes differ in length");
+    return nullptr;
+  }
+  s.inbox = reinterpret_cast<InboxObject*>(inbox)->inbox;
+  if (held != Py_None) s.held = reinterpret_cast<HeldObject*>(held)->held;
+  s.api = reinterpret_cast<const CudaApi*>(api);
+  s.device = device;
+  s.staging_bytes = size_t(bytes);
+  s.sock_buf_bytes = sock_buf;
+  self->acc->serve(std::move(s));
+  Py_RETURN_NONE;
+}
+
 PyObject* Acceptor_wait(AcceptorObject* self, PyObject* args) {
   double timeout, min_age = 0;
   if (!PyArg_ParseTuple(args, "d|d", &timeout, &min_age)) return nullptr;
@@ -326,12 +390,24 @@ PyObject* Acceptor_take_ready(AcceptorObject* self, PyObject*) {
   std::vector<Accepted> got = self->acc->take_ready();
   PyObject* out = PyList_New(0);
   for (size_t i = 0; out && i < got.size(); ++i) {
-    PyObject* t = Py_BuildValue("(is#y#)", got[i].fd, got[i].addr.data(), Py_ssize_t(got[i].addr.size()),
-                                got[i].info.data(), Py_ssize_t(got[i].info.size()));
+    PyObject* server = Py_None;
+    if (got[i].server) {
+      server = wrap_server(got[i].server);
+    } else {
+      Py_INCREF(Py_None);
+    }
+    PyObject* t = server == nullptr ? nullptr
+                                    : Py_BuildValue("(is#y#NK)", got[i].fd, got[i].addr.data(),
+                                                    Py_ssize_t(got[i].addr.size()), got[i].info.data(),
+                                                    Py_ssize_t(got[i].info.size()), server,
+                                                    static_cast<unsigned long long>(got[i].peer_id));
     if (t == nullptr || PyList_Append(out, t) < 0) {
       Py_XDECREF(t);
       Py_DECREF(out);
-      for (size_t j = i; j < got.size(); ++j) close(got[j].fd);
+      for (size_t j = i; j < got.size(); ++j) {
+        if (got[j].server) got[j].server->close();
+        else if (got[j].fd >= 0) close(got[j].fd);
+      }
       return nullptr;
     }
     Py_DECREF(t);
@@ -376,10 +452,13 @@ PyObject* Acceptor_close(AcceptorObject* self, PyObject*) {
 PyMethodDef Acceptor_methods[] = {
     {"configure", reinterpret_cast<PyCFunction>(Acceptor_configure), METH_VARARGS,
      "configure(info, token or None, timeout): what this side says in handshakes"},
+    {"serve", reinterpret_cast<PyCFunction>(Acceptor_serve), METH_VARARGS,
+     "serve(bases, sizes, inbox, held=None, cuda_api=0, device=-1, staging_bytes=0, sock_buf_bytes=0): serve each "
+     "peer natively"},
     {"wait", reinterpret_cast<PyCFunction>(Acceptor_wait), METH_VARARGS, "wait(timeout, min_age=0) -> something is queued (hand-shaken ones untaken for min_age)"},
     {"take", reinterpret_cast<PyCFunction>(Acceptor_take), METH_NOARGS, "plain mode: queued descriptors, now in set-up"},
     {"take_ready", reinterpret_cast<PyCFunction>(Acceptor_take_ready), METH_NOARGS,
-     "hand-shaken connections as (fd, address, peer info)"},
+     "hand-shaken connections as (fd or -1, address, peer info, its Server or None, peer id)"},
     {"take_refusals", reinterpret_cast<PyCFunction>(Acceptor_take_refusals), METH_NOARGS,
      "([(address, reason, peer error body)], refusals not kept)"},
     {"setup_done", reinterpret_cast<PyCFunction>(Acceptor_setup_done), METH_NOARGS, "one taken set-up ended"},
@@ -475,13 +554,6 @@ PyObject* py_hmac_available(PyObject*, PyObject*) {
 }
 
 // ------------------------------------------------------------------------------- links
-struct LinkObject {
-  PyObject_HEAD
-  std::shared_ptr<Link> link;
-};
-
-PyTypeObject InitiatorType = {PyVarObject_HEAD_INIT(nullptr, 0)};
-PyTypeObject ServerType = {PyVarObject_HEAD_INIT(nullptr, 0)};
 
 void Link_dealloc(LinkObject* self) {
   if (self->link) {
@@ -512,23 +584,6 @@ PyObject* Link_close(LinkObject* self, PyObject*) {
   Py_RETURN_NONE;
 }
 
-// Device staging from (cuda_api address, device, bytes); null when cuda_api is 0 (host memory).
-std::shared_ptr<CudaStaging> staging_of(unsigned long long api, int device, unsigned long long bytes) {
-  if (api == 0) return nullptr;
-  return std::make_shared<CudaStaging>(reinterpret_cast<const CudaApi*>(api), device, size_t(bytes));
-}
-
-bool check_api(unsigned long long api, unsigned long long bytes) {
-  if (api != 0 && reinterpret_cast<const CudaApi*>(api)->version != 1) {
-    PyErr_SetString(PyExc_ValueError, "the CUDA extension's native API is of another version: rebuild p2pkv");
-    return false;
-  }
-  if (api != 0 && bytes < (64u << 10)) {
-    PyErr_SetString(PyExc_ValueError, "staging needs at least 64 KiB");
-    return false;
-  }
-  return true;
-}
 
 // Initiator(fd, timeout, cuda_api=0, device=-1, staging_bytes=0): takes ownership of the connected descriptor.
 int Initiator_init(LinkObject* self, PyObject* args, PyObject*) {

@@ -135,8 +135,8 @@ class KVConnector:
         with self._lock:
             self._read_messages(time.monotonic())
             producer.save(request_id, blocks, layers, ready, final, time.monotonic())
-        if self.links.setting_up():  # a push's first contact with D can then finish during the prefill
-            time.sleep(SETUP_YIELD_S)
+        if self.transport.python_progress and self.links.setting_up():  # a push's first contact with D
+            time.sleep(SETUP_YIELD_S)                                      # can then finish during the prefill
 
     def release(self, request_id: str) -> None:
         """Drop a hold now (the engine aborted the request); it is reported as saved once
@@ -266,13 +266,14 @@ class KVConnector:
         return finished
 
     def _yield_for_setup(self) -> None:
-        """While a peer's set-up or any transfer is under way, give the GIL away for SETUP_YIELD_S per
-        engine call. vLLM's worker spins on sched_yield() between steps, which starves every other
-        Python thread of its process (CPython hands the GIL back to the spinner), and admitting a peer
-        that hand-shook natively still takes a Python call here or in the accept thread: without this,
-        real vLLM P/D loads on a CPU host wait for their first contact up to the hold timeout."""
+        """Where the backend needs Python threads of this process (`python_progress`), give the GIL
+        away for SETUP_YIELD_S per engine call while a peer's set-up or any transfer is under way:
+        vLLM's worker spins on sched_yield() between steps, which starves every other Python thread
+        of its process (CPython hands the GIL back to the spinner). tcp needs none: its peers are
+        hand-shaken and served natively, and its dials end in this thread's own calls."""
         pending = getattr(self.transport, "setup_pending", None)
-        if self.links.setting_up() or (pending is not None and pending()) or self.busy():
+        if (pending is not None and pending()) or (
+                self.transport.python_progress and (self.links.setting_up() or self.busy())):
             time.sleep(SETUP_YIELD_S)
 
     def close(self) -> None:

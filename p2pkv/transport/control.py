@@ -55,7 +55,7 @@ def _encode(ftype: FrameType, meta: dict[str, Any], nbytes: int, what: str) -> b
 class Conn:
     """One control connection to a peer; the dialling side owns an op queue and worker."""
 
-    def __init__(self, sock: socket.socket, peer: Peer, initiator: bool):
+    def __init__(self, sock: socket.socket | None, peer: Peer, initiator: bool):
         self.sock, self.peer, self.initiator = sock, peer, initiator
         self.dead: BaseException | None = None
         self.ops: queue.Queue = queue.Queue()
@@ -71,6 +71,8 @@ class Conn:
         return self.dead is None and (self.link is None or self.link.alive())
 
     def close(self) -> None:
+        if self.sock is None:  # owned by its native link from the start
+            return
         for fn in (lambda: self.sock.shutdown(socket.SHUT_RDWR), self.sock.close):
             try:
                 fn()
@@ -586,6 +588,29 @@ class ControlPlaneTransport(Transport):
             self._drop(conn, e)
             return None
         return conn
+
+    def _adopt_served(self, link: Any, pid: int, raw: bytes, where: str) -> None:
+        """Own a connection the native acceptor already serves: check the peer's info (a mismatch
+        ends it, logged), name it for its messages, and keep it for `close()` and dead-link checks."""
+        try:
+            info = self._admit_info(raw)
+        except HandshakeError as e:
+            log.warning("%s: closed the connection from %s: %s", self.name, where, e)
+            link.close()
+            return
+        conn = Conn(None, Peer(f"{info.get('name', '?')}@{where}", where, KVCacheSpec.from_dict(info["spec"]), info),
+                    initiator=False)
+        conn.link = link
+        self._name_served(pid, conn.peer.name)
+        log.debug("%s: serving %s from %s", self.name, conn.peer.name, where)
+        with self._lock:
+            self._in.add(conn)
+            if not self._closed.is_set():
+                return
+        self._drop(conn, PeerClosedError("transport closed", peer=conn.peer.name))
+
+    def _name_served(self, pid: int, peer: str) -> None:
+        """Name a natively served peer for the messages it sends (backends that serve natively)."""
 
     def _serve_loop(self, conn: Conn) -> None:
         off_engine_cpus()

@@ -41,6 +41,12 @@ class Gate:
         if self.native:
             self._acceptor.configure(hello, self._tr.auth_token, self._tr.timeout)  # type: ignore[union-attr]
 
+    def serve(self, *args: Any) -> None:
+        """From now on a native Server takes each hand-shaken connection at once (`Acceptor.serve`'s
+        arguments): peers are served while no Python of this process runs; Python adopts them later."""
+        if self.native:
+            self._acceptor.serve(*args)  # type: ignore[union-attr]
+
     def dial(self, address: str, host: str, port: int, hello: bytes) -> Connecting:
         """A native dial and handshake; the caller of `result()` checks the peer and owns the connection."""
         return _NativeConnecting(self._tr, address, _native.Dialer(host, port, hello, self._tr.auth_token,
@@ -65,14 +71,18 @@ class Gate:
         return self._acceptor.pending() if self._acceptor is not None else 0
 
     def take_accepted(self) -> None:
-        """Admit the connections the native acceptor hand-shook and log those it refused. An engine's
+        """Admit the connections the native acceptor hand-shook (or adopt those it already serves) and
+        log those it refused. An engine's
         call (`get_notifs`) takes them at once; the accept thread only those no call took within
         ADMIT_AFTER_S (an idle engine), since a Python thread of a busy engine's process may not get
         the GIL or a CPU for seconds, and what it took would wait with it. Each is taken once."""
         acc, tr = self._acceptor, self._tr
         if not self.native or acc is None:
             return
-        for fd, where, raw in acc.take_ready():
+        for fd, where, raw, server, pid in acc.take_ready():
+            if server is not None:
+                tr._adopt_served(server, pid, raw, where)
+                continue
             sock = socket.socket(fileno=fd)
             try:
                 info = tr._admit_info(raw)

@@ -21,7 +21,8 @@ from p2pkv.wire import check_message
 log = logging.getLogger("p2pkv.transport")
 
 __all__ = ["native", "require", "NativeLinks", "decode_message", "drain_messages", "BUILD_HINT", "NativeHandle", "geometry", "request_body", "frame", "OP_READ",
-           "OP_WRITE", "OP_SEND", "OP_BASELINE", "DATA_READ", "DATA_WRITE", "NOTIF", "BASELINE", "VERSION",
+           "OP_WRITE", "OP_SEND", "OP_BASELINE", "DATA_READ", "DATA_WRITE", "NOTIF", "BASELINE", "GEOMETRY", "VERSION",
+           "geometry_body",
            "FORM_BLOCKS", "FORM_TABLE"]
 
 BUILD_HINT = ("build it with `pip install -e .` (or `pip install .`) from a p2pkv checkout on a machine with a "
@@ -35,9 +36,9 @@ except ImportError as e:  # the extension is optional at install time; the backe
     _why = str(e)
 
 OP_READ, OP_WRITE, OP_SEND, OP_BASELINE = 0, 1, 2, 3
-NOTIF, CLOSE, DATA_READ, DATA_WRITE, BASELINE = 8, 10, 11, 12, 13
+NOTIF, CLOSE, DATA_READ, DATA_WRITE, BASELINE, GEOMETRY = 8, 10, 11, 12, 13, 15
 FORM_BLOCKS, FORM_TABLE = 0, 1
-VERSION = 3
+VERSION = 4
 ALL_REGIONS = 0xFFFFFFFF
 _HEADER = struct.Struct("<4sHHIQ")
 _HEAD = struct.Struct("<BBHIIIQ")
@@ -71,15 +72,29 @@ def request_body(form: int, request_id: str | None, items: bytes, count: int,
 def geometry(rows: BlockRows, side: str, bases: Sequence[int], sizes: Sequence[int]) -> Any:
     """The native geometry of one side ('src' or 'dst') of a spec pair: where its regions are, its
     block stride per region and the pieces of a block that move, in BlockRows' canonical order."""
+    strides, starts, offs, lens, n = _columns(rows, side)
+    return require("tcp").Geometry(np.asarray(bases, dtype="<u8").tobytes(), np.asarray(sizes, dtype="<u8").tobytes(),
+                                   strides.tobytes(), n, starts.tobytes(), offs.tobytes(), lens.tobytes())
+
+
+def _columns(rows: BlockRows, side: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """One side's (strides, piece starts, offsets, lengths, block count) of a spec pair."""
     col = 0 if side == "src" else 1
     pieces = rows._pieces
     starts = np.zeros(len(pieces) + 1, dtype="<u4")
     starts[1:] = np.cumsum([len(p) for p in pieces])
     offs = np.concatenate([p[:, col] for p in pieces]).astype("<u8") if pieces else np.zeros(0, "<u8")
     lens = np.concatenate([p[:, 2] for p in pieces]).astype("<u8") if pieces else np.zeros(0, "<u8")
-    return require("tcp").Geometry(np.asarray(bases, dtype="<u8").tobytes(), np.asarray(sizes, dtype="<u8").tobytes(),
-                                   np.asarray(rows._stride[col], dtype="<u8").tobytes(), int(rows.num_blocks[col]),
-                                   starts.tobytes(), offs.tobytes(), lens.tobytes())
+    return np.asarray(rows._stride[col], dtype="<u8"), starts, offs, lens, int(rows.num_blocks[col])
+
+
+def geometry_body(rows: BlockRows, side: str, write: bool) -> bytes:
+    """A GEOMETRY frame's body (csrc/net/geometry.h): the serving peer's rows (`side` of `rows`) for
+    one direction, which the dialling side computes from both specs, so the peer serves with no
+    per-peer set-up in Python; the peer checks every piece against its own regions."""
+    strides, starts, offs, lens, n = _columns(rows, side)
+    return (struct.pack("<B3xIQ", 1 if write else 0, len(strides), n) + strides.tobytes() + starts.tobytes()
+            + offs.tobytes() + lens.tobytes())
 
 
 def remote_message(meta: bytes) -> str:
@@ -143,6 +158,11 @@ class NativeLinks:
         self.held = self.mod.Held()
         self._names: dict[int, str] = {}
         self._ids = itertools.count(1)
+        self.adopt: Any = None  # called when a message comes from a peer not yet named (natively served)
+
+    def name(self, pid: int, peer: str) -> None:
+        """Name a peer the native acceptor serves under `pid`, for the messages it sends."""
+        self._names[pid] = peer
 
     def initiator(self, sock: socket.socket, cuda_api: int = 0, device: int = -1, staging_bytes: int = 0) -> Any:
         return self.mod.Initiator(sock.detach(), self.timeout, cuda_api, device, staging_bytes)
@@ -173,7 +193,10 @@ class NativeLinks:
         return h
 
     def notifs(self) -> list[Notif]:
-        return drain_messages(self.inbox, self._names, self.backend)
+        items = self.inbox.drain()
+        if self.adopt is not None and any(pid not in self._names for pid, _ in items):
+            self.adopt()  # a natively served peer is in the acceptor's queue before its first message
+        return decode_messages(items, self._names, self.backend)
 
 
 def decode_message(body: bytes, peer: str, backend: str) -> Notif | None:
@@ -192,8 +215,12 @@ def decode_message(body: bytes, peer: str, backend: str) -> Notif | None:
 
 def drain_messages(inbox: Any, names: dict[int, str], backend: str) -> list[Notif]:
     """Everything a native inbox holds, decoded, each named by the peer its link was made for."""
+    return decode_messages(inbox.drain(), names, backend)
+
+
+def decode_messages(items: list[tuple[int, bytes]], names: dict[int, str], backend: str) -> list[Notif]:
     out = []
-    for pid, body in inbox.drain():
+    for pid, body in items:
         n = decode_message(body, names.get(pid, "?"), backend)
         if n is not None:
             out.append(n)

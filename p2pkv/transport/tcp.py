@@ -104,8 +104,20 @@ class TcpTransport(ControlPlaneTransport):
         if self.device.type == "cpu" and self.hugepages:
             advise_hugepages(self.regions)
         self._mem = self._geometry(None, "src")
+        if self._direct_memory():
+            sizes = np.asarray([r.nbytes for r in self.spec.regions], "<u8")  # type: ignore[union-attr]
+            self._gate.serve(self._bases.astype("<u8").tobytes(), sizes.tobytes(), self._links.inbox, self._links.held,
+                             *self._staging_args(), min(self.sock_buf_bytes, 1 << 30))
+            self._links.adopt = self._gate.take_accepted
         self._configure_handshake()
         return spec
+
+    def _direct_memory(self) -> bool:
+        """Whether the registered memory can move natively: host memory, or a built CUDA extension."""
+        return self.device.type == "cpu" or (self.device.type == "cuda" and bool(self._cuda_api))
+
+    def _name_served(self, pid: int, peer: str) -> None:
+        self._links.name(pid, peer)
 
     def _staging_args(self) -> tuple[int, int, int]:
         """(CUDA call table, device, staging bytes) for a native link over device memory; zeros for host memory."""
@@ -142,11 +154,10 @@ class TcpTransport(ControlPlaneTransport):
         if conn.initiator:
             conn.link = self._links.initiator(conn.sock, *self._staging_args())
             return True
-        assert self.spec is not None and conn.peer.spec is not None
-        rg = self._geometry(BlockRows(self.spec, conn.peer.spec), "src")
-        wg = self._geometry(BlockRows(conn.peer.spec, self.spec), "dst")
+        assert self.spec is not None
+        # block geometries come from the dialling side (GEOMETRY frames), as on natively served links
         conn.link = self._links.server(conn.sock, conn.peer.name, self._bases, [r.nbytes for r in self.spec.regions],
-                                       rg, wg, *self._staging_args())
+                                       None, None, *self._staging_args())
         return True
 
     def _local_geometry(self, conn: Conn, rows: LocalRows, pull: bool) -> tuple[Any, bytes]:
@@ -159,6 +170,9 @@ class TcpTransport(ControlPlaneTransport):
         key = ("native", pull)
         hit = conn.extra.get(key)
         if hit is None or hit[0] is not geo_rows:
+            # the peer's rows of this pair go first, on the same ordered link: it serves by them
+            body = nat.geometry_body(geo_rows, "src" if pull else "dst", write=not pull)
+            conn.link.post(nat.OP_SEND, nat.frame(nat.GEOMETRY, body), None, None, 0)
             hit = conn.extra[key] = (geo_rows, self._geometry(geo_rows, "dst" if pull else "src"))
         return hit[1], nat.request_body(nat.FORM_BLOCKS, None, np.asarray(ids, "<i8").tobytes(), len(ids), regions)
 
@@ -223,6 +237,12 @@ class TcpTransport(ControlPlaneTransport):
         """Natively a message is only queued; with TLS the control plane's Python thread sends it."""
         return self._tls_client is not None
 
+    @property
+    def python_progress(self) -> bool:  # type: ignore[override]
+        """Native dials, serving and transfers need no Python thread; TLS and CUDA memory without the
+        extension move on the control plane's Python threads."""
+        return not self._native_setup_on or not self._direct_memory()
+
     def send_notif(self, peer: Peer | str, message: dict[str, Any]) -> None:
         """Natively: queued behind earlier transfers to that peer and returns at once; raises only if the
         connection is already down (a later failure shows on the next transfer to that peer)."""
@@ -268,7 +288,7 @@ class TcpTransport(ControlPlaneTransport):
         """Whether this connection's data path is native: not TLS, and host memory or a built CUDA extension."""
         if isinstance(conn.sock, ssl.SSLSocket):
             return False
-        return self.device.type == "cpu" or (self.device.type == "cuda" and bool(self._cuda_api))
+        return self._direct_memory()
 
     def _send_data(self, conn: Conn, region: np.ndarray, off: np.ndarray, length: np.ndarray, request_id: Any) -> None:
         if self.device.type != "cpu":

@@ -1,9 +1,10 @@
 // Fuzz target for everything the native side parses from a peer: the handshake's frame header
-// and HELLO body (hello.h), the data frame header and a data request body, then the iovec rows
-// built from it against a fixed geometry. Every accepted request must address only registered
-// memory. Built as a libFuzzer target
+// and HELLO body (hello.h), a GEOMETRY body (a peer's description of this side's rows), the data
+// frame header and a data request body, then the iovec rows built from it against a fixed geometry
+// or the parsed one. Every accepted geometry and request must address only registered memory. Built as a libFuzzer target
 // (clang++ -fsanitize=fuzzer,address) or, with P2PKV_FUZZ_MAIN, as a standalone mutation loop
 // under ASan/UBSan that CI runs for a few seconds (.ci/fuzz-native).
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -70,6 +71,34 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   }
   (void)parse_header(data + 1, h, why);
   bool is_write = mode & 1, distinct = mode & 2;
+  Geometry peer_geo;
+  const Geometry* use = &geo;
+  if (mode & 8) {  // a GEOMETRY body, then a fixed request of block ids 0..3 against it
+    bool write = false;
+    if (!parse_geometry(body, n, geo.mem, peer_geo, write, why)) return 0;
+    check(peer_geo.validate(why), "an accepted geometry validates");
+    std::string again = encode_geometry(peer_geo, write);
+    check(again.size() == n && std::memcmp(again.data(), body, n) == 0, "encode(parse(geometry)) == geometry");
+    static const int64_t ids[4] = {0, 1, 2, 3};
+    static Request fixed;
+    fixed.form = kBlocks;
+    fixed.count = std::min<uint64_t>(4, peer_geo.num_blocks);
+    fixed.items = reinterpret_cast<const uint8_t*>(ids);
+    use = &peer_geo;
+    body = nullptr;
+    n = 0;
+    std::vector<iovec> rows;
+    uint64_t total = 0;
+    if (!request_iovecs(fixed, use, geo.mem, is_write, distinct, rows, total, why)) return 0;
+    for (const iovec& v : rows) {
+      uint64_t a = reinterpret_cast<uint64_t>(v.iov_base);
+      bool inside = false;
+      for (size_t r = 0; r < geo.mem.base.size(); ++r)
+        inside |= a >= geo.mem.base[r] && v.iov_len <= geo.mem.size[r] && a - geo.mem.base[r] <= geo.mem.size[r] - v.iov_len;
+      check(inside, "every row of a peer's geometry lies inside one registered region");
+    }
+    return 0;
+  }
   Request req;
   if (!parse_request(body, n, is_write, req, why)) return 0;
   check(req.request_id.size() <= kMaxRequestId && req.notify_len <= kMaxNotify && req.count <= kMaxRows,
@@ -120,6 +149,28 @@ static std::string seed_blocks(std::mt19937_64& rng, bool table) {
   return out + body;
 }
 
+static std::string seed_geometry(std::mt19937_64& rng) {
+  Geometry g;
+  g.num_blocks = rng() % 20;
+  const uint64_t strides[3] = {4096, 512, 8192};
+  uint32_t at = 0;
+  for (int r = 0; r < 3; ++r) {
+    g.stride.push_back(rng() % 4 ? strides[r] : rng() % 9000);
+    g.piece_start.push_back(at);
+    int pieces = int(rng() % 3);
+    for (int p = 0; p < pieces; ++p, ++at) {
+      g.piece_off.push_back(rng() % strides[r]);
+      g.piece_len.push_back(1 + rng() % 2048);
+    }
+  }
+  g.piece_start.push_back(at);
+  std::string body = encode_geometry(g, rng() % 2);
+  std::string out(1 + kHeaderSize, '\0');
+  out[0] = char(8 | (rng() % 4));
+  encode_header(reinterpret_cast<uint8_t*>(&out[1]), kGeometry, uint32_t(body.size()), 0);
+  return out + body;
+}
+
 static std::string seed_hello(std::mt19937_64& rng) {
   Hello h;
   h.auth = rng() % 2;
@@ -140,7 +191,8 @@ int main(int argc, char** argv) {
   auto end = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
   uint64_t runs = 0;
   while (std::chrono::steady_clock::now() < end) {
-    std::string in = rng() % 4 == 0 ? seed_hello(rng) : seed_blocks(rng, rng() % 2);
+    int kind = int(rng() % 8);
+    std::string in = kind < 2 ? seed_hello(rng) : kind < 4 ? seed_geometry(rng) : seed_blocks(rng, rng() % 2);
     int muts = 1 + int(rng() % 4);
     for (int m = 0; m < muts && !in.empty(); ++m) {
       size_t at = rng() % in.size();
