@@ -24,8 +24,8 @@ __all__ = ["Regions", "BlockTable", "gather", "scatter", "copy_segments", "copy_
 log = logging.getLogger("p2pkv.kernels")
 
 # Knobs of the extension path (the microbench in bench/ sweeps them): `hint` bit 0 streaming
-# loads/stores, bit 1 eight 16-byte loads in flight per thread (measured best on the H100), bit 2 no
-# batching of block units of 4 KiB and less (kernel copy_small_blocks_kernel), row sizes, whether tables of up to SMALL_ROWS rows travel inside the
+# loads/stores, bit 1 eight 16-byte loads in flight per thread (measured best on the H100), bit 2 batches
+# block units of 4 KiB and less, four loads in flight per thread (copy_small_blocks_kernel; off until measured), row sizes, whether tables of up to SMALL_ROWS rows travel inside the
 # kernel's parameters, the grid (0: 8 blocks per multiprocessor, -k: k per multiprocessor)
 # `table_rows` (cap each launch's table, so long requests take several launches: for tests)
 # and `dry` (host work only, nothing launched: to time the host side).
