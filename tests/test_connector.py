@@ -668,6 +668,38 @@ def test_the_engine_call_gives_the_gil_away_only_where_the_backend_needs_python_
         d.close()
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", ["pull", "push"])
+def test_an_idle_producer_engine_still_finishes_its_side(mode):
+    """P's engine saves and then makes no call at all (an idle vLLM P: its prefills are done). Its
+    connector still dials D and pushes (push), or ends the hold on D's release (pull)."""
+    p, d = KVConnector("tcp", mode=mode), KVConnector("tcp", mode=mode)
+    try:
+        pt, pspec = caches("vllm", 16, "random", seed=1)
+        dt, dspec = caches("vllm", 12, "zeros")
+        p.register_kv_caches(pt, pspec)
+        d.register_kv_caches(dt, dspec)
+        if mode == "push":
+            d.load("r", [2, 5], peer=p.address, remote_block_ids=[7, 3])
+            step(d)
+            time.sleep(0.2)
+            p.get_finished()  # reads D's request, as the engine's call before the prefill would
+            p.save("r", [7, 3])
+        else:
+            p.save("r", [7, 3])
+            d.load("r", [2, 5], peer=p.address, remote_block_ids=[7, 3])
+        assert not wait_finished(d, "r").failed
+        assert block_bytes(pt, pspec, 3) == block_bytes(dt, dspec, 5)
+        end = time.monotonic() + 10
+        while p.stats().holds_ended.get("confirmed") != 1 and time.monotonic() < end:
+            time.sleep(0.05)
+        assert p.stats().holds_ended == {"confirmed": 1} and p.stats().held == 0
+        assert "r" in p.get_finished().saved
+    finally:
+        p.close()
+        d.close()
+
+
 @pytest.mark.timeout(30)
 def test_control_messages_leave_from_the_engine_thread_when_the_transport_never_blocks_on_them():
     """A transport that declares `send_notif_blocks = False` gets control messages posted by the
@@ -768,3 +800,26 @@ def test_each_message_kind_round_trips_through_its_dict():
     assert m.parse({"p2pkv": "nothing-we-know", "req": "r"}) is None
     with pytest.raises(m.BadMessage, match="want.blocks must be a list"):
         m.parse({"p2pkv": "want", "req": "r", "blocks": 3, "addr": "h:1"})
+
+
+_IDLE_PUMP_AFFINITY = """
+import threading, time
+import torch
+from p2pkv.connector import KVConnector
+from p2pkv.layout import make_kv_caches
+t, s = make_kv_caches("vllm", num_layers=1, num_blocks=4, block_size=4, num_kv_heads=1, head_size=8, dtype=torch.float16)
+with KVConnector("tcp") as c:
+    c.register_kv_caches(t, s)
+    pump = next(x for x in threading.enumerate() if x.name == "p2pkv-connector-idle")
+    time.sleep(0.2)
+    print(sorted(os.sched_getaffinity(pump.native_id)))
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_the_idle_pump_leaves_the_core_the_engine_pinned():
+    """register_kv_caches() runs on the engine's pinned thread; the idle pump it starts takes every
+    CPU (P2PKV_IO_CPUS unset), so it never waits behind the engine for that core."""
+    from procs import run_pinned
+    assert run_pinned(_IDLE_PUMP_AFFINITY, timeout=100) == sorted(os.sched_getaffinity(0))

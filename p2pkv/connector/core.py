@@ -21,8 +21,10 @@ from p2pkv.connector.producer import Producer
 from p2pkv.connector.records import ConnectorStats, Finished, LoadFailure
 from p2pkv.layout import KVCacheSpec, block_ids
 from p2pkv.transport import TransferError, Transport, get_transport
+from p2pkv.transport.base import off_engine_cpus
 
 SETUP_YIELD_S = 1e-3
+IDLE_PUMP_S = 0.05  # an engine that made no call for this long is idle: a thread of ours moves its work
 
 __all__ = ["KVConnector", "Finished", "LoadFailure", "MODES"]
 
@@ -83,6 +85,8 @@ class KVConnector:
         self.consumer: Consumer | None = None
         self._lock = threading.RLock()
         self._closed = False
+        self._stop = threading.Event()
+        self._last_call = time.monotonic()
 
     # ----------------------------------------------------------------------- set-up
     def register_kv_caches(self, tensors: Sequence[torch.Tensor], spec: KVCacheSpec,
@@ -101,7 +105,24 @@ class KVConnector:
                                  checksum=self.checksum, metrics=self.metrics)
         self.consumer = Consumer(self.transport, layer_map, self.links, mode=self.mode, checksum=self.checksum,
                                  layerwise=self.layerwise, load_timeout=self.load_timeout, metrics=self.metrics)
+        threading.Thread(target=self._idle_pump, name="p2pkv-connector-idle", daemon=True).start()
         return spec
+
+    def _idle_pump(self) -> None:
+        """Move requests along while the engine makes no calls. An engine steps only while it has
+        work of its own: a vLLM P whose prefills are done sits idle while a dial to D, the pushes it
+        allows, or D's releases wait. An engine's own calls do all of this while it is stepping (no
+        thread of ours on a request's path); this thread takes over only after IDLE_PUMP_S without
+        one, when the engine's thread does not want the GIL."""
+        off_engine_cpus()
+        while not self._stop.wait(IDLE_PUMP_S):
+            if time.monotonic() - self._last_call < IDLE_PUMP_S:
+                continue
+            with self._lock:
+                if self._closed or self.producer is None or self.consumer is None:
+                    return
+                if self.producer.busy() or self.consumer.busy() or self.links.setting_up():
+                    self._progress(engine=False)
 
     @property
     def address(self) -> str:
@@ -277,6 +298,7 @@ class KVConnector:
             time.sleep(SETUP_YIELD_S)
 
     def close(self) -> None:
+        self._stop.set()
         with self._lock:
             self._closed = True
         self.links.close()
@@ -301,11 +323,13 @@ class KVConnector:
             raise RuntimeError("register_kv_caches() the engine's KV tensors before saving or loading")
         return self.layer_map.check(layer)
 
-    def _progress(self) -> None:
+    def _progress(self, engine: bool = True) -> None:
         """One pass of work, in the caller's thread: read peers' messages, then let each side
         poll its transfers, post what became possible and expire what ran out of time."""
         assert self.producer is not None and self.consumer is not None
         now = time.monotonic()
+        if engine:
+            self._last_call = now
         self.links.poll()
         self._read_messages(now)
         self.producer.progress(now)
