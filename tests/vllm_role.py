@@ -1,7 +1,7 @@
 """Runs one vLLM instance for the end-to-end test, driven by JSON lines:
 
     python tests/vllm_role.py plain|producer|consumer MODEL_DIR [--mode pull|push]
-        [--listen H:P] [--metrics PATH] [--load-timeout S] [--tp N]
+        [--listen H:P] [--metrics PATH] [--load-timeout S] [--hold-timeout S] [--tp N]
 
 It prints {"ready": true} once the engine is up, then answers each stdin line
 {"prompts": [...], "params": [...] | null, "max_tokens": N} with token ids,
@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--metrics", default=None)
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--load-timeout", type=float, default=30.0)
+    ap.add_argument("--hold-timeout", type=float, default=120.0)
     ap.add_argument("--tp", type=int, default=1, help="tensor_parallel_size (workers in processes of their own)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -70,7 +71,7 @@ def main() -> None:
             kv_load_failure_policy="recompute",
             kv_connector_extra_config={"backend": "tcp", "mode": args.mode, "listen": args.listen,
                                        "metrics_path": args.metrics, "load_timeout": args.load_timeout,
-                                       "hold_timeout": 120})
+                                       "hold_timeout": args.hold_timeout})
     llm = LLM(model=args.model, tokenizer=args.model, enforce_eager=True, max_model_len=512, block_size=args.block_size,
               dtype="float32", max_num_seqs=16, kv_transfer_config=kv, seed=0, disable_log_stats=False,
               tensor_parallel_size=args.tp, distributed_executor_backend="mp" if args.tp > 1 else None)
