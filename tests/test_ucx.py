@@ -217,7 +217,10 @@ def test_both_directions_and_notifs_between_two_transports_of_one_process():
         for la, lb in zip(ta, tb):
             assert torch.equal(la[:, [1, 2, 5]].view(torch.uint8), lb[:, [3, 4, 6]].view(torch.uint8))
             assert torch.equal(lb[:, 7].view(torch.uint8), la[:, 8].view(torch.uint8))
-        assert [n.message for n in b.get_notifs()] == [{"landed": 6}]
+        got, end = [], time.monotonic() + 10
+        while not got and time.monotonic() < end:  # the notify leaves once the write's flush ended: poll
+            got = [n.message for n in a.get_notifs() + b.get_notifs()]
+        assert got == [{"landed": 6}]
         assert b.baseline(pa, 1 << 20, 2) > 0
     finally:
         a.close()
