@@ -669,6 +669,34 @@ def test_the_engine_call_gives_the_gil_away_only_where_the_backend_needs_python_
 
 
 @pytest.mark.timeout(60)
+def test_push_from_two_producers_that_use_the_same_request_id_lands_each_in_its_own_load():
+    """Two P engines may both call a request "r". D's Want names its own load and P echoes it, so
+    what P2 pushed never counts for the load from P1 (which would then read blocks P1 never wrote)."""
+    p1, p2, d = KVConnector("tcp", mode="push"), KVConnector("tcp", mode="push"), KVConnector("tcp", mode="push")
+    try:
+        (t1, s1), (t2, s2) = caches("vllm", 16, "random", seed=1), caches("vllm", 16, "random", seed=2)
+        dt, dspec = caches("vllm", 12, "zeros")
+        p1.register_kv_caches(t1, s1)
+        p2.register_kv_caches(t2, s2)
+        d.register_kv_caches(dt, dspec)
+        d.load("a", [0, 1], peer=p1.address, remote_request_id="r", remote_block_ids=[4, 5])
+        d.load("b", [2, 3], peer=p2.address, remote_request_id="r", remote_block_ids=[6, 7])
+        for _ in range(20):
+            step(d, p1, p2)
+            time.sleep(0.01)
+        p2.save("r", [6, 7])
+        f = wait_finished(d, "b", also=(p1, p2))
+        assert "a" not in f.loaded and not f.failed
+        assert [block_bytes(dt, dspec, b) for b in (2, 3)] == [block_bytes(t2, s2, b) for b in (6, 7)]
+        p1.save("r", [4, 5])
+        assert not wait_finished(d, "a", also=(p1, p2)).failed
+        assert [block_bytes(dt, dspec, b) for b in (0, 1)] == [block_bytes(t1, s1, b) for b in (4, 5)]
+    finally:
+        for c in (p1, p2, d):
+            c.close()
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("mode", ["pull", "push"])
 def test_an_idle_producer_engine_still_finishes_its_side(mode):
     """P's engine saves and then makes no call at all (an idle vLLM P: its prefills are done). Its

@@ -90,7 +90,7 @@ class Consumer:
         if self.mode == "push":
             link.undelivered.pop(ld.remote_key, None)
             link.send(Want(ld.remote_key, tuple(ld.blocks.tolist()), ld.remote_offset,
-                           self.transport.address).to_dict())
+                           self.transport.address, ld.key).to_dict())
             ld.reads = []
         else:
             link.use()
@@ -157,7 +157,13 @@ class Consumer:
         keys = [k for k in self._by_remote.get(msg.req, ()) if k in self.loads]
         if not keys:
             return
-        ld = next((self.loads[k] for k in keys if self.loads[k].link.address == peer), self.loads[keys[0]])
+        to = getattr(msg, "to", "")
+        if to:  # P echoes the load D named in its Want: exact even when two P use the same request id
+            if to not in keys:
+                return
+            ld = self.loads[to]
+        else:
+            ld = next((self.loads[k] for k in keys if self.loads[k].link.address == peer), self.loads[keys[0]])
         if isinstance(msg, Abort):
             self._end(ld, f"producer gave up: {msg.reason}", cause="producer_abort")
         elif isinstance(msg, Landed):

@@ -32,6 +32,14 @@ def _str(v: Any, what: str) -> str:
     return v
 
 
+def _opt_str(v: Any, what: str) -> str:
+    if v is None:
+        return ""
+    if not isinstance(v, str):
+        raise BadMessage(f"{what} must be a string, got {v!r}")
+    return v
+
+
 @dataclass(frozen=True)
 class Message:
     """One control message about request `req` (the producer's request id)."""
@@ -88,11 +96,12 @@ class Want(ToProducer):
     blocks: tuple[int, ...] = ()
     offset: int = 0
     addr: str = ""
+    load: str = ""  # D's own name for the load, echoed in P's answers (`to`): two P may share a `req`
 
     @classmethod
     def _parse(cls, raw: dict[str, Any]) -> "Want":
         return cls(raw["req"], _ints(raw.get("blocks"), "want.blocks"), _int(raw.get("offset", 0), "want.offset"),
-                   _str(raw.get("addr"), "want.addr"))
+                   _str(raw.get("addr"), "want.addr"), _opt_str(raw.get("load"), "want.load"))
 
 
 @dataclass(frozen=True)
@@ -128,12 +137,13 @@ class Landed(ToConsumer):
     layer: int = 0
     n: int = 0
     sums: tuple[int, ...] | None = None
+    to: str = ""  # the Want's `load`
 
     @classmethod
     def _parse(cls, raw: dict[str, Any]) -> "Landed":
         sums = raw.get("sums")
         return cls(raw["req"], _int(raw.get("layer"), "landed.layer"), _int(raw.get("n"), "landed.n"),
-                   None if sums is None else _ints(sums, "landed.sums"))
+                   None if sums is None else _ints(sums, "landed.sums"), _opt_str(raw.get("to"), "landed.to"))
 
 
 @dataclass(frozen=True)
@@ -142,10 +152,11 @@ class Abort(ToConsumer):
 
     kind: ClassVar[str] = "abort"
     reason: str = "push failed"
+    to: str = ""  # the Want's `load`
 
     @classmethod
     def _parse(cls, raw: dict[str, Any]) -> "Abort":
-        return cls(raw["req"], str(raw.get("reason") or "push failed"))
+        return cls(raw["req"], str(raw.get("reason") or "push failed"), _opt_str(raw.get("to"), "abort.to"))
 
 
 @dataclass(frozen=True)

@@ -191,7 +191,7 @@ class Producer:
             if fn is not None:
                 fn()
             sums = tuple(self.layers.block_sums(src, layer)) if self.checksum else None
-            note = Landed(h.key, layer=layer, n=len(src), sums=sums).to_dict()
+            note = Landed(h.key, layer=layer, n=len(src), sums=sums, to=h.want.load).to_dict()
             try:
                 x = self.transport.write(peer, self.layers.segments(full, layer), request_id=h.key, notify=note)
             except (TransferError, ValueError, OSError) as e:
@@ -211,7 +211,7 @@ class Producer:
             if x.error is not None:
                 log.warning("push of request %r failed: %s", h.key, x.error)
                 if h.want is not None and h.link is not None:
-                    h.link.send(Abort(h.key, reason=str(x.error)).to_dict())
+                    h.link.send(Abort(h.key, reason=str(x.error), to=h.want.load).to_dict())
                 if isinstance(x.error, PeerClosedError) and h.link is not None:
                     h.link.broken(str(x.error))
                 h.want = None
