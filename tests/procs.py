@@ -5,8 +5,10 @@ from __future__ import annotations
 import ast
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -76,3 +78,22 @@ def run_pinned(code: str, io_cpus: str | None = None, timeout: float = 60) -> An
                          timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]
     return ast.literal_eval(out.stdout.strip().splitlines()[-1])
+
+
+def stop_process(pid: int, timeout: float = 10.0) -> float:
+    """SIGSTOP `pid` and return once every thread of it is stopped (seconds it took): kill() only
+    queues the signal, and on a loaded host a thread ran on (and served a request) after it returned."""
+    os.kill(pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        states = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    states.append(f.read().rsplit(")", 1)[1].split()[0])
+            except OSError:
+                pass
+        if states and all(st in "Tt" for st in states):
+            return time.monotonic() - t0
+        time.sleep(0.001)
+    raise AssertionError(f"process {pid} not stopped {timeout} s after SIGSTOP")

@@ -601,7 +601,7 @@ def test_a_frozen_producer_process_does_not_delay_loads_from_a_healthy_one():
     """Two producer processes, both already connected; one is frozen (SIGSTOP) with a read of
     it posted first: the other's load finishes at its usual pace, the frozen one's fails
     within the transport's timeout."""
-    import signal
+    from procs import stop_process
     frozen, healthy = start_producer("pull", [1, 2, 3], requests=2), start_producer("pull", [4, 5, 6], requests=2)
     d = KVConnector("tcp", mode="pull", timeout=3, load_timeout=10)
     try:
@@ -612,7 +612,7 @@ def test_a_frozen_producer_process_does_not_delay_loads_from_a_healthy_one():
             d.load(name, dst, peer=params["remote_address"], remote_request_id="tcp-req",
                    remote_block_ids=params["remote_block_ids"])
             assert not wait_finished(d, name, timeout=20).failed
-        frozen.send_signal(signal.SIGSTOP)
+        stopped_in = stop_process(frozen.pid)
         t0 = time.monotonic()
         d.load("f2", [6, 7, 8], peer=fp["remote_address"], remote_request_id="tcp-req-2",
                remote_block_ids=fp["remote_block_ids"])
@@ -621,7 +621,7 @@ def test_a_frozen_producer_process_does_not_delay_loads_from_a_healthy_one():
         f = wait_finished(d, "h2", timeout=20)
         took = time.monotonic() - t0
         assert took < 2.5, f"healthy load took {took:.2f} s: it waited for the frozen producer"
-        assert not f.failed and "f2" not in f.loaded
+        assert not f.failed and "f2" not in f.loaded, f"frozen {stopped_in:.3f} s after SIGSTOP"
         pt, pspec = caches("vllm_cpu", 16, "random", seed=7)
         for s, t in zip([4, 5, 6], [9, 10, 11]):
             assert block_bytes(pt, pspec, s) == block_bytes(dt, dspec, t)

@@ -14,7 +14,7 @@ import torch
 from p2pkv.layout import plan_segments
 from p2pkv.transport import PeerClosedError, TransferError, TransferTimeout, get_transport
 from peer import build
-from procs import peer_process, wait_errors
+from procs import peer_process, stop_process, wait_errors
 
 SOCKET_BACKENDS = ["tcp", pytest.param("ucx", marks=pytest.mark.skipif(
     importlib.util.find_spec("ucxx") is None, reason="ucxx is not installed (pip install 'p2pkv[ucx]')"))]
@@ -52,7 +52,7 @@ def test_peer_that_stops_reading_times_out_instead_of_hanging():
         with get_transport("tcp", timeout=2) as p:
             p.register(tensors, spec)
             peer = p.connect(d.addresses[0])
-            os.kill(d.proc.pid, signal.SIGSTOP)
+            stop_process(d.proc.pid)
             try:
                 t0 = time.monotonic()
                 handles = push_forever(p, peer, spec, "stalled", n=10)

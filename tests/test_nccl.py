@@ -26,7 +26,7 @@ from p2pkv.layout import PRESETS, make_kv_caches, plan_segments
 from p2pkv.transport import PeerClosedError, TransferError, get_transport
 from p2pkv.transport.chunks import Packer, plan_chunks
 from peer import build
-from procs import peer_process, run_pinned
+from procs import peer_process, run_pinned, stop_process
 
 HERE = Path(__file__).resolve().parent
 ROLES = str(HERE / "nccl_roles.py")
@@ -456,7 +456,7 @@ def test_stalled_d_turns_into_an_error_within_the_timeout():
         with get_transport("nccl", timeout=3) as tr:
             tr.register(mine, spec)
             peer = tr.connect(d.addresses[0])
-            os.kill(d.proc.pid, signal.SIGSTOP)
+            stop_process(d.proc.pid)
             try:
                 t0 = time.monotonic()
                 with pytest.raises(TransferError, match="stalled-req"):

@@ -20,7 +20,7 @@ from p2pkv.layout import PRESETS, make_kv_caches, plan_segments
 from p2pkv.segments import Segments
 from p2pkv.transport import TransferTimeout, get_transport
 from peer import build
-from procs import peer_process, run_pinned
+from procs import peer_process, run_pinned, stop_process
 
 HAVE_UCXX = importlib.util.find_spec("ucxx") is not None
 needs_ucxx = pytest.mark.skipif(not HAVE_UCXX, reason="ucxx is not installed (pip install 'p2pkv[ucx]')")
@@ -263,18 +263,6 @@ def test_server_survives_a_reader_killed_mid_transfer_and_serves_the_next_one():
             assert torch.equal(a[:, [5, 6]].view(torch.uint8), b[:, [7, 8]].view(torch.uint8))
 
 
-def _stop(pid: int) -> None:
-    """SIGSTOP, and return only once the process is stopped (the signal takes effect asynchronously)."""
-    os.kill(pid, signal.SIGSTOP)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with open(f"/proc/{pid}/stat") as f:
-            if f.read().rsplit(")", 1)[1].split()[0] in ("T", "t"):
-                return
-        time.sleep(0.01)
-    raise AssertionError(f"process {pid} did not stop")
-
-
 @needs_ucxx
 @pytest.mark.timeout(90)
 def test_reads_are_one_sided_a_stalled_peer_times_out_and_other_peers_are_unaffected():
@@ -291,7 +279,7 @@ def test_reads_are_one_sided_a_stalled_peer_times_out_and_other_peers_are_unaffe
             peer = tr.connect(p.addresses[0])
             tr.read(peer, plan_segments(peer.spec, spec, [1], [1]), "wire-up").wait(20)  # UCX connects lazily
             before = [t.clone() for t in d]
-            _stop(p.proc.pid)
+            stop_process(p.proc.pid)
             try:
                 tr.read(peer, plan_segments(peer.spec, spec, [2, 3], [4, 5]), "from-a-stopped-P").wait(20)
             finally:
@@ -303,7 +291,7 @@ def test_reads_are_one_sided_a_stalled_peer_times_out_and_other_peers_are_unaffe
             tr.register(d, spec)
             slow, good = tr.connect(stalled.addresses[0]), tr.connect(fine.addresses[0])
             tr.read(slow, plan_segments(slow.spec, spec, [1], [1]), "warm").wait(30)
-            _stop(stalled.proc.pid)
+            stop_process(stalled.proc.pid)
             try:
                 t0 = time.monotonic()
                 h = tr.read(slow, plan_segments(slow.spec, spec, [2, 3], [4, 5]), "stalled")
