@@ -669,6 +669,32 @@ def test_the_engine_call_gives_the_gil_away_only_where_the_backend_needs_python_
 
 
 @pytest.mark.timeout(60)
+def test_a_pull_load_waits_for_a_hold_that_p_publishes_late():
+    """An engine hands out a request's transfer parameters before the step that publishes its hold,
+    and that step may come late (a starved host). D's held read finds P not holding the request yet
+    (after half of P's timeout), asks again, and loads once P holds it, within D's load timeout."""
+    p, d = KVConnector("tcp", timeout=2), KVConnector("tcp", load_timeout=20)
+    try:
+        pt, pspec = caches("vllm", 16, "random", seed=1)
+        dt, dspec = caches("vllm", 12, "zeros")
+        p.register_kv_caches(pt, pspec)
+        d.register_kv_caches(dt, dspec)
+        d.load("late", [2, 5], peer=p.address, remote_block_ids=[7, 3])
+        end = time.monotonic() + 3.5  # more than P's 1 s wait for a hold, several times over
+        while time.monotonic() < end:
+            step(d)
+            time.sleep(0.01)
+        assert "late" not in SEEN.get(d, Finished()).failed
+        p.save("late", [7, 3])
+        f = wait_finished(d, "late", also=(p,))
+        assert not f.failed, f.failed
+        assert [block_bytes(dt, dspec, b) for b in (2, 5)] == [block_bytes(pt, pspec, b) for b in (7, 3)]
+    finally:
+        p.close()
+        d.close()
+
+
+@pytest.mark.timeout(60)
 def test_push_from_two_producers_that_use_the_same_request_id_lands_each_in_its_own_load():
     """Two P engines may both call a request "r". D's Want names its own load and P echoes it, so
     what P2 pushed never counts for the load from P1 (which would then read blocks P1 never wrote)."""

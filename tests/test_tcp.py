@@ -658,8 +658,9 @@ def test_descriptors_above_1023_serve_and_transfer():
 def test_held_reads_are_served_only_while_the_request_is_held():
     """P serves a held read only while it holds the request: one round trip means "held and sent";
     after unhold the read fails with RequestGone at once, moves nothing, and the connection stays up.
-    A read that comes before P published the hold waits for it (up to half of P's timeout)."""
-    from p2pkv.transport import RequestGone
+    A read that comes before P published the hold waits for it (up to half of P's timeout), then
+    fails with RequestNotHeldYet, so D can ask again."""
+    from p2pkv.transport import RequestGone, RequestNotHeldYet
     a, b = get_transport("tcp", timeout=4), get_transport("tcp")
     try:
         ta, sa = _cache(fill="random", generator=torch.Generator().manual_seed(6))
@@ -670,13 +671,16 @@ def test_held_reads_are_served_only_while_the_request_is_held():
         a.hold("req-1")
         b.read_held(peer, plan_segments(a.spec, b.spec, [1], [2]), "req-1").wait(10)
         assert torch.equal(b.tensors[0][:, 2].view(torch.uint8), ta[0][:, 1].view(torch.uint8))
+        end = time.monotonic() + 5
+        while a.serving("req-1") and time.monotonic() < end:  # P's thread ends its count after the last byte
+            time.sleep(0.001)
         assert a.unhold("req-1") and not a.serving("req-1")
         before = [t.clone() for t in b.tensors]
         t0 = time.monotonic()
         with pytest.raises(RequestGone, match="req-1"):
             b.read_held(peer, plan_segments(a.spec, b.spec, [3], [4]), "req-1").wait(10)
         assert time.monotonic() - t0 < 1  # let go: refused without waiting
-        with pytest.raises(RequestGone):
+        with pytest.raises(RequestNotHeldYet, match="does not hold this request yet"):
             b.read_held(peer, plan_segments(a.spec, b.spec, [3], [4]), "never-held").wait(10)
         assert time.monotonic() - t0 >= 2  # never seen: waited half of P's 4 s for a hold
         assert all(torch.equal(x, y) for x, y in zip(before, b.tensors))

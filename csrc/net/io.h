@@ -11,7 +11,8 @@
 
 namespace p2pkv {
 
-enum ErrKind : int { kOk = 0, kTimeout = 1, kClosed = 2, kRefused = 3, kProtocol = 4, kLocal = 5, kGoneErr = 6 };
+enum ErrKind : int { kOk = 0, kTimeout = 1, kClosed = 2, kRefused = 3, kProtocol = 4, kLocal = 5, kGoneErr = 6,
+                     kNotHeldYet = 7 };
 
 struct Status {
   ErrKind kind = kOk;

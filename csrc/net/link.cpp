@@ -92,7 +92,7 @@ bool HeldSet::serving(const std::string& id) {
   return (it != held_.end() && it->second > 0) || leaving_.find(id) != leaving_.end();
 }
 
-bool HeldSet::begin(const std::string& id, double wait_s) {
+int HeldSet::begin(const std::string& id, double wait_s) {
   std::unique_lock<std::mutex> lk(mu_);
   auto until = std::chrono::steady_clock::now() + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
                                                        std::chrono::duration<double>(wait_s));
@@ -100,13 +100,14 @@ bool HeldSet::begin(const std::string& id, double wait_s) {
     auto it = held_.find(id);
     if (it != held_.end()) {
       ++it->second;
-      return true;
+      return 1;
     }
-    if (gone_.count(id) || cv_.wait_until(lk, until) == std::cv_status::timeout) {
+    if (gone_.count(id)) return 0;
+    if (cv_.wait_until(lk, until) == std::cv_status::timeout) {
       auto again = held_.find(id);
-      if (again == held_.end()) return false;
+      if (again == held_.end()) return gone_.count(id) ? 0 : -1;
       ++again->second;
-      return true;
+      return 1;
     }
   }
 }
@@ -224,7 +225,7 @@ void Initiator::run() {
       st = Status::fail(kClosed, "connection is down (" + dead_reason() + ")");
     } else {
       st = run_op(*op);
-      if (!st.ok() && st.kind != kGoneErr) {  // a request the peer no longer holds leaves the link up
+      if (!st.ok() && st.kind != kGoneErr && st.kind != kNotHeldYet) {  // "gone" and "not yet" leave the link up
         if (stopping_.load()) st = Status::fail(kLocal, "transport closed locally");
         mark_dead(st.message);
         ::shutdown(fd_, SHUT_RDWR);
@@ -269,6 +270,9 @@ Status Initiator::expect_reply(Op& op, Header& h) {
   }
   if (h.type == kGone && h.meta_len == 0 && h.payload_len == 0 && op.kind == kOpRead)
     return Status::fail(kGoneErr, "the peer no longer holds this request (its blocks were released), so nothing was read");
+  if (h.type == kGone && h.meta_len == 0 && h.payload_len == 1 && op.kind == kOpRead)
+    return Status::fail(kNotHeldYet, "the peer does not hold this request yet (its engine has not published it), so "
+                                     "nothing was read");
   if (h.type != kAck || h.meta_len != 0) return Status::fail(kProtocol, "expected an ACK reply, got frame type " + std::to_string(h.type));
   return {};
 }
@@ -434,9 +438,11 @@ Status Server::serve_request(const Header& h) {
                                       std::to_string(h.payload_len));
   uint8_t ack[kHeaderSize];
   if (!write) {
-    // a hold not yet published is waited for up to half the timeout, so D's read still answers in time
-    if ((req.flags & kRequireHeld) && !(held_ && held_->begin(req.request_id, timeout_s_ / 2))) {
-      encode_header(ack, kGone, 0, 0);
+    // a hold not yet published is waited for up to half the timeout, so D's read still answers in time;
+    // then the reply says "not held yet" (payload length 1) and D may ask again, or "gone" (0)
+    int held = (req.flags & kRequireHeld) ? (held_ ? held_->begin(req.request_id, timeout_s_ / 2) : 0) : 1;
+    if (held != 1) {
+      encode_header(ack, kGone, 0, held < 0 ? 1 : 0);
       return send_bytes(fd_, ack, sizeof ack);
     }
     encode_header(ack, kAck, 0, total);

@@ -77,7 +77,9 @@ class HeldSet {
   void hold(const std::string& id);
   bool unhold(const std::string& id);  // false while a read of it is still being served
   bool serving(const std::string& id);
-  bool begin(const std::string& id, double wait_s);  // a read starts: false if `id` is not held
+  // A read starts: 1 when `id` is held (the read counts), 0 when it was held and let go, -1 when it
+  // was not held within `wait_s` (never published yet: the reader may ask again).
+  int begin(const std::string& id, double wait_s);
   void end(const std::string& id);
 
  private:

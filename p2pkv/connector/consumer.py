@@ -17,7 +17,7 @@ from p2pkv.connector.records import Load, LoadFailure, ShardedLoad
 from p2pkv.heads import heads_of
 from p2pkv.layout import plan_segments
 from p2pkv.tp import tp_reads
-from p2pkv.transport import PeerClosedError, RequestGone, TransferError, TransferHandle, Transport
+from p2pkv.transport import PeerClosedError, RequestGone, RequestNotHeldYet, TransferError, TransferHandle, Transport
 
 __all__ = ["Consumer", "ENDED_KEPT"]
 
@@ -223,7 +223,10 @@ class Consumer:
                 continue
             for layer in layers:
                 ld.done[layer] = h.error is None
-            if isinstance(h.error, RequestGone):
+            if isinstance(h.error, RequestNotHeldYet):
+                ld.not_held_yet = True
+                ld.closed_only = False
+            elif isinstance(h.error, RequestGone):
                 ld.error = ld.error or ("the producer had released these blocks (its hold_timeout passed or its "
                                         "engine dropped the request), so nothing was read")
                 ld.cause = ld.cause or "gone"
@@ -240,6 +243,14 @@ class Consumer:
         ld.reads = still
         if still or ld.awaiting_answer:
             return
+        if ld.not_held_yet and ld.error is None and time.monotonic() < ld.deadline:
+            ld.not_held_yet, ld.reads = False, None  # P's engine has not published the hold yet: ask again
+            ld.done.clear()
+            ld.handles.clear()
+            return
+        if ld.not_held_yet and ld.error is None:
+            ld.error = f"the producer did not hold the request within the {self.load_timeout:g} s load timeout"
+            ld.cause = "timeout"
         if ld.error is not None and ld.closed_only and not ld.retried and time.monotonic() < ld.deadline:
             self._retry(ld)
         elif ld.error is not None:

@@ -79,6 +79,7 @@ class Load:
     sent: int | None = None
     closed_only: bool = True  # every failed read found the connection closed (so a fresh dial may do)
     retried: bool = False
+    not_held_yet: bool = False  # a held read found P not holding the request yet: posted again
     parent: str | None = None  # the ShardedLoad this is one P rank's part of
     release_of: int = 1  # pull: how many D ranks release this P rank's hold (tensor parallelism)
 

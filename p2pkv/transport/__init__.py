@@ -6,12 +6,12 @@ import importlib
 from importlib.metadata import entry_points
 from typing import Any, Callable
 
-from p2pkv.transport.base import (Connecting, Notif, Peer, PeerClosedError, RequestGone, TransferError,
-                                  TransferHandle, TransferTimeout, Transport)
+from p2pkv.transport.base import (Connecting, Notif, Peer, PeerClosedError, RequestGone, RequestNotHeldYet,
+                                  TransferError, TransferHandle, TransferTimeout, Transport)
 
 __all__ = ["get_transport", "transport_factory", "register_transport", "available_transports", "Transport",
            "TransferHandle", "Peer", "Notif", "TransferError", "PeerClosedError", "TransferTimeout", "RequestGone",
-           "Connecting", "BackendUnavailable"]
+           "RequestNotHeldYet", "Connecting", "BackendUnavailable"]
 
 _BUILTIN: dict[str, str] = {
     "loopback": "p2pkv.transport.loopback:LoopbackTransport",

@@ -17,7 +17,7 @@ from p2pkv.layout import KVCacheSpec
 from p2pkv.segments import Segments
 
 __all__ = ["Transport", "TransferHandle", "wait_seconds", "Peer", "Notif", "TransferError", "PeerClosedError", "TransferTimeout",
-           "RequestGone", "Connecting", "off_engine_cpus",
+           "RequestGone", "RequestNotHeldYet", "Connecting", "off_engine_cpus",
            "byte_regions", "advise_hugepages"]
 
 
@@ -40,6 +40,11 @@ class TransferTimeout(TransferError, TimeoutError):
 
 class RequestGone(TransferError):
     """A held read (`read_held`) named a request the peer no longer holds: nothing was read."""
+
+
+class RequestNotHeldYet(TransferError):
+    """A held read named a request the peer has not held yet (its engine hands out a request's
+    transfer parameters before the step that publishes the hold): nothing was read; ask again."""
 
 
 def wait_seconds(timeout: Any) -> float | None:

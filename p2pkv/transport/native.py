@@ -14,8 +14,8 @@ import msgpack
 import numpy as np
 
 from p2pkv.layout import BlockRows
-from p2pkv.transport.base import (Notif, PeerClosedError, RequestGone, TransferError, TransferHandle, TransferTimeout,
-                                  wait_seconds)
+from p2pkv.transport.base import (Notif, PeerClosedError, RequestGone, RequestNotHeldYet, TransferError,
+                                  TransferHandle, TransferTimeout, wait_seconds)
 from p2pkv.wire import check_message
 
 log = logging.getLogger("p2pkv.transport")
@@ -42,7 +42,8 @@ VERSION = 4
 ALL_REGIONS = 0xFFFFFFFF
 _HEADER = struct.Struct("<4sHHIQ")
 _HEAD = struct.Struct("<BBHIIIQ")
-_KINDS = {1: TransferTimeout, 2: PeerClosedError, 3: TransferError, 4: TransferError, 5: PeerClosedError, 6: RequestGone}
+_KINDS = {1: TransferTimeout, 2: PeerClosedError, 3: TransferError, 4: TransferError, 5: PeerClosedError, 6: RequestGone,
+          7: RequestNotHeldYet}
 FLAG_HELD = 1
 
 
