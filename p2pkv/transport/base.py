@@ -260,10 +260,6 @@ class Transport(ABC):
     # Whether this side serves `read_held` requests (hold/unhold/serving): a read that moves bytes only
     # while the serving side still holds the request, checked where the read is served.
     holds_reads: bool = False
-    # Whether transfers, dials or admissions of this backend progress on Python threads of this
-    # process, which an engine's busy thread must let run (the connector then yields the GIL briefly
-    # per engine call); False: native threads do all of it and the caller's thread only posts and polls.
-    python_progress: bool = True
 
     def __init__(self, *, timeout: float = 30.0, auth_token: str | bytes | None = None, name: str | None = None):
         if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):

@@ -384,12 +384,6 @@ class CudaIpcTransport(ControlPlaneTransport):
         """Natively a message is only queued; with TLS the control plane's Python thread sends it."""
         return self._tls_client is not None
 
-    @property
-    def python_progress(self) -> bool:  # type: ignore[override]
-        """Copies and messages are native; an accepted peer still needs Python to map its memory
-        (`setup_pending` says when), and TLS runs on Python threads."""
-        return not self._native_setup_on
-
     def send_notif(self, peer: Peer | str, message: dict[str, Any]) -> None:
         """Marks this side's KV writes so far as ready (the peer's next copy waits for them on the device),
         then queues the message behind earlier ones to that peer and returns."""

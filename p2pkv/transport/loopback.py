@@ -24,7 +24,6 @@ class LoopbackTransport(Transport):
     name = "loopback"
     send_notif_blocks = False
     holds_reads = True
-    python_progress = False
 
     def __init__(self, *, fail_after: int | None = None, **kw: Any):
         kw.pop("listen", None)

@@ -237,12 +237,6 @@ class TcpTransport(ControlPlaneTransport):
         """Natively a message is only queued; with TLS the control plane's Python thread sends it."""
         return self._tls_client is not None
 
-    @property
-    def python_progress(self) -> bool:  # type: ignore[override]
-        """Native dials, serving and transfers need no Python thread; TLS and CUDA memory without the
-        extension move on the control plane's Python threads."""
-        return not self._native_setup_on or not self._direct_memory()
-
     def send_notif(self, peer: Peer | str, message: dict[str, Any]) -> None:
         """Natively: queued behind earlier transfers to that peer and returns at once; raises only if the
         connection is already down (a later failure shows on the next transfer to that peer)."""
