@@ -48,6 +48,20 @@ void check(bool ok, const char* what) {
   }
 }
 
+// Every row lies inside one region of `mem`; returns the rows' byte total.
+uint64_t check_inside(const std::vector<iovec>& rows, const Regions& mem, const char* what) {
+  uint64_t sum = 0;
+  for (const iovec& v : rows) {
+    uint64_t a = reinterpret_cast<uint64_t>(v.iov_base);
+    bool inside = false;
+    for (size_t r = 0; r < mem.base.size(); ++r)
+      inside |= a >= mem.base[r] && v.iov_len <= mem.size[r] && a - mem.base[r] <= mem.size[r] - v.iov_len;
+    check(inside, what);
+    sum += v.iov_len;
+  }
+  return sum;
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
@@ -71,9 +85,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   }
   (void)parse_header(data + 1, h, why);
   bool is_write = mode & 1, distinct = mode & 2;
-  Geometry peer_geo;
-  const Geometry* use = &geo;
   if (mode & 8) {  // a GEOMETRY body, then a fixed request of block ids 0..3 against it
+    Geometry peer_geo;
     bool write = false;
     if (!parse_geometry(body, n, geo.mem, peer_geo, write, why)) return 0;
     check(peer_geo.validate(why), "an accepted geometry validates");
@@ -84,19 +97,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     fixed.form = kBlocks;
     fixed.count = std::min<uint64_t>(4, peer_geo.num_blocks);
     fixed.items = reinterpret_cast<const uint8_t*>(ids);
-    use = &peer_geo;
-    body = nullptr;
-    n = 0;
     std::vector<iovec> rows;
     uint64_t total = 0;
-    if (!request_iovecs(fixed, use, geo.mem, is_write, distinct, rows, total, why)) return 0;
-    for (const iovec& v : rows) {
-      uint64_t a = reinterpret_cast<uint64_t>(v.iov_base);
-      bool inside = false;
-      for (size_t r = 0; r < geo.mem.base.size(); ++r)
-        inside |= a >= geo.mem.base[r] && v.iov_len <= geo.mem.size[r] && a - geo.mem.base[r] <= geo.mem.size[r] - v.iov_len;
-      check(inside, "every row of a peer's geometry lies inside one registered region");
-    }
+    if (!request_iovecs(fixed, &peer_geo, geo.mem, is_write, distinct, rows, total, why)) return 0;
+    check(check_inside(rows, geo.mem, "every row of a peer's geometry lies inside one registered region") == total,
+          "rows add up to the announced total");
     return 0;
   }
   Request req;
@@ -106,16 +111,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   std::vector<iovec> rows;
   uint64_t total = 0;
   if (!request_iovecs(req, &geo, geo.mem, is_write, distinct, rows, total, why)) return 0;
-  uint64_t sum = 0;
-  for (const iovec& v : rows) {
-    uint64_t a = reinterpret_cast<uint64_t>(v.iov_base);
-    bool inside = false;
-    for (size_t r = 0; r < geo.mem.base.size(); ++r)
-      inside |= a >= geo.mem.base[r] && v.iov_len <= geo.mem.size[r] && a - geo.mem.base[r] <= geo.mem.size[r] - v.iov_len;
-    check(inside, "every row lies inside one registered region");
-    sum += v.iov_len;
-  }
-  check(sum == total, "rows add up to the announced total");
+  check(check_inside(rows, geo.mem, "every row lies inside one registered region") == total,
+        "rows add up to the announced total");
   check(rows.size() <= kMaxRows, "row count within the limit");
   std::string again = encode_request(req);
   check(again.size() == n && std::memcmp(again.data(), body, n) == 0, "encode(parse(body)) == body");
