@@ -117,25 +117,33 @@ struct BlockArgs {
 
 // Unit u -> (region, piece, pair, part): consecutive thread blocks copy consecutive parts of one
 // piece, then the same piece of the next pair, so a wave sweeps one region's blocks at a time.
+// Sets the unit's addresses and length; the length is 0 for a part past its piece's end.
+template <int NPAIRS>
+__device__ __forceinline__ void unit_row(const BlockArgs<NPAIRS>& a, int64_t u, uint64_t& src, uint64_t& dst,
+                                         uint64_t& len) {
+  const int64_t item = u / a.split;
+  const int64_t part = u - item * a.split;
+  const int64_t rp = item / a.npairs;
+  const int p = (int)(item - rp * a.npairs);
+  const int64_t r = rp / a.npieces;
+  const int piece = (int)(rp - r * a.npieces);
+  const BlockRegion* reg = a.regions + r;
+  const int64_t plen = __ldg(&reg->piece_len[piece]);
+  const int64_t off = part * a.chunk;
+  len = 0;
+  if (off >= plen) return;
+  len = (uint64_t)(plen - off < a.chunk ? plen - off : a.chunk);
+  src = __ldg(&reg->src_base) + (int64_t)a.pairs[2 * p] * __ldg(&reg->src_stride) + __ldg(&reg->piece_src[piece]) + off;
+  dst = __ldg(&reg->dst_base) + (int64_t)a.pairs[2 * p + 1] * __ldg(&reg->dst_stride) + __ldg(&reg->piece_dst[piece]) +
+        off;
+}
+
 template <int HINT, int UNROLL, int NPAIRS>
 __global__ void __launch_bounds__(kThreads) copy_blocks_kernel(const __grid_constant__ BlockArgs<NPAIRS> a) {
   for (int64_t u = blockIdx.x; u < a.units; u += gridDim.x) {
-    const int64_t item = u / a.split;
-    const int64_t part = u - item * a.split;
-    const int64_t rp = item / a.npairs;
-    const int p = (int)(item - rp * a.npairs);
-    const int64_t r = rp / a.npieces;
-    const int piece = (int)(rp - r * a.npieces);
-    const BlockRegion* reg = a.regions + r;
-    const int64_t len = __ldg(&reg->piece_len[piece]);
-    const int64_t off = part * a.chunk;
-    if (off >= len) continue;
-    const int64_t n = len - off < a.chunk ? len - off : a.chunk;
-    const uint64_t src = __ldg(&reg->src_base) + (int64_t)a.pairs[2 * p] * __ldg(&reg->src_stride) +
-                         __ldg(&reg->piece_src[piece]) + off;
-    const uint64_t dst = __ldg(&reg->dst_base) + (int64_t)a.pairs[2 * p + 1] * __ldg(&reg->dst_stride) +
-                         __ldg(&reg->piece_dst[piece]) + off;
-    copy_row<HINT, UNROLL>(src, dst, (uint64_t)n);
+    uint64_t src, dst, len;
+    unit_row(a, u, src, dst, len);
+    if (len) copy_row<HINT, UNROLL>(src, dst, len);
   }
 }
 
@@ -157,19 +165,8 @@ __global__ void __launch_bounds__(kThreads) copy_small_blocks_kernel(const __gri
       len[k] = 0;
       src[k] = dst[k] = 0;
       if (u >= a.units) continue;
-      const int64_t item = u / a.split;
-      const int64_t part = u - item * a.split;
-      const int64_t rp = item / a.npairs;
-      const int p = (int)(item - rp * a.npairs);
-      const int64_t r = rp / a.npieces;
-      const int piece = (int)(rp - r * a.npieces);
-      const BlockRegion* reg = a.regions + r;
-      const int64_t plen = __ldg(&reg->piece_len[piece]);
-      const int64_t off = part * a.chunk;
-      if (off >= plen) continue;
-      len[k] = (uint64_t)(plen - off < a.chunk ? plen - off : a.chunk);
-      src[k] = __ldg(&reg->src_base) + (int64_t)a.pairs[2 * p] * __ldg(&reg->src_stride) + __ldg(&reg->piece_src[piece]) + off;
-      dst[k] = __ldg(&reg->dst_base) + (int64_t)a.pairs[2 * p + 1] * __ldg(&reg->dst_stride) + __ldg(&reg->piece_dst[piece]) + off;
+      unit_row(a, u, src[k], dst[k], len[k]);
+      if (!len[k]) continue;
       vec = vec && ((src[k] | dst[k] | len[k]) & 15) == 0 && len[k] <= 16ull * blockDim.x;
     }
     if (!vec) {
