@@ -40,8 +40,8 @@ for s in $STEPS; do
           --requests "${REQUESTS:-4}" --iters "${ITERS:-10}" --warmup 2 --json "$OUT/busy_$b.json"
       done ;;
     tp8)  # small segments, Llama-3-70B at TP 8 (one KV head per rank: 4 KiB per block and K/V plane), cuda_ipc;
-          # P2PKV_HINT=6 turns on the batching of units of 4 KiB and less (hint 2: the default), compared in one run
-      for h in ${TP8_HINTS:-2 6}; do
+          # hint 10 (the default) copies each unit of 4 KiB and less with one warp, hint 2 with a thread block
+      for h in ${TP8_HINTS:-10 2}; do
         step "tp8-hint$h" "${BENCH_LIMIT:-240}" env P2PKV_HINT="$h" "$PY" -m p2pkv bench --device cuda --backend cuda_ipc \
           --kv-heads 1 --block-size 16 --head-size 128 --layers 8 --tokens ${TP8_TOKENS:-512 2048 3000 8192} \
           --requests 2 --iters "${ITERS:-10}" --warmup 2 --json "$OUT/tp8_hint$h.json"

@@ -26,8 +26,11 @@ VARIANTS = {  # name: TUNING overrides; "blocks*" run the whole-block kernel (bl
     "blocks-g4": {"block_grid": -4},
     "blocks-g16": {"block_grid": -16},
     "blocks-gall": {"block_grid": 1 << 30},
-    "blocks-h0": {"hint": 0},
-    "blocks-h3": {"hint": 3},
+    "blocks-h0": {"hint": 8},
+    "blocks-h3": {"hint": 11},
+    "blocks-tb": {"hint": 2},
+    "blocks-tb-g8": {"hint": 2, "block_grid": -8},
+    "blocks-g8": {"block_grid": -8},
     "segments": {},
 }
 DEFAULTS = dict(kernels.TUNING, dry=False)
@@ -60,13 +63,16 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[16, 512, 2048, 4096, 32768])
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--kv-heads", type=int, default=8, help="KV heads per rank (1: Llama-3-70B at TP 8)")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--contiguous", action="store_true", help="consecutive block ids instead of random ones")
     ap.add_argument("--json")
     args = ap.parse_args()
     assert kernels.load() is not None, kernels.unavailable_reason()
     dev = torch.device("cuda")
     nblk_max = max(-(-t // 16) for t in args.tokens)
     nb = max(2 * nblk_max, 256)
-    shape = dict(num_layers=32, num_blocks=nb, block_size=16, num_kv_heads=8, head_size=128, dtype="bf16", device=dev)
+    shape = dict(num_layers=args.layers, num_blocks=nb, block_size=16, num_kv_heads=args.kv_heads, head_size=128, dtype="bf16", device=dev)
     src_t, sspec = make_kv_caches("vllm", fill="random", **shape)
     dst_t, dspec = make_kv_caches("vllm", fill="empty", **shape)
     src_b, dst_b = byte_regions(src_t, sspec), byte_regions(dst_t, dspec)
@@ -77,8 +83,12 @@ def main() -> None:
     rows = []
     for tokens in args.tokens:
         nblk = -(-tokens // 16)
-        plans = [plan_segments(sspec, dspec, rng.choice(nb, nblk, replace=False), rng.choice(nb, nblk, replace=False))
-                 for _ in range(4)]
+        def ids() -> np.ndarray:
+            if args.contiguous:
+                start = int(rng.integers(0, nb - nblk + 1))
+                return np.arange(start, start + nblk)
+            return rng.choice(nb, nblk, replace=False)
+        plans = [plan_segments(sspec, dspec, ids(), ids()) for _ in range(4)]
         nbytes = plans[0].nbytes
         a = torch.empty(nbytes, dtype=torch.uint8, device=dev)
         b = torch.empty(nbytes, dtype=torch.uint8, device=dev)

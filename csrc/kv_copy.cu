@@ -147,42 +147,35 @@ __global__ void __launch_bounds__(kThreads) copy_blocks_kernel(const __grid_cons
   }
 }
 
-// Units of at most 16 bytes per thread (pieces of up to 4 KiB, TP's one-head slices): one 16-byte
-// access per thread and unit would leave a single load in flight per thread, so each pass takes
-// kBatch units, grid-strided, and keeps their loads in flight together before storing. Units that
-// are not 16-byte aligned on both sides, or longer, take the row copy.
-constexpr int kBatch = 4;
+// Units of at most 4 KiB, one warp each: eight 16-byte loads in flight per lane and eight units
+// per thread block, where a thread block per unit would spend more time being scheduled than copying.
+constexpr int kWarps = kThreads / 32;
 
 template <int HINT, int NPAIRS>
-__global__ void __launch_bounds__(kThreads) copy_small_blocks_kernel(const __grid_constant__ BlockArgs<NPAIRS> a) {
-  const int64_t stride = (int64_t)gridDim.x;
-  for (int64_t u0 = blockIdx.x; u0 < a.units; u0 += stride * kBatch) {
-    uint64_t src[kBatch], dst[kBatch], len[kBatch];
-    bool vec = true;
-#pragma unroll
-    for (int k = 0; k < kBatch; ++k) {
-      const int64_t u = u0 + k * stride;
-      len[k] = 0;
-      src[k] = dst[k] = 0;
-      if (u >= a.units) continue;
-      unit_row(a, u, src[k], dst[k], len[k]);
-      if (!len[k]) continue;
-      vec = vec && ((src[k] | dst[k] | len[k]) & 15) == 0 && len[k] <= 16ull * blockDim.x;
-    }
-    if (!vec) {
-#pragma unroll
-      for (int k = 0; k < kBatch; ++k)
-        if (len[k]) copy_row<HINT, 4>(src[k], dst[k], len[k]);
+__global__ void __launch_bounds__(kThreads) copy_warp_blocks_kernel(const __grid_constant__ BlockArgs<NPAIRS> a) {
+  const uint64_t lane = threadIdx.x & 31;
+  const int64_t stride = (int64_t)gridDim.x * kWarps;
+  for (int64_t u = (int64_t)blockIdx.x * kWarps + (threadIdx.x >> 5); u < a.units; u += stride) {
+    uint64_t src, dst, len;
+    unit_row(a, u, src, dst, len);
+    if (!len) continue;
+    if (((src | dst | len) & 15) != 0) {
+      for (uint64_t i = lane; i < len; i += 32)
+        reinterpret_cast<unsigned char*>(dst)[i] = reinterpret_cast<const unsigned char*>(src)[i];
       continue;
     }
-    const uint64_t at = 16ull * threadIdx.x;
-    uint4 v[kBatch];
+    const uint4* s = reinterpret_cast<const uint4*>(src);
+    uint4* d = reinterpret_cast<uint4*>(dst);
+    const uint64_t n16 = len >> 4;
+    uint64_t i = lane;
+    for (; i + 7 * 32 < n16; i += 8 * 32) {
+      uint4 v[8];
 #pragma unroll
-    for (int k = 0; k < kBatch; ++k)
-      if (at < len[k]) v[k] = load16<HINT>(reinterpret_cast<const uint4*>(src[k] + at));
+      for (int k = 0; k < 8; ++k) v[k] = load16<HINT>(s + i + 32 * k);
 #pragma unroll
-    for (int k = 0; k < kBatch; ++k)
-      if (at < len[k]) store16<HINT>(reinterpret_cast<uint4*>(dst[k] + at), v[k]);
+      for (int k = 0; k < 8; ++k) store16<HINT>(d + i + 32 * k, v[k]);
+    }
+    for (; i < n16; i += 32) store16<HINT>(d + i, load16<HINT>(s + i));
   }
 }
 
@@ -201,11 +194,11 @@ cudaError_t launch_blocks_n(const BlockRegion* regions, int nreg, int npieces, c
   int64_t g = grid > 0 ? grid : (int64_t)sm_count() * (2048 / kThreads);
   if (grid < 0) g = (int64_t)sm_count() * -grid;
   if (g > a.units) g = a.units;
-  if (chunk <= 16 * kThreads && (hint & 4)) {  // bit 2: batch units of 4 KiB and less (not yet measured on a GPU)
-    const int64_t gs = (a.units + kBatch - 1) / kBatch;
-    const unsigned gb = (unsigned)(g < gs ? g : gs);
-    if (hint & 1) copy_small_blocks_kernel<1, NPAIRS><<<gb, kThreads, 0, stream>>>(a);
-    else copy_small_blocks_kernel<0, NPAIRS><<<gb, kThreads, 0, stream>>>(a);
+  if (chunk <= 16 * kThreads && (hint & 8)) {  // bit 3: a warp per unit of 4 KiB and less
+    const int64_t gw = (a.units + kWarps - 1) / kWarps;
+    const unsigned gb = (unsigned)(g < gw ? g : gw);
+    if (hint & 1) copy_warp_blocks_kernel<1, NPAIRS><<<gb, kThreads, 0, stream>>>(a);
+    else copy_warp_blocks_kernel<0, NPAIRS><<<gb, kThreads, 0, stream>>>(a);
     return cudaGetLastError();
   }
   switch (hint & 3) {

@@ -24,8 +24,10 @@ __all__ = ["Regions", "BlockTable", "gather", "scatter", "copy_segments", "copy_
 log = logging.getLogger("p2pkv.kernels")
 
 # Knobs of the extension path (the microbench in bench/ sweeps them): `hint` bit 0 streaming
-# loads/stores, bit 1 eight 16-byte loads in flight per thread (measured best on the H100), bit 2 batches
-# block units of 4 KiB and less, four loads in flight per thread (copy_small_blocks_kernel; off until measured), row sizes, whether tables of up to SMALL_ROWS rows travel inside the
+# loads/stores, bit 1 eight 16-byte loads in flight per thread (measured best on the H100), bit 3 a
+# warp per block unit of 4 KiB and less instead of a thread block (copy_warp_blocks_kernel: 0.85-0.88
+# of cudaMemcpy's GPU time for 4 KiB units on the H100, against 0.66-0.68), row sizes, whether tables
+# of up to SMALL_ROWS rows travel inside the
 # kernel's parameters, the grid (0: 8 blocks per multiprocessor, -k: k per multiprocessor)
 # `table_rows` (cap each launch's table, so long requests take several launches: for tests)
 # and `dry` (host work only, nothing launched: to time the host side).
@@ -59,7 +61,7 @@ class _Tuning(dict):
         return super().pop(*a)
 
 
-TUNING: dict[str, Any] = _Tuning({"hint": int(os.environ.get("P2PKV_HINT", "2")),
+TUNING: dict[str, Any] = _Tuning({"hint": int(os.environ.get("P2PKV_HINT", "10")),
                           "min_chunk": 4096, "max_chunk": 65536, "small": os.environ.get("P2PKV_SMALL", "1") == "1",
                           "grid": int(os.environ.get("P2PKV_GRID", "0")), "first_piece": 256, "max_piece": 16384,
                           "sides": 2, "blocks": os.environ.get("P2PKV_BLOCKS", "1") == "1",

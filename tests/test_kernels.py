@@ -216,17 +216,19 @@ def test_cuda_errors_are_value_errors():
 
 # ------------------------------------------------------------------------------------------ CUDA: whole blocks
 
-BLOCK_KNOBS = [(4096, 32768, 0), (16, 16, 0), (256, 1024, -1), (4096, 65536, 7)]  # min/max chunk, grid
+# min/max chunk, grid, hint (10: a warp per unit of 4 KiB and less, 2: a thread block per unit)
+BLOCK_KNOBS = [(4096, 32768, 0, 10), (16, 16, 0, 10), (256, 1024, -1, 10), (4096, 65536, 7, 10), (16, 4096, 0, 2),
+               (16, 4096, 0, 10), (64, 1024, -2, 11)]
 
 
 @needs_ext
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", PRESETS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("knobs", BLOCK_KNOBS, ids=lambda k: f"chunk={k[0]}-{k[1]}-grid={k[2]}")
+@pytest.mark.parametrize("knobs", BLOCK_KNOBS, ids=lambda k: f"chunk={k[0]}-{k[1]}-grid={k[2]}-hint={k[3]}")
 def test_cuda_copy_blocks_matches_segments(layout, dtype, knobs, monkeypatch):
     from p2pkv.layout import block_geometry
-    for key, v in zip(("block_min_chunk", "block_max_chunk", "block_grid"), knobs):
+    for key, v in zip(("block_min_chunk", "block_max_chunk", "block_grid", "hint"), knobs):
         monkeypatch.setitem(kernels.TUNING, key, v)
     # few pairs (parameters under 1 KiB), 200 pairs (the 32 KiB form), odd head sizes (byte path)
     for head_size, blocks, moved in ((8, 24, 9), (3, 300, 200), (128, 8, 1)):
