@@ -67,10 +67,11 @@ class TensorPipe:
         return self.transport.address
 
     def connect(self, receiver_address: str) -> None:
-        """Sender side: connect to the receiver and tell it where to send credits."""
+        """Sender side: connect to the receiver and say hello; it sends credits back to whoever said it,
+        as its transport names the hello's sender (no address travels in the message)."""
         self._check_open()
         self._peer = self.transport.connect(receiver_address)
-        self.transport.send_notif(self._peer, {"pipe": "hello", "address": self.address})
+        self.transport.send_notif(self._peer, {"pipe": "hello"})
 
     def _check_open(self) -> None:
         if self._closed:
@@ -83,7 +84,11 @@ class TensorPipe:
             if "credit" in m:
                 self._free.extend(int(s) for s in m["credit"])
             elif m.get("pipe") == "hello":
-                self._peer = self.transport.connect(str(m["address"]))
+                back = self.transport.reply_address(n.peer)
+                if back is None:
+                    raise TransferError(f"the {self.transport.name} transport cannot say where the pipe's sender is "
+                                        "(reply_address), so no credit can reach it", peer=n.peer)
+                self._peer = self.transport.connect(back)
             elif "seq" in m:
                 self._pending[int(m["seq"])] = m
 

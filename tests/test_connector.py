@@ -816,14 +816,17 @@ def test_malformed_or_hostile_control_messages_never_fail_the_engines_call():
 
 def test_each_message_kind_round_trips_through_its_dict():
     from p2pkv.connector import messages as m
-    samples = [m.Release("r", ok=False), m.Cancel("r"), m.Want("r", (4, 5), 1, "h:1"), m.HeldQuery("r", "h:1"),
-               m.SumQuery("r", (7,), "h:1"), m.Landed("r", 2, 3, (11, 12, 13)), m.Landed("r", 0, 1),
+    samples = [m.Release("r", ok=False), m.Cancel("r"), m.Want("r", (4, 5), 1, "load-1"), m.HeldQuery("r"),
+               m.SumQuery("r", (7,)), m.Landed("r", 2, 3, (11, 12, 13)), m.Landed("r", 0, 1),
                m.Abort("r", "disk on fire"), m.Held("r", gone=True), m.Sums("r", ((1, 2), (3, 4)), gone=False)]
     for msg in samples:
         assert m.parse(msg.to_dict()) == msg
     assert m.parse({"p2pkv": "nothing-we-know", "req": "r"}) is None
     with pytest.raises(m.BadMessage, match="want.blocks must be a list"):
-        m.parse({"p2pkv": "want", "req": "r", "blocks": 3, "addr": "h:1"})
+        m.parse({"p2pkv": "want", "req": "r", "blocks": 3})
+    # an older peer still names an address: it is ignored, never used to reach anyone
+    assert m.parse({"p2pkv": "held?", "req": "r", "addr": "10.9.9.9:1"}) == m.HeldQuery("r")
+    assert "addr" not in m.Want("r", (1,)).to_dict()
 
 
 _IDLE_PUMP_AFFINITY = """

@@ -89,8 +89,7 @@ class Consumer:
         link = ld.link
         if self.mode == "push":
             link.undelivered.pop(ld.remote_key, None)
-            link.send(Want(ld.remote_key, tuple(ld.blocks.tolist()), ld.remote_offset,
-                           self.transport.address, ld.key).to_dict())
+            link.send(Want(ld.remote_key, tuple(ld.blocks.tolist()), ld.remote_offset, ld.key).to_dict())
             ld.reads = []
         else:
             link.use()
@@ -153,7 +152,9 @@ class Consumer:
         return None
 
     # ------------------------------------------------------------------ messages from P
-    def on_message(self, msg: ToConsumer, peer: str = "") -> None:
+    def on_message(self, msg: ToConsumer, sender: str = "") -> None:
+        """Handle P's message; `sender` (where the transport says P is reached) picks the load when P
+        did not echo one and two loads share its request id."""
         keys = [k for k in self._by_remote.get(msg.req, ()) if k in self.loads]
         if not keys:
             return
@@ -163,7 +164,7 @@ class Consumer:
                 return
             ld = self.loads[to]
         else:
-            ld = next((self.loads[k] for k in keys if self.loads[k].link.address == peer), self.loads[keys[0]])
+            ld = next((self.loads[k] for k in keys if self.loads[k].link.address == sender), self.loads[keys[0]])
         if isinstance(msg, Abort):
             self._end(ld, f"producer gave up: {msg.reason}", cause="producer_abort")
         elif isinstance(msg, Landed):
@@ -284,9 +285,7 @@ class Consumer:
             return
         assert ld.remote_blocks is not None
         ld.awaiting_answer = True
-        addr = self.transport.address
-        ask = (SumQuery(ld.remote_key, tuple(ld.remote_blocks.tolist()), addr) if self.checksum
-               else HeldQuery(ld.remote_key, addr))
+        ask = SumQuery(ld.remote_key, tuple(ld.remote_blocks.tolist())) if self.checksum else HeldQuery(ld.remote_key)
         ld.link.send(ask.to_dict())
 
     def _landed(self, ld: Load, msg: Landed) -> None:

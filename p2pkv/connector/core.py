@@ -346,8 +346,8 @@ class KVConnector:
                 continue
             try:
                 if isinstance(msg, ToProducer):
-                    self.producer.on_message(msg, now)
+                    self.producer.on_message(msg, self.transport.reply_address(n.peer), now)
                 elif isinstance(msg, ToConsumer):
-                    self.consumer.on_message(msg, n.peer)
+                    self.consumer.on_message(msg, self.transport.reply_address(n.peer) or n.peer)
             except Exception:  # noqa: BLE001 - what a peer sends must never fail the engine's call
                 log.exception("request %r: handling %s from %s failed; message dropped", msg.req, msg.kind, n.peer)

@@ -1,6 +1,8 @@
 """The connector's control messages, one small class per kind, parsed once from the
 msgpack dict a transport notif carries (`parse`) and written back with `to_dict`.
-Producer-bound kinds derive from `ToProducer`, consumer-bound ones from `ToConsumer`."""
+Producer-bound kinds derive from `ToProducer`, consumer-bound ones from `ToConsumer`. No message
+says where its sender is: P answers the peer the transport received it from (an `addr` that an
+older peer still sends is ignored)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -24,12 +26,6 @@ def _ints(v: Any, what: str) -> tuple[int, ...]:
     if not isinstance(v, (list, tuple)):
         raise BadMessage(f"{what} must be a list of integers, got {type(v).__name__}")
     return tuple(_int(x, what) for x in v)
-
-
-def _str(v: Any, what: str) -> str:
-    if not isinstance(v, str) or not v:
-        raise BadMessage(f"{what} must be a non-empty string, got {v!r}")
-    return v
 
 
 def _opt_str(v: Any, what: str) -> str:
@@ -90,43 +86,36 @@ class Cancel(ToProducer):
 
 @dataclass(frozen=True)
 class Want(ToProducer):
-    """Push: D's block ids for `req`; P writes its blocks `[offset:]` into them at D's `addr`."""
+    """Push: D's block ids for `req`; P writes its blocks `[offset:]` into them, in the D that sent this."""
 
     kind: ClassVar[str] = "want"
     blocks: tuple[int, ...] = ()
     offset: int = 0
-    addr: str = ""
     load: str = ""  # D's own name for the load, echoed in P's answers (`to`): two P may share a `req`
 
     @classmethod
     def _parse(cls, raw: dict[str, Any]) -> "Want":
         return cls(raw["req"], _ints(raw.get("blocks"), "want.blocks"), _int(raw.get("offset", 0), "want.offset"),
-                   _str(raw.get("addr"), "want.addr"), _opt_str(raw.get("load"), "want.load"))
+                   _opt_str(raw.get("load"), "want.load"))
 
 
 @dataclass(frozen=True)
 class HeldQuery(ToProducer):
-    """Pull: D read `req`; did P still hold it? P answers `Held` at D's `addr`."""
+    """Pull: D read `req`; did P still hold it? P answers `Held` to the D that asked."""
 
     kind: ClassVar[str] = "held?"
-    addr: str = ""
-
-    @classmethod
-    def _parse(cls, raw: dict[str, Any]) -> "HeldQuery":
-        return cls(raw["req"], _str(raw.get("addr"), "held?.addr"))
 
 
 @dataclass(frozen=True)
 class SumQuery(ToProducer):
-    """Pull with checksums: the CRC32 of P's `blocks` per layer, answered as `Sums` at D's `addr`."""
+    """Pull with checksums: the CRC32 of P's `blocks` per layer, answered as `Sums` to the D that asked."""
 
     kind: ClassVar[str] = "sum?"
     blocks: tuple[int, ...] = ()
-    addr: str = ""
 
     @classmethod
     def _parse(cls, raw: dict[str, Any]) -> "SumQuery":
-        return cls(raw["req"], _ints(raw.get("blocks"), "sum?.blocks"), _str(raw.get("addr"), "sum?.addr"))
+        return cls(raw["req"], _ints(raw.get("blocks"), "sum?.blocks"))
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """The producer (P) side: holds (a request's blocks kept until D has them), D's push
 requests waiting for their hold, confirmations that overtook their save, the requests
 freed without D's confirmation, and the push writes in flight. Driven only by the
-engine's calls: nothing here runs on another thread."""
+engine's calls: nothing here runs on another thread. P answers and pushes to the peer a message
+came from, as the transport names it (`reply_address`), never to an address in a message."""
 from __future__ import annotations
 
 import logging
@@ -35,7 +36,7 @@ class Producer:
         self._held_reads = transport.holds_reads  # D's reads are served only while the transport holds them
         self._draining: dict[str, str] = {}  # ended holds whose blocks a read is still sending: how they ended
         self._stopping: list[Hold] = []  # released by the engine while writes were in flight
-        self._wants: dict[str, tuple[Want, float]] = {}
+        self._wants: dict[str, tuple[Want, str, float]] = {}  # D's push request, where D is, until when
         self._early: dict[str, tuple[str, float]] = {}
         self._early_releases: dict[str, tuple[int, float]] = {}  # releases of a shared hold before its save
         self._gone: dict[str, None] = {}
@@ -94,7 +95,7 @@ class Producer:
                 log.warning("request %r: D did not confirm within %.3g s; releasing its %d blocks",
                             key, self.hold_timeout, len(h.blocks))
                 self._end(key, "released_timeout")
-        for key in [k for k, (_, deadline) in self._wants.items() if deadline < now]:
+        for key in [k for k, (_, _, deadline) in self._wants.items() if deadline < now]:
             del self._wants[key]
         for key in [k for k, (_, deadline) in self._early.items() if deadline < now]:
             del self._early[key]
@@ -107,7 +108,9 @@ class Producer:
                 self._push(h)
 
     # ------------------------------------------------------------------ messages from D
-    def on_message(self, msg: ToProducer, now: float) -> None:
+    def on_message(self, msg: ToProducer, sender: str | None, now: float) -> None:
+        """Handle D's message; `sender` is where the transport says its sender is reached (None: unknown,
+        so nothing can be answered or pushed to it)."""
         key = msg.req
         if isinstance(msg, (Release, Cancel)):
             how = "released_confirmed" if isinstance(msg, Release) else "released_aborted"
@@ -122,14 +125,17 @@ class Producer:
                 h.want = None
                 self._end(key, how)
             self._wants.pop(key, None)
+        elif sender is None:
+            log.warning("request %r: %s from a peer the %s transport cannot name an address for; not answered",
+                        key, msg.kind, self.transport.name)
         elif isinstance(msg, Want):
-            self._wants[key] = (msg, now + self.hold_timeout)
+            self._wants[key] = (msg, sender, now + self.hold_timeout)
             h = self.holds.get(key)
             if h is not None:
                 self._match(key)
                 self._push(h)
         elif isinstance(msg, HeldQuery):
-            self.links.get(msg.addr).send(Held(key, gone=key in self._gone).to_dict())
+            self.links.get(sender).send(Held(key, gone=key in self._gone).to_dict())
         elif isinstance(msg, SumQuery):
             blocks = np.asarray(msg.blocks, dtype=np.int64)
             if len(blocks) and (blocks.min() < 0 or blocks.max() >= self.layers.spec.num_blocks):
@@ -137,7 +143,7 @@ class Producer:
                             key, list(msg.blocks), self.layers.spec.num_blocks)
                 return
             sums = tuple(tuple(self.layers.block_sums(blocks, layer)) for layer in range(len(self.layers)))
-            self.links.get(msg.addr).send(Sums(key, sums, gone=key in self._gone).to_dict())
+            self.links.get(sender).send(Sums(key, sums, gone=key in self._gone).to_dict())
 
     # ------------------------------------------------------------------ internals
     def _last_release(self, key: str, h: Hold | None, of: int, now: float) -> bool:
@@ -155,8 +161,8 @@ class Producer:
         """Pair D's block list (push) with the hold it is for."""
         h = self.holds.get(key)
         if h is not None and h.want is None and h.stop is None and key in self._wants:
-            h.want = self._wants.pop(key)[0]
-            h.link = self.links.get(h.want.addr)
+            h.want, sender, _ = self._wants.pop(key)
+            h.link = self.links.get(sender)
             h.link.use()
 
     def _push(self, h: Hold) -> None:

@@ -313,6 +313,12 @@ class Transport(ABC):
         self._require_registered()
         return Connecting(lambda: self.connect(address), f"p2pkv-{self.name}-dial")
 
+    def reply_address(self, peer: str) -> str | None:
+        """The address that reaches the peer whose messages arrive under `peer` (a Notif's `peer`), as its
+        connection established it (for an accepted peer: the listen port its handshake announced, at the
+        host the connection came from), never an address a message carried; None if not known."""
+        return None
+
     @abstractmethod
     def write(self, peer: Peer | str, segments: Segments, request_id: str | None = None,
               notify: dict[str, Any] | None = None) -> TransferHandle:

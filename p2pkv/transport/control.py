@@ -21,7 +21,7 @@ from p2pkv.segments import Segments
 from p2pkv.transport.base import (Connecting, Notif, Peer, PeerClosedError, TransferError, TransferHandle,
                                   TransferTimeout, Transport, off_engine_cpus)
 from p2pkv.transport.gate import Connected, Gate, tell_and_close
-from p2pkv.transport.net import dial, parse_address, tls_contexts
+from p2pkv.transport.net import dial, dial_back, parse_address, tls_contexts
 from p2pkv.transport.serving import MAX_BASELINE, MAX_SEGMENTS, LocalRows, serve_loop
 try:
     from p2pkv import _native
@@ -34,7 +34,7 @@ __all__ = ["ControlPlaneTransport", "Conn", "LocalRows", "parse_address", "check
            "MAX_SEGMENTS"]
 
 log = logging.getLogger("p2pkv.transport")
-
+REPLY_KEPT = 4096  # peer names whose reply address is remembered (each connection has its own name)
 
 
 def check_baseline_args(nbytes: Any, iters: Any) -> None:
@@ -112,6 +112,7 @@ class ControlPlaneTransport(Transport):
         self._out: dict[str, Conn] = {}
         self._in: set[Conn] = set()
         self._notifs: collections.deque[Notif] = collections.deque()
+        self._reply: dict[str, str] = {}  # peer name (a Notif's `peer`) -> that peer's listener, per its handshake
         # Peers get in without a Python thread where the handshake can run natively: not over TLS, and
         # only for backends whose per-peer set-up is quick Python in the caller's thread (`_native_setup`).
         self._native_setup_on = (_native is not None and self._native_setup and self._tls_server is None
@@ -186,12 +187,17 @@ class ControlPlaneTransport(Transport):
 
     def _info(self) -> dict[str, Any]:
         return {"name": self.local_name, "backend": self.name, "spec": self._require_registered().to_dict(),
-                **self._hello_extra()}
+                "listen": self._address, **self._hello_extra()}
 
     def _check_peer(self, info: dict[str, Any]) -> None:
         if info.get("backend") != self.name:
             raise ValueError(f"backend mismatch: local {self.name!r} vs peer {info.get('backend')!r}")
         self._require_registered().check_compatible(KVCacheSpec.from_dict(info.get("spec") or {}))
+        try:
+            parse_address(info.get("listen"), "listen")  # type: ignore[arg-type]
+        except ValueError as e:
+            raise ValueError(f"the peer's handshake announces no usable listen address ({e}); upgrade both "
+                             "sides to the same p2pkv release") from None
 
     def connect(self, address: str) -> Peer:
         if not self._native_setup_on:
@@ -270,6 +276,7 @@ class ControlPlaneTransport(Transport):
         """Own a dialled connection whose handshake passed: its data path, its entry by address."""
         peer = Peer(f"{info.get('name', '?')}@{address}", address, KVCacheSpec.from_dict(info["spec"]), info)
         conn = Conn(sock, peer, initiator=True)
+        self._remember_reply(peer, address)
         self._on_connect(conn)
         if not self._adopt(conn):
             # the op thread's socket timeout is set here, not as that thread's first step: a close()
@@ -377,6 +384,26 @@ class ControlPlaneTransport(Transport):
             out.append(self._notifs.popleft())
         self._reap()
         return out
+
+    def reply_address(self, peer: str) -> str | None:
+        with self._lock:
+            return self._reply.get(peer)
+
+    def _remember_reply(self, peer: Peer, address: str) -> None:
+        """Where the peer named `peer.name` is reached: the address we dialled, or for an accepted
+        peer its announced listen port at the host its connection came from."""
+        with self._lock:
+            self._reply.pop(peer.name, None)
+            self._reply[peer.name] = address
+            while len(self._reply) > REPLY_KEPT:
+                del self._reply[next(iter(self._reply))]
+
+    def _remember_accepted(self, peer: Peer, where: str) -> None:
+        """An accepted peer is reached at its announced listen port on the host it came from (`where`)."""
+        try:
+            self._remember_reply(peer, dial_back(where, peer.info["listen"]))
+        except (KeyError, ValueError) as e:
+            log.warning("%s: %s cannot be answered: %s", self.name, peer.name, e)
 
     def _reap(self) -> None:
         """Drop served connections whose native link ended (the peer left, or broke the protocol)."""
@@ -572,6 +599,7 @@ class ControlPlaneTransport(Transport):
         conn = Conn(sock, Peer(f"{info.get('name', '?')}@{where}", where, KVCacheSpec.from_dict(info["spec"]), info),
                     initiator=False)
         log.debug("%s: admitted %s from %s", self.name, conn.peer.name, where)
+        self._remember_accepted(conn.peer, where)
         try:
             self._on_connect(conn)
         except Exception as e:  # noqa: BLE001
@@ -601,6 +629,7 @@ class ControlPlaneTransport(Transport):
         conn = Conn(None, Peer(f"{info.get('name', '?')}@{where}", where, KVCacheSpec.from_dict(info["spec"]), info),
                     initiator=False)
         conn.link = link
+        self._remember_accepted(conn.peer, where)
         self._name_served(pid, conn.peer.name)
         log.debug("%s: serving %s from %s", self.name, conn.peer.name, where)
         with self._lock:

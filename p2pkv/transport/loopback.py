@@ -112,6 +112,10 @@ class LoopbackTransport(Transport):
         with other._lock:
             other._notifs.append(Notif(self.address, dict(message)))
 
+    def reply_address(self, peer: str) -> str | None:
+        """A loopback Notif's `peer` is the sending transport's own address (set here, not by the sender)."""
+        return peer if peer in _live else None
+
     def get_notifs(self) -> list[Notif]:
         with self._lock:
             out, self._notifs = self._notifs, []

@@ -1,7 +1,9 @@
 """Sockets for the control plane: 'host:port' parsing, name lookup and connecting
-within a timeout, and the mutual-TLS contexts."""
+within a timeout, the address that reaches an accepted peer's own listener, and the mutual-TLS
+contexts."""
 from __future__ import annotations
 
+import ipaddress
 import socket
 import ssl
 import threading
@@ -10,7 +12,7 @@ from typing import Any
 
 from p2pkv.transport.base import off_engine_cpus
 
-__all__ = ["parse_address", "dial", "tls_contexts"]
+__all__ = ["parse_address", "dial", "dial_back", "tls_contexts"]
 
 
 def tls_contexts(cert: str | None, key: str | None, ca: str | None) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
@@ -43,6 +45,21 @@ def parse_address(address: str, what: str = "peer address") -> tuple[str, int]:
     if int(port) > 65535:
         raise ValueError(f"{what} {address!r:.80}: port {int(port)} is out of range (0-65535)")
     return host, int(port)
+
+
+def dial_back(where: str, listen: str) -> str:
+    """The address of an accepted peer's own listener: the port its handshake announced (`listen`) at the
+    host its connection came from (`where`, 'host:port' as accept saw it), so that what a peer can make
+    us dial is its own host, never an address named in a message."""
+    host = where.rpartition(":")[0].strip("[]")
+    port = parse_address(listen, "announced listen address")[1]
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"connection source {where!r} is not an IP address") from None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
 
 
 def _resolve(host: str, port: int, timeout: float) -> list[tuple]:

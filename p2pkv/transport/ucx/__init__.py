@@ -79,6 +79,7 @@ class UcxTransport(OneSidedPath, StagedPath, UcxBaseline, ControlPlaneTransport)
         self._inflight_lock = threading.Lock()
         self._prune_at = 64
         self._rx: collections.deque = collections.deque()  # notification receives not complete yet, in order
+        self._unnamed: collections.deque = collections.deque()  # (deadline, receive) whose sender is not named yet
         self._rx_lock = threading.Lock()
         self._notif_peers: dict[int, dict[int, str]] = {}  # connection id -> sender is initiator -> peer name
         self._path, self._staging_bytes, self.path = path, staging_bytes, path

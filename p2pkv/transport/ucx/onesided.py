@@ -8,6 +8,7 @@ import collections
 import ctypes
 import logging
 import threading
+import time
 from typing import Any, Callable
 
 import msgpack
@@ -50,6 +51,8 @@ class OneSidedPath:
     _inflight_lock: threading.Lock
     _prune_at: int
     _rx: collections.deque
+    _unnamed: collections.deque
+    timeout: float
     _rx_lock: threading.Lock
     _notif_peers: dict[int, dict[int, str]]
     _bind_cuda: Callable[[], None]
@@ -217,6 +220,9 @@ class OneSidedPath:
     def _receive_notifs(self, out: list[Notif]) -> None:
         """Take every notification message UCX holds (its progress thread received them), in order."""
         ucp, wh = self._ucp, self._wh
+        waiting, self._unnamed = self._unnamed, collections.deque()
+        for deadline, item in waiting:
+            self._deliver(item, out, deadline)
         while self._rx and self._rx[0][0].status() != INPROGRESS:
             self._deliver(self._rx.popleft(), out)
         info = TagRecvInfo()
@@ -237,12 +243,18 @@ class OneSidedPath:
             else:
                 self._deliver(item, out)
 
-    def _deliver(self, item: tuple[Req, Any, int, int], out: list[Notif]) -> None:
+    def _deliver(self, item: tuple[Req, Any, int, int], out: list[Notif], deadline: float | None = None) -> None:
+        """Decode a received message for `out`. One whose sender's handshake has not ended here yet (the
+        dialling side may send as soon as its own ended) waits for it, up to the timeout."""
         req, buf, tag, size = item
         peer = self._notif_peers.get((tag >> 40) & 0xFFFFFF, {}).get((tag >> 39) & 1)
         st = req.status()
         if peer is None:
-            log.warning("ucx: dropped a message from an endpoint no handshake named (tag %#x)", tag)
+            deadline = time.monotonic() + self.timeout if deadline is None else deadline
+            if time.monotonic() < deadline:
+                self._unnamed.append((deadline, item))
+            else:
+                log.warning("ucx: dropped a message from an endpoint no handshake named (tag %#x)", tag)
             return
         if st != 0 or size > MAX_NOTIFY:
             log.warning("ucx: dropped a %d-byte message from %s: %s", size, peer,
