@@ -725,6 +725,39 @@ def test_an_idle_producer_engine_still_finishes_its_side(mode):
 
 
 @pytest.mark.timeout(30)
+def test_the_idle_pump_stays_out_of_a_step_the_engine_is_computing():
+    """Inside a step (a call came, its get_finished() not yet) the pump waits STEP_IDLE_S, not
+    IDLE_PUMP_S: a thread of ours holding the GIL there stalls the engine's forward pass. After the
+    step's get_finished() an idle engine's work moves on the pump again."""
+    from p2pkv.connector import core
+    p = KVConnector("tcp", mode="push")
+    try:
+        pt, pspec = caches("vllm", 16, "random", seed=1)
+        p.register_kv_caches(pt, pspec)
+        runs: list[float] = []
+        real = p._progress
+
+        def progress(engine: bool = True) -> None:
+            if not engine:
+                runs.append(time.monotonic())
+            real(engine)
+        p._progress = progress
+        p.save("r", [7, 3], layer=0, final=False)  # a forward pass in progress: its first layer saved
+        opened = time.monotonic()
+        time.sleep(core.STEP_IDLE_S / 2)
+        assert not runs, "the pump ran inside an open step"
+        until(lambda: runs, timeout=core.STEP_IDLE_S * 3)
+        assert runs[0] - opened >= core.STEP_IDLE_S * 0.9
+        p.get_finished()  # the step ends; the hold is still open, so an idle engine needs the pump
+        runs.clear()
+        ended = time.monotonic()
+        until(lambda: runs, timeout=5)
+        assert runs[0] - ended < core.STEP_IDLE_S / 2
+    finally:
+        p.close()
+
+
+@pytest.mark.timeout(30)
 def test_control_messages_leave_from_the_engine_thread_when_the_transport_never_blocks_on_them():
     """A transport that declares `send_notif_blocks = False` gets control messages posted by the
     engine's own call once the peer is dialled, with no hop through the link's thread."""

@@ -25,6 +25,7 @@ from p2pkv.transport.base import off_engine_cpus
 
 SETUP_YIELD_S = 1e-3
 IDLE_PUMP_S = 0.05  # an engine that made no call for this long is idle: a thread of ours moves its work
+STEP_IDLE_S = 1.0  # ...unless a step is open (a call came, get_finished() not yet): then only after this long
 
 __all__ = ["KVConnector", "Finished", "LoadFailure", "MODES"]
 
@@ -87,6 +88,7 @@ class KVConnector:
         self._closed = False
         self._stop = threading.Event()
         self._last_call = time.monotonic()
+        self._step_open = False  # an engine call came and the step's get_finished() has not yet
 
     # ----------------------------------------------------------------------- set-up
     def register_kv_caches(self, tensors: Sequence[torch.Tensor], spec: KVCacheSpec,
@@ -113,16 +115,24 @@ class KVConnector:
         work of its own: a vLLM P whose prefills are done sits idle while a dial to D, the pushes it
         allows, or D's releases wait. An engine's own calls do all of this while it is stepping (no
         thread of ours on a request's path); this thread takes over only after IDLE_PUMP_S without
-        one, when the engine's thread does not want the GIL."""
+        one, or STEP_IDLE_S inside a step: an engine computing a step (between its first call and its
+        get_finished()) needs the GIL, and a thread of ours that takes it there can stall the step for
+        as long as the OS keeps that thread off a busy core."""
         off_engine_cpus()
         while not self._stop.wait(IDLE_PUMP_S):
-            if time.monotonic() - self._last_call < IDLE_PUMP_S:
+            quiet = time.monotonic() - self._last_call
+            if quiet < IDLE_PUMP_S or (self._step_open and quiet < STEP_IDLE_S):
                 continue
             with self._lock:
                 if self._closed or self.producer is None or self.consumer is None:
                     return
                 if self.producer.busy() or self.consumer.busy() or self.links.setting_up():
                     self._progress(engine=False)
+
+    def _engine_call(self) -> None:
+        """An engine call inside a step: keep the idle pump away until the step's get_finished()."""
+        self._last_call = time.monotonic()
+        self._step_open = True
 
     @property
     def address(self) -> str:
@@ -153,6 +163,7 @@ class KVConnector:
         _check_request_id(request_id)
         blocks = _block_ids(request_id, block_ids, "block", spec.num_blocks)
         layers = set(range(self.num_layers)) if layer is None else {self._check_layer(layer)}
+        self._engine_call()
         with self._lock:
             self._read_messages(time.monotonic())
             producer.save(request_id, blocks, layers, ready, final, time.monotonic())
@@ -163,6 +174,7 @@ class KVConnector:
         """Drop a hold now (the engine aborted the request); it is reported as saved once
         no write of its blocks is in flight any more."""
         _, producer, _ = self._check_usable()
+        self._engine_call()
         with self._lock:
             producer.release(request_id)
 
@@ -213,6 +225,7 @@ class KVConnector:
         if self.mode == "pull" and (remote is None or len(remote) != len(blocks)):
             raise ValueError(f"request {request_id!r}: pull needs remote_block_ids of the same length as block_ids "
                              f"({len(blocks)}), got {None if remote is None else len(remote)}")
+        self._engine_call()
         with self._lock:
             self._read_messages(time.monotonic())
             if len(peers) == 1 and spec.tp_size == 1:
@@ -232,6 +245,7 @@ class KVConnector:
         spec, _, consumer = self._check_usable()
         _check_request_id(remote_request_id, "remote request id")
         peers = _peers(remote_request_id, peer)
+        self._engine_call()
         with self._lock:
             if len(peers) == 1 and spec.tp_size == 1:
                 consumer.discard(peers[0], remote_request_id)
@@ -245,6 +259,7 @@ class KVConnector:
         for P's landing notes every millisecond, as the transport offers no wait for them."""
         self._check_layer(layer)
         _, _, consumer = self._check_usable()
+        self._engine_call()
         end = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._lock:
@@ -281,6 +296,7 @@ class KVConnector:
             if self.producer is None or self._closed:
                 return Finished()
             self._progress()
+            self._step_open = False
             loaded, failed = self.consumer.take_finished()
             finished = Finished(saved=self.producer.take_ended(), loaded=loaded, failed=failed)
         self._yield_for_setup()
