@@ -30,6 +30,10 @@ BLOCK = 32
 LENGTHS = [40, 75, 100, 130, 53, 170, 33, 97]  # 2 to 6 blocks, none a multiple of 32
 MAX_TOKENS = 12
 MARK = "P2PKV-JSON "
+# Two instances on one host need disjoint cores: vLLM pins each worker's OpenMP threads, and two
+# engines spinning on the same core starve each other's forward passes for seconds.
+P_CORES = {"VLLM_CPU_OMP_THREADS_BIND": "0"}
+D_CORES = {"VLLM_CPU_OMP_THREADS_BIND": "1"}
 
 
 class Role:
@@ -380,8 +384,9 @@ def test_pull_then_producer_killed(setup):
     """Pull ("P then D"), then a second batch where P dies before D loads."""
     root, model = setup["root"], setup["model"]
     pm, dm = str(root / "p_pull.json"), str(root / "d_pull.json")
-    p = Role("p_pull", ["producer", model, "--mode", "pull", "--metrics", pm], str(root))
-    d = Role("d_pull", ["consumer", model, "--mode", "pull", "--metrics", dm, "--load-timeout", "20"], str(root))
+    p = Role("p_pull", ["producer", model, "--mode", "pull", "--metrics", pm], str(root), P_CORES)
+    d = Role("d_pull", ["consumer", model, "--mode", "pull", "--metrics", dm, "--load-timeout", "20"], str(root),
+             D_CORES)
     try:
         p.next(), d.next()
         prompts = setup["prompts"]["pull"]
@@ -437,8 +442,9 @@ def test_push_d_then_p(setup):
     root, model = setup["root"], setup["model"]
     pm, dm = str(root / "p_push.json"), str(root / "d_push.json")
     p_addr = f"127.0.0.1:{free_port()}"
-    p = Role("p_push", ["producer", model, "--mode", "push", "--listen", p_addr, "--metrics", pm], str(root))
-    d = Role("d_push", ["consumer", model, "--mode", "push", "--metrics", dm, "--load-timeout", "20"], str(root))
+    p = Role("p_push", ["producer", model, "--mode", "push", "--listen", p_addr, "--metrics", pm], str(root), P_CORES)
+    d = Role("d_push", ["consumer", model, "--mode", "push", "--metrics", dm, "--load-timeout", "20"], str(root),
+             D_CORES)
     sink = CallbackSink()
     prompts = setup["prompts"]["push"]
 

