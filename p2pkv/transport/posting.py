@@ -7,6 +7,7 @@ import collections
 import time
 from typing import Any, Callable
 
+import msgpack
 import numpy as np
 
 from p2pkv.layout import BlockRows, KVCacheSpec
@@ -82,6 +83,19 @@ class Posting:
             self._expect_ack(c)
             go()
         return self._submit(conn, run, request_id, nbytes, head=ask)
+
+    def _native_write(self, peer: Peer | str, segments: Segments, request_id: str | None,
+                      notify: dict[str, Any] | None, limit: int) -> tuple[Conn, bytes] | None:
+        """A native write's connection and packed notify (at most `limit` bytes), after every write's
+        checks; None where the connection has no native link and the Python path writes instead."""
+        conn = self._conn(peer)
+        if conn.link is None:
+            return None
+        self._check_request(segments, request_id, notify)
+        note = b"" if notify is None else msgpack.packb(notify, use_bin_type=True)
+        if len(note) > limit:
+            raise ValueError(f"notify message exceeds the limit of {limit} bytes")
+        return conn, note
 
     def _request(self, conn: Conn, segments: Segments, pull: bool
                  ) -> tuple[LocalRows, int, dict[str, Any]]:
