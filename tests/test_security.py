@@ -13,7 +13,7 @@ import torch
 
 from kvcheck import assert_same, expected_after
 from p2pkv.layout import make_kv_caches, plan_segments
-from p2pkv.transport import PeerClosedError, TransferError, control, get_transport
+from p2pkv.transport import PeerClosedError, TransferError, control, get_transport, ops
 from p2pkv.wire import HEADER, MAGIC, VERSION, FrameType, encode_frame
 
 
@@ -140,7 +140,7 @@ def test_close_before_the_tls_op_thread_runs_raises_in_no_thread(tmp_path, monke
     held back here until close() has closed the socket, which a busy host does by descheduling it."""
     certs = make_certs(tmp_path, ["p", "d"])
     sock_closed = threading.Event()
-    real_close, real_off = control.Conn.close, control.off_engine_cpus
+    real_close, real_off = control.Conn.close, ops.off_engine_cpus
 
     def close_and_tell(conn):
         real_close(conn)
@@ -151,7 +151,7 @@ def test_close_before_the_tls_op_thread_runs_raises_in_no_thread(tmp_path, monke
             sock_closed.wait(10)
         real_off()
     monkeypatch.setattr(control.Conn, "close", close_and_tell)
-    monkeypatch.setattr(control, "off_engine_cpus", op_thread_late)
+    monkeypatch.setattr(ops, "off_engine_cpus", op_thread_late)
     died = []
     monkeypatch.setattr(threading, "excepthook", lambda a: died.append(f"{a.thread.name}: {a.exc_type.__name__}: "
                                                                        f"{a.exc_value}"))

@@ -427,8 +427,8 @@ def test_threads_sharing_one_connection_keep_every_request_whole(tmp_path):
 
 @pytest.mark.timeout(30)
 def test_a_request_of_more_rows_than_the_limit_is_refused_before_sending(monkeypatch):
-    import p2pkv.transport.control as control
-    monkeypatch.setattr(control, "MAX_SEGMENTS", 10)
+    import p2pkv.transport.posting as posting
+    monkeypatch.setattr(posting, "MAX_SEGMENTS", 10)
     a, b = get_transport("tcp"), get_transport("tcp")
     try:
         a.register(*_cache(fill="random", generator=torch.Generator().manual_seed(1)))

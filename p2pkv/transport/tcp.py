@@ -14,7 +14,6 @@ import ssl
 import struct
 from typing import Any, Sequence
 
-import msgpack
 import numpy as np
 import torch
 
@@ -223,13 +222,10 @@ class TcpTransport(ControlPlaneTransport):
 
     def write(self, peer: Peer | str, segments: Segments, request_id: str | None = None,
               notify: dict[str, Any] | None = None) -> TransferHandle:
-        conn = self._conn(peer)
-        if conn.link is None:
+        native = self._native_write(peer, segments, request_id, notify, self._nat.MAX_NOTIFY)
+        if native is None:
             return super().write(peer, segments, request_id, notify)
-        self._check_request(segments, request_id, notify)
-        note = b"" if notify is None else msgpack.packb(notify, use_bin_type=True)
-        if len(note) > self._nat.MAX_NOTIFY:
-            raise ValueError(f"notify message exceeds the limit of {self._nat.MAX_NOTIFY} bytes")
+        conn, note = native
         return self._post(conn, segments, request_id, pull=False, note=note)
 
     @property

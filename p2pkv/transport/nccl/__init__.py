@@ -235,17 +235,15 @@ class NcclTransport(PythonDataPath, ControlPlaneTransport):
         return True
 
     def _post(self, conn: Conn, segments: Segments, request_id: str | None, pull: bool,
-              notify: dict[str, Any] | None = None) -> TransferHandle:
+              note: bytes = b"") -> TransferHandle:
         """Queue a read (pull) or write on the connection's native thread: the peer's rows travel as
-        a segment table (unmerged, so both sides cut the same messages), ours as the op's local body."""
+        a segment table (unmerged, so both sides cut the same messages), ours as the op's local body;
+        `note` is a write's packed notify."""
         mine, theirs = ("dst", "src") if pull else ("src", "dst")
         if len(segments) > MAX_SEGMENTS:
             raise ValueError(f"{len(segments)} segments exceed the limit of {MAX_SEGMENTS} per request: split it")
         Segments.check_bounds(segments.region.astype(np.int64), getattr(segments, mine), segments.length,
                               [r.nbytes for r in self.regions])
-        note = b"" if notify is None else msgpack.packb(notify, use_bin_type=True)
-        if len(note) > _c10d.MAX_NOTIFY:
-            raise ValueError(f"notify message exceeds the limit of {_c10d.MAX_NOTIFY} bytes")
         n, nbytes = len(segments), segments.nbytes
         body = nat.request_body(nat.FORM_TABLE, request_id, segments.pack(theirs), n, None, note)
         local = nat.request_body(nat.FORM_TABLE, None, segments.pack(mine), n, None)
@@ -256,11 +254,11 @@ class NcclTransport(PythonDataPath, ControlPlaneTransport):
     # ------------------------------------------------------------------ calls: native where adopted, else Python
     def write(self, peer: Peer | str, segments: Segments, request_id: str | None = None,
               notify: dict[str, Any] | None = None) -> TransferHandle:
-        conn = self._conn(peer)
-        if conn.link is None:
+        native = self._native_write(peer, segments, request_id, notify, _c10d.MAX_NOTIFY)
+        if native is None:
             return super().write(peer, segments, request_id, notify)
-        self._check_request(segments, request_id, notify)
-        return self._post(conn, segments, request_id, pull=False, notify=notify)
+        conn, note = native
+        return self._post(conn, segments, request_id, pull=False, note=note)
 
     def send_notif(self, peer: Peer | str, message: dict[str, Any]) -> None:
         """Natively: queued behind earlier transfers to that peer and returns at once; raises only if the

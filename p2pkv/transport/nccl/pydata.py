@@ -16,7 +16,7 @@ import torch
 from p2pkv.segments import Segments
 from p2pkv.transport.base import PeerClosedError, TransferError, TransferHandle, TransferTimeout, off_engine_cpus
 from p2pkv.transport.chunks import Packer, plan_chunks
-from p2pkv.transport.control import Conn
+from p2pkv.transport.conn import Conn
 from p2pkv.transport.nccl.group import PairGroup
 from p2pkv.wire import FrameType, send_frame
 

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from p2pkv.transport.base import Peer, PeerClosedError, TransferError, TransferTimeout
-from p2pkv.transport.control import Conn, check_baseline_args
+from p2pkv.transport.conn import Conn
+from p2pkv.transport.posting import check_baseline_args
 from p2pkv.transport.ucx.link import KIND_BASE, Link, link_of
 from p2pkv.transport.ucx.ucp import MEM_CUDA, Ucp
 from p2pkv.wire import FrameType, send_frame

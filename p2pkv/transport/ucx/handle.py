@@ -14,7 +14,7 @@ from p2pkv.transport.ucx.request import Req
 from p2pkv.transport.ucx.ucp import INPROGRESS
 
 if TYPE_CHECKING:
-    from p2pkv.transport.control import Conn
+    from p2pkv.transport.conn import Conn
 
 __all__ = ["Note", "UcxHandle", "WAIT_SLICE_S"]
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from p2pkv.transport.base import PeerClosedError
-from p2pkv.transport.control import Conn
+from p2pkv.transport.conn import Conn
 from p2pkv.transport.ucx.handle import Note
 from p2pkv.wire import FrameType, ProtocolError, recv_frame
 

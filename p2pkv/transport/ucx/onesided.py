@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from p2pkv.transport.base import Notif, Peer, PeerClosedError, TransferError
-from p2pkv.transport.control import Conn
+from p2pkv.transport.conn import Conn
 from p2pkv.transport.native import decode_message
 from p2pkv.transport.ucx.handle import Note, UcxHandle
 from p2pkv.transport.ucx.link import KIND_NOTIF, Link, hung_up

@@ -17,7 +17,7 @@ import torch
 
 from p2pkv.segments import Segments
 from p2pkv.transport.base import PeerClosedError, TransferError, TransferHandle, TransferTimeout
-from p2pkv.transport.control import Conn
+from p2pkv.transport.conn import Conn
 from p2pkv.transport.ucx.handle import WAIT_SLICE_S
 from p2pkv.transport.ucx.link import KIND_FREE, KIND_GRANT, KIND_READY, Link, control_interrupt, link_of
 from p2pkv.transport.ucx.request import Req, Requests
