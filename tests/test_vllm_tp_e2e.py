@@ -19,7 +19,7 @@ from tiny_llama import write_tiny_llama  # noqa: E402
 pytestmark = [pytest.mark.vllm, pytest.mark.slow,
               pytest.mark.skipif(not os.environ.get("P2PKV_TP_E2E"), reason=(
                   "set P2PKV_TP_E2E=1: on a 2-core host two TP=2 vLLM instances starve whole worker processes "
-                  "for tens of seconds (passed 4 of 9 runs; docs/tp.md), so it is not in CI yet"))]
+                  "for tens of seconds (passed 5 of 10 runs; docs/tp.md), so it is not in CI yet"))]
 
 LENGTHS = [40, 75, 100, 130]
 BIND = {1: "0", 2: "0|1"}
