@@ -24,13 +24,13 @@ __all__ = ["Regions", "BlockTable", "gather", "scatter", "copy_segments", "copy_
 log = logging.getLogger("p2pkv.kernels")
 
 # Knobs of the extension path (the microbench in bench/ sweeps them): `hint` bit 0 streaming
-# loads/stores, bit 1 eight 16-byte loads in flight per thread (measured best on the H100), bit 3 a
-# warp per block unit of 4 KiB and less instead of a thread block (copy_warp_blocks_kernel: 0.85-0.88
-# of cudaMemcpy's GPU time for 4 KiB units on the H100, against 0.66-0.68), row sizes, whether tables
-# of up to SMALL_ROWS rows travel inside the
-# kernel's parameters, the grid (0: 8 blocks per multiprocessor, -k: k per multiprocessor)
-# `table_rows` (cap each launch's table, so long requests take several launches: for tests)
-# and `dry` (host work only, nothing launched: to time the host side).
+# loads/stores, bit 1 eight 16-byte loads in flight per thread (measured best on the H100), bit 3 one
+# warp per whole-block unit of 4 KiB and less instead of a thread block (copy_warp_blocks_kernel:
+# 0.85-0.88 of cudaMemcpy's GPU time for 4 KiB units on the H100, against 0.66-0.68); row sizes;
+# whether tables of up to SMALL_ROWS rows travel inside the kernel's parameters; the grid (0: 8
+# blocks per multiprocessor, -k: k per multiprocessor); `table_rows` (cap each launch's table, so
+# long requests take several launches: for tests) and `dry` (host work only, nothing launched: to
+# time the host side).
 class _Tuning(dict):
     """The knobs, with a version that changes on every write, so launch arguments built from them can
     be cached by the transports and rebuilt only when a knob moves."""
