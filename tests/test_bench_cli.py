@@ -45,6 +45,34 @@ def test_bench_runs_verifies_and_writes_the_json_contract(tmp_path, layout):
         assert heading in proc.stdout
 
 
+CONNECTOR = ["bench", "--connector", "--layers", "2", "--kv-heads", "2", "--head-size", "32", "--tokens", "16", "64",
+             "--producers", "2", "--iters", "2", "--warmup", "1"]
+
+
+@pytest.mark.timeout(120)
+def test_connector_bench_compares_loads_with_bare_reads_and_survives_a_frozen_producer(tmp_path):
+    out = tmp_path / "c.json"
+    proc = subprocess.run([sys.executable, "-m", "p2pkv", *CONNECTOR, "--concurrency", "1", "4", "--freeze-one",
+                           "--load-timeout", "2", "--json", str(out)], capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr
+    assert "bare p50" in proc.stdout and "frozen: others p50" in proc.stdout
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["tokens"], r["concurrency"]) for r in rows] == [(16, 1), (16, 4), (64, 1), (64, 4)]
+    for r in rows:
+        assert r["verified"] is True and r["load_failures"] == 0 and r["frozen_others_failures"] == 0
+        assert r["load_p50_ms"] > 0 and r["bare_p50_ms"] > 0
+        assert r["frozen_own_loads"] > 0 and r["frozen_own_failed"] == r["frozen_own_loads"]
+
+
+@pytest.mark.parametrize("extra, message", [(["--option", "timeout=5"], "without --option"),
+                                            (["--backend", "tcp,nccl"], "one --backend"),
+                                            (["--tokens", "200000", "--concurrency", "64"], "GiB of D cache")])
+def test_connector_bench_refuses_what_it_cannot_run(extra, message):
+    proc = subprocess.run([sys.executable, "-m", "p2pkv", *CONNECTOR, *extra], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_verification_detects_a_corrupted_or_stray_byte():
     args = build_parser().parse_args(["bench", "--layers", "2", "--tokens", "32", "--requests", "1"])
     d_tensors, _ = cache.build(args, "cpu", cache.D_SEED + args.seed)

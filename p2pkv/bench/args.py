@@ -71,6 +71,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also measure the same reads with P's engine busy (a pure-Python thread in its process, "
                         "against the same spin in another process) and with D's thread as an engine loop "
                         "(1 ms of Python between done() polls), each against the idle run")
+    p.add_argument("--connector", action="store_true",
+                   help="measure the connector's pull loads against bare reads of the same blocks, loads spread "
+                        "over --producers processes, --concurrency at a time (see also --freeze-one)")
+    p.add_argument("--producers", type=_at_least(1), default=4, help="--connector: producer processes")
+    p.add_argument("--concurrency", type=_at_least(1), nargs="+", default=[1, 64],
+                   help="--connector: loads in flight at once (several values: one row each)")
+    p.add_argument("--freeze-one", action="store_true",
+                   help="--connector: also run each row with one producer frozen (SIGSTOP)")
+    p.add_argument("--load-timeout", type=_seconds, default=10.0, help="--connector: the consumer's load timeout")
     p.add_argument("--role", choices=["p", "d"], help=argparse.SUPPRESS)
     p.add_argument("--connect", help=argparse.SUPPRESS)
 

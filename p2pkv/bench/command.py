@@ -7,9 +7,11 @@ import json
 import os
 from typing import Any
 
+from p2pkv.bench import connector
 from p2pkv.bench.args import backend_options, backends_of, check_device, check_output
 from p2pkv.bench.busy import ask_p_over_stdio
 from p2pkv.bench.cache import check_memory
+from p2pkv.bench.errors import BenchError
 from p2pkv.bench.ranks import RESULT_TAG, local_pair, run_d, torchrun_pair
 from p2pkv.bench.report import LEGEND, format_busy_table, format_table, plot, write_json
 
@@ -20,12 +22,26 @@ def _under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def _connector(args: argparse.Namespace, backends: list[str]) -> int:
+    """`--connector`: one backend, CPU caches, every row's bytes verified."""
+    if len(backends) != 1 or args.device != "cpu" or args.option or _under_torchrun():
+        raise BenchError("--connector runs one --backend on CPU caches, without --option or torchrun")
+    check_output("--json", args.json)
+    rows = connector.run(args)
+    print(connector.format_connector_table(rows))
+    if args.json:
+        write_json(args, rows, args.json)
+    return 0 if all(r["verified"] for r in rows) else 1
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the bench; 0 when every row verified, 1 when one did not (a BenchError for a run that cannot go on)."""
     backends = backends_of(args)
     for backend in backends:
         backend_options(args, backend)
     check_device(args, backends)
+    if args.connector:
+        return _connector(args, backends)
     if args.role == "d":
         rows = run_d(args, backends[0], args.connect, ask_p_over_stdio if args.busy else None)
         print(RESULT_TAG + json.dumps(rows), flush=True)
