@@ -277,7 +277,8 @@ def test_reads_are_one_sided_a_stalled_peer_times_out_and_other_peers_are_unaffe
         with get_transport("ucx", timeout=timeout) as tr:
             tr.register(d, spec)
             peer = tr.connect(p.addresses[0])
-            tr.read(peer, plan_segments(peer.spec, spec, [1], [1]), "wire-up").wait(20)  # UCX connects lazily
+            # UCX connects lazily, lane by lane: wire up with a read of the size read from the stopped P below
+            tr.read(peer, plan_segments(peer.spec, spec, [0, 1], [0, 1]), "wire-up").wait(20)
             before = [t.clone() for t in d]
             stop_process(p.proc.pid)
             try:
