@@ -5,13 +5,13 @@ from __future__ import annotations
 import ast
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from p2pkv.bench.stop import stop_process as _stop_process
 
 HERE = Path(__file__).resolve().parent
 
@@ -81,19 +81,9 @@ def run_pinned(code: str, io_cpus: str | None = None, timeout: float = 60) -> An
 
 
 def stop_process(pid: int, timeout: float = 10.0) -> float:
-    """SIGSTOP `pid` and return once every thread of it is stopped (seconds it took): kill() only
-    queues the signal, and on a loaded host a thread ran on (and served a request) after it returned."""
-    os.kill(pid, signal.SIGSTOP)
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        states = []
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            try:
-                with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                    states.append(f.read().rsplit(")", 1)[1].split()[0])
-            except OSError:
-                pass
-        if states and all(st in "Tt" for st in states):
-            return time.monotonic() - t0
-        time.sleep(0.001)
-    raise AssertionError(f"process {pid} not stopped {timeout} s after SIGSTOP")
+    """SIGSTOP `pid` and return once every thread of it is stopped (seconds it took); a test failure
+    if that takes longer than `timeout` (p2pkv.bench.stop.stop_process)."""
+    try:
+        return _stop_process(pid, timeout)
+    except TimeoutError as e:
+        raise AssertionError(str(e)) from None

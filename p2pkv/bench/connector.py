@@ -6,10 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import queue
 import signal
-import statistics
 import subprocess
 import sys
 import threading
@@ -19,6 +17,8 @@ from typing import Any
 import torch
 
 from p2pkv.bench.errors import BenchError
+from p2pkv.bench.requests import ms
+from p2pkv.bench.stop import stop_process
 from p2pkv.connector import KVConnector
 from p2pkv.layout import make_kv_caches, plan_segments
 from p2pkv.transport.base import byte_regions
@@ -101,23 +101,12 @@ class _Producer:
         self.proc.stdin.write(json.dumps({"save": keys, "blocks": blocks}) + "\n")
         self.proc.stdin.flush()
 
-    def freeze(self, timeout: float = 10.0) -> None:
-        """SIGSTOP, then wait until every thread is stopped: the signal is only queued, and a thread that ran
-        on would serve a read and spoil the frozen case."""
-        self.proc.send_signal(signal.SIGSTOP)
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            states = []
-            for tid in os.listdir(f"/proc/{self.proc.pid}/task"):
-                try:
-                    with open(f"/proc/{self.proc.pid}/task/{tid}/stat") as f:
-                        states.append(f.read().rsplit(")", 1)[1].split()[0])
-                except OSError:
-                    pass
-            if states and all(st in "Tt" for st in states):
-                return
-            time.sleep(0.001)
-        raise BenchError(f"producer {self.proc.pid} did not stop within {timeout:g} s of SIGSTOP")
+    def freeze(self) -> None:
+        """Stop every thread of the producer: a thread that ran on would serve a read and spoil the frozen case."""
+        try:
+            stop_process(self.proc.pid)
+        except TimeoutError as e:
+            raise BenchError(f"producer {e}") from None
 
     def close(self) -> None:
         self.proc.send_signal(signal.SIGCONT)
@@ -143,8 +132,8 @@ def _wait_handles(handles: list[Any], t0: float, timeout: float) -> list[float]:
 
 
 def _pct(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))] * 1e3 if s else float("nan")
+    """The q-th percentile in ms (`requests.ms`), NaN where a case had no load (e.g. all on the frozen producer)."""
+    return ms(xs, q) if xs else float("nan")
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -225,10 +214,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                             if measured:
                                 bare += took_bare
                     if case == "healthy":
-                        row.update(load_p50_ms=_pct(loads, 0.5), load_p99_ms=_pct(loads, 0.99),
-                                   bare_p50_ms=_pct(bare, 0.5), bare_p99_ms=_pct(bare, 0.99), load_failures=failed)
+                        row.update(load_p50_ms=_pct(loads, 50), load_p99_ms=_pct(loads, 99),
+                                   bare_p50_ms=_pct(bare, 50), bare_p99_ms=_pct(bare, 99), load_failures=failed)
                     else:
-                        row.update(frozen_others_p50_ms=_pct(loads, 0.5), frozen_others_failures=failed,
+                        row.update(frozen_others_p50_ms=_pct(loads, 50), frozen_others_failures=failed,
                                    frozen_own_failed=frozen_failed, frozen_own_loads=frozen_own)
                 rows.append(row)
                 print(f"[p2pkv bench] connector {tokens} tokens x {c} loads: p50 {row['load_p50_ms']:.3f} ms "
