@@ -169,11 +169,6 @@ class Admission:
             return [c.peer for c in self._out.values() if c.up]
 
     # -------------------------------------------------------------- accepting
-    def setup_pending(self) -> bool:
-        """Whether a peer's connection is accepted but not yet admitted (hand-shaken natively, or in a
-        Python thread): the connector gives the GIL away briefly while one is (connector/core.py)."""
-        return self._gate.pending() > 0
-
     def _admit(self, sock: socket.socket, info: dict[str, Any], where: str) -> Conn | None:
         """Own an accepted connection whose handshake passed and hand it to the data path; the connection
         when the control plane's own Python loop must serve it, else None."""

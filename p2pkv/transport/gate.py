@@ -66,10 +66,6 @@ class Gate:
         if self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
-    def pending(self) -> int:
-        """Connections accepted whose set-up (handshake, then admission) has not ended."""
-        return self._acceptor.pending() if self._acceptor is not None else 0
-
     def take_accepted(self) -> None:
         """Admit the connections the native acceptor hand-shook (or adopt those it already serves) and
         log those it refused. An engine's
