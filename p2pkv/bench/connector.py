@@ -131,6 +131,20 @@ def _wait_handles(handles: list[Any], t0: float, timeout: float) -> list[float]:
     return [float(x) for x in out if x is not None]
 
 
+def _await_loads(d: KVConnector, count: int, t0: float, limit: float) -> dict[str, tuple[float, bool]]:
+    """Step D like an engine until `count` loads ended: each load's seconds from t0 and whether it loaded."""
+    done: dict[str, tuple[float, bool]] = {}
+    while len(done) < count:
+        f = d.get_finished()
+        now = time.perf_counter() - t0
+        done.update({k: (now, True) for k in f.loaded})
+        done.update({k: (now, False) for k in f.failed})
+        if now > limit:
+            raise BenchError(f"{count - len(done)} loads neither ended nor failed within their timeout")
+        time.sleep(STEP_S)
+    return done
+
+
 def _pct(xs: list[float], q: float) -> float:
     """The q-th percentile in ms (`requests.ms`), NaN where a case had no load (e.g. all on the frozen producer)."""
     return ms(xs, q) if xs else float("nan")
@@ -182,15 +196,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                         for n, k in enumerate(keys):
                             d.load(k, dst[n], peer=producers[owner[n]].address, remote_request_id=k,
                                    remote_block_ids=src)
-                        done: dict[str, tuple[float, bool]] = {}
-                        while len(done) < c:
-                            f = d.get_finished()
-                            now = time.perf_counter() - t0
-                            done.update({k: (now, True) for k in f.loaded})
-                            done.update({k: (now, False) for k in f.failed})
-                            if now > 2 * args.load_timeout + 10:
-                                raise BenchError(f"{c - len(done)} loads neither ended nor failed within their timeout")
-                            time.sleep(STEP_S)
+                        done = _await_loads(d, c, t0, 2 * args.load_timeout + 10)
                         if case == "frozen":
                             producers[0].proc.send_signal(signal.SIGCONT)
                         measured = it >= args.warmup
@@ -203,13 +209,13 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                             failed += not ok
                             if measured and ok:
                                 loads.append(took)
-                        if case == "healthy" and it == args.warmup + args.iters - 1:
-                            row["verified"] = all(_same(refs[owner[n]], byte_regions(dt, dspec),
-                                                        plan_segments(pspec, dspec, src, dst[n])) for n in range(c))
                         if case == "healthy":
+                            segs = [plan_segments(pspec, dspec, src, dst[n]) for n in range(c)]
+                            if it == args.warmup + args.iters - 1:
+                                row["verified"] = all(_same(refs[owner[n]], byte_regions(dt, dspec), segs[n])
+                                                      for n in range(c))
                             t0 = time.perf_counter()
-                            hs = [d.transport.read(peers[producers[owner[n]].address],
-                                                   plan_segments(pspec, dspec, src, dst[n])) for n in range(c)]
+                            hs = [d.transport.read(peers[producers[owner[n]].address], segs[n]) for n in range(c)]
                             took_bare = _wait_handles(hs, t0, args.timeout)
                             if measured:
                                 bare += took_bare
